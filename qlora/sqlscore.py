@@ -1,0 +1,250 @@
+"""Text-to-SQL scoring: pull SQL out of model output, run it in sqlite, compare with the gold query.
+
+Two metrics per row, the usual pair for text-to-SQL:
+
+* execution match -- gold and prediction, each run on a fresh in-memory sqlite db built from the row's
+  ``sql_context``, return the same values. This is the metric that matters: it accepts aliases, other
+  whitespace/case and different-but-equivalent queries.
+* exact match -- the normalised SQL strings are equal. Strict, cheap, reported for reference only.
+
+Rows whose *gold* query does not run in sqlite (MySQL-only functions, ``CREATE SCHEMA``, broken context)
+are skipped rather than counted as wrong: we cannot tell what the right answer is.
+Pure Python and stdlib only, so it runs anywhere the evaluation does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import time
+
+__all__ = ["extract_sql", "normalize_sql", "execute", "score_row", "score_rows"]
+
+# One regex tokenizer shared by normalize_sql, the ORDER BY check and the ';' cut, so string literals and
+# comments are recognised the same way everywhere (a ';' or 'ORDER BY' inside a literal means nothing).
+_TOKEN_RE = re.compile(
+    r"""(?P<ws>\s+)
+      | (?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
+      | (?P<str>'(?:[^']|'')*'?)                       # '' is an escaped quote; unterminated is tolerated
+      | (?P<qid>"(?:[^"]|"")*"?|`[^`]*`?|\[[^\]]*\]?)  # quoted identifiers: kept verbatim like strings
+      | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+      | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+      | (?P<op><=|>=|<>|!=|==|\|\||<<|>>|[-+*/%<>=~&|])
+      | (?P<other>.)""",
+    re.X | re.S,
+)
+
+
+def _tokens(sql: str) -> list[tuple[str, str, int]]:
+    """(kind, text, start offset) for every token, whitespace and comments dropped."""
+    return [(m.lastgroup, m.group(), m.start()) for m in _TOKEN_RE.finditer(sql)
+            if m.lastgroup not in ("ws", "comment")]
+
+
+_SQL_START = r"(?:SELECT|WITH|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b"
+_STARTS_SQL = re.compile(r"\s*(?:" + _SQL_START + r"|\()", re.I)
+_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n?(.*?)(?:```|\Z)", re.S)
+# "SQL:", "SQL query:", "Answer:", "Final answer:" -- the labels models put in front of the query.
+_LABEL_RE = re.compile(r"\b(?:final\s+)?(?:sql(?:\s*query)?|answer|query)\s*:[ \t]*", re.I)
+
+
+def extract_sql(text: str) -> str:
+    """The first SQL statement in a model's answer, ';' kept, whitespace trimmed ('' if there is none).
+
+    Handles ```sql fences (an unclosed one too: generation may stop mid-block), "SQL:"/"Answer:" labels
+    and "reasoning ... SQL: SELECT ..." answers. Without a ';' the statement ends at the first blank line,
+    so an explanation written after the query is not glued onto it.
+    """
+    text = text or ""
+    fences = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(text) if body.strip()]
+    if fences:  # prefer a block tagged sql, then one that looks like SQL, then the first one
+        tagged = [b for lang, b in fences if lang in ("sql", "sqlite")]
+        looks = [b for _, b in fences if re.search(_SQL_START, b, re.I)]
+        text = (tagged or looks or [fences[0][1]])[0]
+    elif "```" in text:  # only empty fences: what is left outside them (usually nothing)
+        text = _FENCE_RE.sub("", text)
+    # Already SQL: leave labels alone, they could sit in a literal (WHERE note = 'Answer: yes').
+    labels = [] if _STARTS_SQL.match(text) else list(_LABEL_RE.finditer(text))
+    if labels:  # first label followed by something SQL-like; else the last label (reasoning comes first)
+        good = [m for m in labels if _STARTS_SQL.match(text, m.end())]
+        text = text[(good or labels[-1:])[0].end():]
+    if not _STARTS_SQL.match(text):
+        # Unlabelled reasoning before the query: find where the SQL starts. Uppercase keywords first,
+        # since prose says "we select the rows ..." in lowercase far more often than SQL does.
+        for pattern, flags in ((r"(?m)^[ \t]*" + _SQL_START, 0), (r"\b" + _SQL_START, 0),
+                               (r"(?m)^[ \t]*" + _SQL_START, re.I)):
+            m = re.search(pattern, text, flags)
+            if m:
+                text = text[m.start():]
+                break
+    for kind, tok, pos in _tokens(text):
+        if tok == ";":
+            return text[:pos + 1].strip()
+    return re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].strip()
+
+
+_NO_SPACE_BEFORE = {",", ")", "(", ".", ";"}
+_NO_SPACE_AFTER = {"(", "."}
+
+
+def normalize_sql(sql: str) -> str:
+    """Canonical form for exact match: lowercase outside literals, one space between tokens except none
+    before ``, ) ( .`` and after ``( .``, comments and trailing ';' dropped. String literals and quoted
+    identifiers are kept verbatim ('Paris' and 'paris' are different queries)."""
+    toks = [(k, t if k in ("str", "qid") else t.lower()) for k, t, _ in _tokens(sql or "")]
+    while toks and toks[-1][1] == ";":
+        toks.pop()
+    out: list[str] = []
+    for i, (_, t) in enumerate(toks):
+        if i and t not in _NO_SPACE_BEFORE and toks[i - 1][1] not in _NO_SPACE_AFTER:
+            out.append(" ")
+        out.append(t)
+    return "".join(out)
+
+
+def _has_top_level_order_by(sql: str) -> bool:
+    """ORDER BY outside any parentheses, i.e. not in a subquery, CTE body or window's OVER (...)."""
+    depth, prev = 0, None
+    for kind, tok, _ in _tokens(sql):
+        low = tok.lower() if kind == "word" else tok
+        depth += (low == "(") - (low == ")")
+        if depth == 0 and prev == "order" and low == "by":
+            return True
+        prev = low
+    return False
+
+
+def _snapshot(conn: sqlite3.Connection) -> list[tuple]:
+    """Whole-database state, for statements without a result set (INSERT/UPDATE/DELETE/DROP/...).
+
+    Without it every such statement "returns" [] and any DML would match any other DML gold, or a
+    SELECT with an empty result. Each table gives a ("schema:<name>", *columns) row and one
+    ("table:<name>", *values) row per record, sorted so the snapshot is deterministic.
+    """
+    out: list[tuple] = []
+    names = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    for name in sorted(names, key=str.lower):
+        quoted = '"' + name.replace('"', '""') + '"'
+        cur = conn.execute(f"SELECT * FROM {quoted}")
+        out.append(("schema:" + name.lower(), *[d[0].lower() for d in cur.description]))
+        out.extend(sorted((("table:" + name.lower(), *r) for r in cur.fetchall()), key=_row_key))
+    return out
+
+
+def execute(context: str, sql: str, timeout_s: float = 2.0) -> tuple[list[tuple] | None, str | None]:
+    """Run ``context`` (a script) then ``sql`` in a fresh in-memory sqlite db: (rows, None) or (None, error).
+
+    A progress handler aborts any phase that runs longer than ``timeout_s`` (a recursive CTE without a
+    stop condition would otherwise hang the evaluation forever). For a statement that returns no result
+    set, ``rows`` is a snapshot of the database afterwards (see _snapshot), so DML is scored by effect.
+    """
+    if not (sql or "").strip():
+        return None, "empty query"
+    conn = sqlite3.connect(":memory:")
+    deadline = [0.0]
+    # Called every 1000 VM instructions; a non-zero return makes sqlite raise "interrupted".
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 1000)
+    phase = "context"
+    try:
+        deadline[0] = time.monotonic() + timeout_s
+        conn.executescript(context or "")
+        phase, deadline[0] = "query", time.monotonic() + timeout_s
+        cur = conn.execute(sql)
+        if cur.description is None:
+            deadline[0] = time.monotonic() + timeout_s
+            return _snapshot(conn), None
+        return cur.fetchall(), None
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
+        if "interrupted" in str(e):
+            return None, f"{phase}: timeout after {timeout_s:g}s"
+        return None, f"{phase}: {type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+def _canon(v):
+    """Value as compared: floats rounded to 6 significant digits, integral numbers as int (2.0 == 2)."""
+    if isinstance(v, float) and math.isfinite(v):
+        if not v.is_integer():
+            v = float(f"{v:.6g}")
+        if v.is_integer() and abs(v) < 2**53:
+            return int(v)
+    return v
+
+
+def _value_key(v) -> tuple:
+    """Type-tagged sort key: None < numbers < text < blobs, so mixed columns sort without TypeError."""
+    if v is None:
+        return (0, 0)
+    if isinstance(v, (int, float)):
+        return (1, v)
+    if isinstance(v, str):
+        return (2, v)
+    if isinstance(v, bytes):
+        return (3, v)
+    return (4, repr(v))
+
+
+def _row_key(row: tuple) -> tuple:
+    return tuple(_value_key(v) for v in row)
+
+
+def _results_equal(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
+    """Values only (column names never reach here), column order matters, row order only if ``ordered``."""
+    g = [tuple(_canon(v) for v in r) for r in gold]
+    p = [tuple(_canon(v) for v in r) for r in pred]
+    if not ordered:  # multiset comparison
+        g, p = sorted(g, key=_row_key), sorted(p, key=_row_key)
+    return g == p
+
+
+def score_row(context: str, gold_sql: str, pred_sql: str, timeout_s: float = 2.0) -> dict:
+    """Score one already-extracted prediction against the gold query; each runs on its own fresh db.
+
+    Order-sensitive only when the gold query has a top-level ORDER BY. Known limit: ties under that
+    ORDER BY may legitimately come back in another order and are then counted wrong.
+    """
+    gold_rows, gold_err = execute(context, gold_sql, timeout_s)
+    pred_rows, pred_err = execute(context, pred_sql, timeout_s)
+    ordered = _has_top_level_order_by(gold_sql or "")
+    match = gold_rows is not None and pred_rows is not None and _results_equal(gold_rows, pred_rows, ordered)
+    return {
+        "gold_ok": gold_err is None,
+        "pred_ok": pred_err is None,
+        "exec_match": match,
+        "exact_match": normalize_sql(gold_sql) == normalize_sql(pred_sql),
+        "error": pred_err,
+        "gold_error": gold_err,
+        "order_sensitive": ordered,
+    }
+
+
+def score_rows(rows: list[dict], timeout_s: float = 2.0) -> dict:
+    """Aggregate over rows with ``sql_context``, ``sql`` (gold) and ``prediction`` (raw model text).
+
+    Rates are over *scored* rows (gold executed); 0.0 when none was scored. ``details`` holds one dict
+    per input row, in order: score_row's keys plus ``index``, ``id`` (if the row has one) and the
+    extracted ``pred_sql``.
+    """
+    details = []
+    for i, row in enumerate(rows):
+        pred_sql = extract_sql(row.get("prediction") or "")
+        res = score_row(row.get("sql_context") or "", row.get("sql") or "", pred_sql, timeout_s)
+        details.append({"index": i, "id": row.get("id"), "pred_sql": pred_sql, **res})
+    scored = [d for d in details if d["gold_ok"]]
+    n = len(scored)
+
+    def rate(key: str, want=True) -> float:
+        return sum(d[key] is want for d in scored) / n if n else 0.0
+
+    return {
+        "n": len(details),
+        "n_scored": n,
+        "n_skipped_gold_failed": len(details) - n,
+        "execution_accuracy": rate("exec_match"),
+        "exact_match": rate("exact_match"),
+        "pred_error_rate": rate("pred_ok", False),
+        "details": details,
+    }

@@ -1,0 +1,70 @@
+"""Logging helpers kept out of the loop: memory probes, throughput, the per-step log line, and
+the JSON-lines run log that `python -m qlora.curves` plots."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated memory: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def peak_reserved_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RunLog:
+    """Appends one JSON object per event to `<output_dir>/log.jsonl` (main process only)."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.path = Path(output_dir) / "log.jsonl"
+        self.enabled = enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Throughput:
+    """Tokens per second between log points (wall clock, after a device sync)."""
+
+    def __init__(self):
+        self.t0, self.tokens, self.supervised = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, supervised: int) -> None:
+        self.tokens += tokens
+        self.supervised += supervised
+
+    def read(self) -> tuple[float, float, float]:
+        """(tokens/s, supervised tokens/s, seconds) since the last read; resets the window."""
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        out = (self.tokens / dt, self.supervised / dt, dt)
+        self.t0, self.tokens, self.supervised = now, 0, 0
+        return out
+
+
+def format_step(rec: dict) -> str:
+    return (f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f}"
+            f" | tok/s {rec['tokens_per_s']:,.0f} (sup {rec['supervised_tokens_per_s']:,.0f})"
+            f" | pack {rec['packing_efficiency']:.0%} | mem {rec['peak_mem_gib']:.2f} GiB")
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
