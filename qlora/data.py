@@ -10,7 +10,6 @@ Each row becomes a list of chat messages; `encode` renders them with the tokeniz
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,9 +125,7 @@ def render_llama2(messages, tok, add_generation_prompt=False) -> str:
             system = ""
         else:
             out.append(f" {m['content'].strip()} {tok.eos_token}")
-    if add_generation_prompt:
-        return "".join(out)
-    return "".join(out)
+    return "".join(out)  # a generation prompt already ends with [/INST]
 
 
 def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -157,7 +154,7 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
         close = upto.find(eos, end)
         if close < 0:
             raise DataError(f"the chat template does not close assistant turns with EOS {eos!r}")
-        spans.append((start, close + len(eos)))
+        spans += [(start, end), (close, close + len(eos))]  # content and its EOS, not the glue between
     return text, spans
 
 
@@ -262,5 +259,3 @@ def supervised_text(tok, ex: Example) -> str:
     """Decode only the supervised tokens (for tests and inspection)."""
     return tok.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
 
-
-_WS = re.compile(r"\s+")

@@ -43,13 +43,37 @@ class ModelLoadError(RuntimeError):
 # --------------------------------------------------------------------------- dtype and device
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` picks bf16 where it is fast: CUDA with bf16 support, and CPU, where bitsandbytes' 4-bit
-    matmul measured about 2x faster in bf16 than fp32 (benchmarks/cpu_dtype.py reproduces it)."""
+    """`auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on CPU, whichever of bf16 and fp32 runs
+    the 4-bit path's matmuls faster *on this CPU*, measured once (CPUs with AVX512-BF16/AMX run bf16
+    ~2x faster; AVX2-only CPUs run it 5-60x slower, see benchmarks/cpu_dtype.py)."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return fastest_cpu_dtype()
+
+
+_CPU_DTYPE: list = []
+
+
+def cpu_matmul_ms(dtype: torch.dtype, n: int = 256, k: int = 1024, m: int = 1024, reps: int = 3) -> float:
+    """Milliseconds for one forward-shaped (x @ W.T) plus one backward-shaped (g @ W) matmul."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(s, generator=gen).to(dtype) for s in ((n, k), (m, k), (n, m)))
+    x @ w.t(), g @ w  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        x @ w.t(), g @ w
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def fastest_cpu_dtype() -> torch.dtype:
+    if not _CPU_DTYPE:
+        bf16, fp32 = cpu_matmul_ms(torch.bfloat16), cpu_matmul_ms(torch.float32)
+        _CPU_DTYPE.append(torch.bfloat16 if bf16 < fp32 else torch.float32)
+    return _CPU_DTYPE[0]
 
 
 # --------------------------------------------------------------------------- sources

@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Throughput, memory and MFU of the project's QLoRA training step over a grid of settings, optionally
+side by side with the seed recipe (HF Trainer, benchmarks/baseline_trainer.py) on the same card.
+
+    python benchmarks/bench.py --compare                                   # seed settings: 512 rows, 2 x 2
+    python benchmarks/bench.py --compare --max_seq_len 2048 --micro_batch 8 --accum 1
+    python benchmarks/bench.py --compare --data guanaco --max_seq_len 2048 --micro_batch 2 --accum 2
+    python benchmarks/bench.py --max_seq_len 512,2048 --ckpt on,off --attn varlen,sdpa,flex --lora_r 8,64
+    python benchmarks/bench.py --tiny --compare --out /tmp/b              # CPU smoke test, seconds
+
+Grid flags take comma-separated values; every combination is one setting. Each setting (and each
+implementation of it) runs in a fresh subprocess, so peak memory and the allocator start clean and an
+OOM or crash is recorded as such (status oom/error/timeout) instead of ending the sweep.
+
+Our step is train.py's: micro-batches from `qlora.packing.Batches` -> `TokenLoss` (sum of token CE on
+supervised positions) -> backward of loss_sum / supervised tokens in the window -> clip -> paged 8-bit
+AdamW step, under `accelerate` bf16 autocast, with `qlora.attention` packed attention. The model is
+`qlora.model`'s (base, then LoRA, then checkpointing, the steps of `load_model`, taken one by one so the
+base weights can be measured before LoRA). Warm-up steps are excluded from timing.
+
+Per setting: tokens/s (all real tokens, supervised tokens, response tokens), step time, peak allocated and
+reserved VRAM (torch.cuda.max_memory_*, reset after the model and optimizer are set up), a memory
+breakdown (base weights = allocated after the base model is loaded, before LoRA; LoRA + optimizer
+state = allocated after the first optimizer step minus that; activations = peak minus both), MFU and HFU
+(FLOPs model in benchmarks/common.py and RESULTS.md), versions and card. Outputs (appended, so several
+invocations can share one --out): bench.jsonl (one record per run), bench.csv, bench.png.
+
+Data (`--data`): `random` = full rows of random tokens; `guanaco` = the real length distribution of
+guanaco-llama2-1k (benchmarks/guanaco_lengths.json: per example total and supervised token counts) with
+random tokens. No data file, tokenizer or `datasets` is needed at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+import common  # noqa: E402
+from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
+
+GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "lora_r", "lora_dropout")
+TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
+            warmup=2, steps=1)
+CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
+              "attn", "ckpt", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
+              "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
+              "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
+              "achieved_tflops", "loss_first", "loss_last", "card", "torch", "transformers", "peft",
+              "bitsandbytes", "accelerate", "model", "quant", "error"]
+
+
+# =========================================================================== our step (worker)
+
+def run_ours(spec: dict, rec: dict) -> None:
+    import math
+    from contextlib import nullcontext
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qlora import attention
+    from qlora.config import load_config
+    from qlora.data import IGNORE, Example
+    from qlora.loss import TokenLoss
+    from qlora.model import add_lora, count_parameters, enable_checkpointing, load_base_model
+    from qlora.optim import lr_at, make_optimizer, set_lr
+    from qlora.packing import Batches, to_device
+
+    device = common.pick_device()
+    on_cuda = device.type == "cuda"
+    total_steps = spec["warmup"] + spec["steps"]
+    cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
+                      max_seq_len=spec["max_seq_len"], micro_batch_size=spec["micro_batch"],
+                      grad_accum=spec["accum"], packing=spec["packing"], attn_backend=spec["attn"],
+                      gradient_checkpointing=spec["ckpt"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                      lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
+                      max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
+    # as train.py: bf16 autocast through accelerate on CUDA
+    mixed = "bf16" if on_cuda and cfg.compute_dtype in ("auto", "bfloat16") else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not on_cuda)
+    device = accelerator.device
+    set_seed(cfg.seed)
+    probe = common.Probe(device)
+    rec.update(impl="ours", **common.env_info(device), mixed_precision=mixed)
+
+    # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
+    base = load_base_model(cfg, device)
+    base_gib = probe.allocated()
+    model = add_lora(base, cfg)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    backend = attention.use_packed_attention(model, cfg.attn_backend)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    loss_model, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    trainable, total = count_parameters(model)
+    shape = common.matmul_params(model.config)
+    vocab = model.config.vocab_size
+    rec.update(attn_resolved=backend, trainable_params=trainable, total_params=total,
+               compute_dtype=str(next(p for p in base.parameters() if p.dtype.is_floating_point).dtype))
+
+    # --- data: synthetic examples -> the project's packing/collation
+    n_rows = total_steps * cfg.grad_accum * cfg.micro_batch_size
+    raw = common.synth_examples(spec["data"], cfg.max_seq_len, n_rows, vocab, cfg.seed)
+    examples = [Example(ids, [IGNORE] * p + ids[p:]) for ids, p in raw]
+    batches = Batches(examples, cfg.max_seq_len, cfg.micro_batch_size, PAD_ID, cfg.seed, cfg.packing)
+    rec["packing_efficiency"] = batches.efficiency()
+    half = vocab // 2
+
+    def counts(batch) -> dict:
+        pairs = 0
+        for row, lens in zip(batch["input_ids"], batch["seq_lens"]):
+            used, real = int((row != PAD_ID).sum()), []
+            for n in lens:  # drop the padding tail (a pseudo-example in seq_lens)
+                if sum(real) >= used:
+                    break
+                real.append(n)
+            pairs += common.causal_pairs(real)
+        return {"tokens": batch["n_tokens"], "capacity": batch["capacity"], "supervised": batch["n_supervised"],
+                "loss_positions": batch["n_supervised"], "response": int((batch["targets"] >= half).sum()),
+                "pairs": pairs}
+
+    # --- loop: train.py's step
+    probe.reset_peak()
+    after_setup = probe.allocated()
+    loss_model.train()
+    ends, per_step, losses = [time.perf_counter()], [], []
+    after_first = 0.0
+    for step in range(total_steps):
+        micro = [batches.next() for _ in range(cfg.grad_accum)]
+        n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
+        set_lr(optimizer, lr_at(step, cfg))
+        window_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            sync_ctx = accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext()
+            with sync_ctx:
+                loss_sum = loss_model(**to_device(batch, device),
+                                      **attention.packing_kwargs(batch["position_ids"], backend, device=device))
+                accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
+            window_loss += loss_sum.detach()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # train.py's one host sync per step
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            raise FloatingPointError(f"non-finite loss {loss} or grad norm {float(grad_norm)} at step {step + 1}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        probe.sync()
+        ends.append(time.perf_counter())
+        losses.append(loss)
+        c = [counts(b) for b in micro]
+        per_step.append({k: sum(x[k] for x in c) for k in c[0]})
+        if step == 0:
+            after_first = probe.allocated()
+            rec["optimizer_state_gib"] = common.optimizer_state_gib(optimizer.optimizer
+                                                                     if hasattr(optimizer, "optimizer") else optimizer)
+        log(f"  ours step {step + 1}/{total_steps}: loss {loss:.4f}, {ends[-1] - ends[-2]:.3f} s")
+    peak, reserved = probe.peaks()
+    common.memory_fields(rec, base_gib, after_setup, after_first, peak, reserved)
+    rec.update(device_used_end_gib=probe.device_used(), loss_first=losses[0], loss_last=losses[-1])
+    common.summarise(rec, ends, per_step, spec["warmup"], cfg.gradient_checkpointing, shape,
+                     sum(p.numel() for p in params))
+
+
+# =========================================================================== orchestration
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULTS["model"], help="cfg.model (default random:llama2-7b)")
+    p.add_argument("--data", default="random", help="random, guanaco, or both: random,guanaco")
+    p.add_argument("--max_seq_len", default=str(DEFAULTS["max_seq_len"]))
+    p.add_argument("--micro_batch", default=str(DEFAULTS["micro_batch"]))
+    p.add_argument("--accum", default=str(DEFAULTS["accum"]))
+    p.add_argument("--packing", default="on", help="on,off")
+    p.add_argument("--attn", default="auto", help="auto,varlen,sdpa,flex (ours only; the baseline is stock sdpa)")
+    p.add_argument("--ckpt", default="on", help="gradient checkpointing on,off")
+    p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
+    p.add_argument("--lora_alpha", type=float, default=DEFAULTS["lora_alpha"])
+    p.add_argument("--lora_dropout", default=str(DEFAULTS["lora_dropout"]))
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="untimed optimizer steps")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed optimizer steps")
+    p.add_argument("--quant", default=DEFAULTS["quant"])
+    p.add_argument("--compute_dtype", default=DEFAULTS["compute_dtype"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--compare", action="store_true", help="also run the seed recipe (HF Trainer) per setting")
+    p.add_argument("--baseline_only", action="store_true", help="run only the seed recipe")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: random:tiny, short rows, 2+1 steps, fp32")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--tag", default="", help="free text stored with every record")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess before it is recorded as timeout")
+    p.add_argument("--no_plot", action="store_true")
+    p.add_argument("--plot_only", action="store_true", help="rebuild bench.csv and bench.png from --out's bench.jsonl")
+    p.add_argument("--make_guanaco_lengths", metavar="PARQUET", default="",
+                   help="recompute benchmarks/guanaco_lengths.json from guanaco-llama2-1k.parquet and exit")
+    p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _vals(text: str, kind):
+    out = []
+    for v in str(text).split(","):
+        v = v.strip()
+        if kind is bool:
+            if v.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                raise SystemExit(f"expected on/off, got {v!r}")
+            out.append(v.lower() in ("on", "true", "1", "yes"))
+        else:
+            out.append(kind(v))
+    return out
+
+
+def settings(args) -> list[dict]:
+    base = dict(DEFAULTS, model=args.model, warmup=args.warmup, steps=args.steps, quant=args.quant,
+                compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha)
+    grid = {"data": _vals(args.data, str), "max_seq_len": _vals(args.max_seq_len, int),
+            "micro_batch": _vals(args.micro_batch, int), "accum": _vals(args.accum, int),
+            "packing": _vals(args.packing, bool), "attn": _vals(args.attn, str), "ckpt": _vals(args.ckpt, bool),
+            "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
+    if args.tiny:
+        explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}
+        base.update({k: v for k, v in TINY.items() if k not in ("max_seq_len", "micro_batch", "accum")
+                     and not (k == "model" and args.model != DEFAULTS["model"])})
+        for k in ("max_seq_len", "micro_batch", "accum"):
+            if k not in explicit:
+                grid[k] = [TINY[k]]
+        if args.warmup != DEFAULTS["warmup"] or args.steps != DEFAULTS["steps"]:
+            base.update(warmup=args.warmup, steps=args.steps)
+    keys = list(grid)
+    return [dict(base, **dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_one(impl: str, spec: dict, args) -> dict:
+    """One implementation of one setting in a fresh Python process; never raises."""
+    out = Path(args.out)
+    result = out / f".result-{os.getpid()}-{time.time_ns()}.tmp"
+    script = HERE / ("bench.py" if impl == "ours" else "baseline_trainer.py")
+    cmd = [sys.executable, str(script)] + (["--_worker", "ours"] if impl == "ours" else []) + \
+        ["--spec", json.dumps(spec), "--result", str(result)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.tiny:
+        env["BENCH_CPU"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    t0 = time.time()
+    tail = ""
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=args.timeout)
+        rc, tail = proc.returncode, proc.stdout[-3000:]
+        status = None
+    except subprocess.TimeoutExpired as e:
+        rc, status = None, "timeout"
+        tail = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+    rec = {}
+    if result.is_file():
+        rec = json.loads(result.read_text())
+        result.unlink()
+    if not rec:
+        rec = {**spec, "impl": impl, "status": status or "crashed",
+               "error": f"exit status {rc}" if status is None else f"no result within {args.timeout:.0f} s"}
+    rec.update(impl=impl, returncode=rc, subprocess_s=time.time() - t0, tag=args.tag, label=setting_label(spec),
+               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if rec["status"] != "ok":
+        rec["log_tail"] = tail
+        log(tail)
+    return rec
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_FIELDS})
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """Tokens/s and peak VRAM per setting, ours vs the seed recipe (latest record of each)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return False
+    latest = {}
+    for r in records:
+        latest[(r.get("label", ""), r["impl"])] = r
+    labels = list(dict.fromkeys(k[0] for k in latest))
+    impls = [i for i in ("ours", "baseline") if any(k[1] == i for k in latest)]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.6 * len(labels) + 3), 4.5))
+    width = 0.8 / max(1, len(impls))
+    colors = {"ours": "tab:blue", "baseline": "tab:gray"}
+    names = {"ours": "ours (qlora loop)", "baseline": "seed recipe (HF Trainer)"}
+    for j, impl in enumerate(impls):
+        xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(labels))]
+        recs = [latest.get((lab, impl), {}) for lab in labels]
+        ok = [r.get("status") == "ok" for r in recs]
+        tps = [r.get("tokens_per_s", 0) if o else 0 for r, o in zip(recs, ok)]
+        alloc = [r.get("peak_allocated_gib", 0) or 0 for r in recs]
+        res = [r.get("peak_reserved_gib", 0) or 0 for r in recs]
+        axes[0].bar(xs, tps, width, color=colors[impl], label=names[impl])
+        axes[1].bar(xs, res, width, color=colors[impl], alpha=0.35)
+        axes[1].bar(xs, alloc, width, color=colors[impl], label=names[impl])
+        for x, t, r, o in zip(xs, tps, recs, ok):
+            if r:
+                axes[0].annotate(f"{t:,.0f}" if o else r.get("status", "?"), (x, t), ha="center", va="bottom",
+                                 fontsize=8)
+    for ax, title in zip(axes, ("tokens/s (real tokens, higher is better)",
+                                "peak VRAM GiB (solid: allocated, light: reserved)")):
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    card = next((r.get("card") for r in records if r.get("card")), "")
+    fig.suptitle(f"QLoRA step, {records[-1].get('model', '')} on {card}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        return common.worker_main(run_ours, ["--spec", args.spec, "--result", args.result])
+    if args.make_guanaco_lengths:
+        data = common.make_guanaco_lengths(args.make_guanaco_lengths)
+        log(f"{len(data['lengths'])} examples written to {common.LENGTHS_FILE}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "bench.jsonl"
+    if args.plot_only:
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        write_csv(records, out / "bench.csv")
+        return 0 if plot(records, out / "bench.png") else 1
+    impls = ["baseline"] if args.baseline_only else (["ours", "baseline"] if args.compare else ["ours"])
+    failed, baseline_done = 0, set()
+    for spec in settings(args):
+        for impl in impls:
+            if impl == "baseline":  # it has no packing/attention choice: once per remaining setting
+                key = json.dumps({k: v for k, v in spec.items() if k not in ("packing", "attn")}, sort_keys=True)
+                if key in baseline_done:
+                    continue
+                baseline_done.add(key)
+            log(f"[bench] {impl}: {setting_label(spec)} ({spec['model']}, {spec['warmup']}+{spec['steps']} steps)")
+            rec = run_one(impl, spec, args)
+            failed += rec["status"] != "ok"
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if rec["status"] == "ok":
+                log(f"[bench] {impl}: {rec['tokens_per_s']:,.0f} tok/s ({rec['supervised_tokens_per_s']:,.0f} "
+                    f"supervised), {rec['step_time_s']:.3f} s/step, peak {rec['peak_allocated_gib']:.2f} GiB "
+                    f"alloc / {rec['peak_reserved_gib']:.2f} reserved, MFU {rec['mfu']:.1%}")
+            else:
+                log(f"[bench] {impl}: {rec['status']}: {rec.get('error', '')}")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    write_csv(records, out / "bench.csv")
+    if not args.no_plot:
+        plot(records, out / "bench.png")
+    log(f"[bench] {len(records)} records in {jsonl}; csv {out / 'bench.csv'}")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

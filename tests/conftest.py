@@ -1,0 +1,44 @@
+"""Shared fixtures: the embedded tokenizer (real SmolLM2 chat template), tiny configs, shared data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from qlora.config import load_config
+    from qlora.model import load_tokenizer
+
+    return load_tokenizer(load_config([]))
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available (../shared/data is absent here)")
+    return path
+
+
+def tiny_cfg(tmp_path=None, **kw):
+    """A fast CPU config: random:tiny in fp32, full precision unless quant is given."""
+    from qlora.config import load_config
+
+    base = dict(model="random:tiny", quant="none", compute_dtype="float32", lora_dropout=0.0,
+                max_seq_len=256, micro_batch_size=2, grad_accum=1, tracker="none", sample_prompts=0,
+                gradient_checkpointing=False, optimizer="adamw", warmup_steps=0)
+    if tmp_path is not None:
+        base["output_dir"] = str(tmp_path / "run")
+    base.update(kw)
+    return load_config([], **base)

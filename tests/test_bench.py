@@ -1,0 +1,97 @@
+"""benchmarks/bench.py: the CPU smoke run (--tiny --compare) end to end, the FLOPs model, the synthetic
+guanaco data, and that a failing setting is recorded instead of ending the sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+POSITIVE = ("tokens_per_s", "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
+            "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib", "mfu", "hfu", "achieved_tflops",
+            "model_tflops_per_step", "n_matmul_params", "n_lora_params", "timed_steps")
+
+
+def _run(args, timeout=150):
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tiny_compare_writes_both_runs(tmp_path):
+    proc = _run(["--tiny", "--compare", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in records] == ["ours", "baseline"]
+    for r in records:
+        assert r["status"] == "ok", r.get("error")
+        for key in POSITIVE:
+            assert isinstance(r.get(key), (int, float)) and r[key] > 0, (r["impl"], key, r.get(key))
+        assert r["timed_steps"] == 1 and r["warmup"] == 2
+        for key in ("card", "torch", "transformers", "peft", "accelerate", "lora_optimizer_gib", "activations_gib"):
+            assert key in r
+        # random tokens: the loss starts near ln(vocab)
+        assert abs(r["loss_first"] - math.log(49152)) < 1.0
+    ours, base = records
+    # same data, same shapes: same token count per step and the same FLOPs per step
+    assert ours["tokens_per_step"] == base["tokens_per_step"] == 2 * 2 * 64
+    assert ours["model_tflops_per_step"] == pytest.approx(base["model_tflops_per_step"], rel=1e-9)
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [r["impl"] for r in rows] == ["ours", "baseline"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_failed_setting_is_recorded_not_fatal(tmp_path):
+    # fails inside the worker subprocess (before its slow imports): recorded, the sweep goes on
+    proc = _run(["--tiny", "--compare", "--data", "no-such-data", "--out", str(tmp_path), "--no_plot"])
+    assert proc.returncode == 1
+    recs = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in recs] == ["ours", "baseline"]
+    assert all(r["status"] == "error" and "no-such-data" in r["error"] for r in recs)
+    assert (tmp_path / "bench.csv").is_file()
+
+
+def test_flops_model_llama2_7b():
+    from types import SimpleNamespace
+
+    import common
+
+    cfg = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000)
+    shape = common.matmul_params(cfg)
+    assert shape["N"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) == 6_476_005_376
+    # one 512-token document, all positions in the loss, no LoRA
+    pairs = common.causal_pairs([512])
+    assert pairs == 512 * 513 // 2
+    model, hw = common.step_flops(shape, 0, 512, pairs, 512, ckpt=True)
+    assert model == pytest.approx(512 * 4 * shape["N"] + 12 * 32 * 4096 * pairs + 512 * 4 * 4096 * 32000)
+    assert hw - model == pytest.approx(512 * 2 * shape["N"] + 4 * 32 * 4096 * pairs)
+    assert common.step_flops(shape, 0, 512, pairs, 512, ckpt=False)[1] == model
+
+
+def test_guanaco_lengths_and_synthetic_examples():
+    import common
+
+    lengths = common.guanaco_lengths()
+    assert len(lengths) == 1000 and all(0 < s <= t for t, s in lengths)
+    vocab = 32000
+    ex = common.synth_examples("guanaco", 2048, 50, vocab, seed=0)
+    kept = {t for t, _ in lengths if t <= 2048}
+    assert len(ex) >= 50 and all(len(ids) in kept for ids, _ in ex)
+    for ids, n_prompt in ex[:20]:
+        assert all(3 <= t < vocab // 2 for t in ids[:n_prompt]) and all(vocab // 2 <= t < vocab for t in ids[n_prompt:])
+        assert (len(ids), len(ids) - n_prompt) in set(map(tuple, lengths))
+    rows = common.synth_examples("random", 64, 3, vocab, seed=0)
+    assert [len(ids) for ids, _ in rows] == [64, 64, 64] and all(p == 1 for _, p in rows)
