@@ -73,6 +73,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cf
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    if os.environ.get("QLORA_TEST_SAVE_DELAY"):  # tests kill the process here, mid-write
+        time.sleep(float(os.environ["QLORA_TEST_SAVE_DELAY"]))
     meta = {"step": step, "time": time.time(), "complete": True, "resume_key": config_hash_fields(cfg),
             "world_size": trainer_state.get("world_size", 1)}
     _fsync_dir_files(tmp)
@@ -138,7 +140,8 @@ def load_checkpoint(path: Path, cfg: Config, force: bool = False) -> tuple[dict,
         optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}): "
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {first}): "
                               "resume from an earlier checkpoint") from None
     mismatch = {k: (v, meta["resume_key"].get(k)) for k, v in config_hash_fields(cfg).items()
                 if meta["resume_key"].get(k) != v}
