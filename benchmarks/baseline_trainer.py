@@ -181,16 +181,9 @@ def run_baseline(spec: dict, rec: dict) -> None:
     rec.update(device_used_end_gib=probe.device_used(), loss_first=losses[0] if losses else None,
                loss_last=losses[-1] if losses else None, train_runtime_s=out.metrics.get("train_runtime"),
                gc_kwargs=str(getattr(gc, "keywords", None)) if gc is not None else None,
-               optimizer_class=_describe_optimizer(trainer.optimizer))
+               optimizer_class=common.describe_optimizer(trainer.optimizer))
     common.memory_fields(rec, base_gib, after_setup, meter.after_first, peak, reserved)
     common.summarise(rec, meter.ends, per_step, spec["warmup"], spec["ckpt"], shape, n_lora)
-
-
-def _describe_optimizer(opt) -> str:
-    opt = getattr(opt, "optimizer", opt)
-    args = getattr(opt, "args", None)
-    extra = f" optim_bits={getattr(args, 'optim_bits', '?')} is_paged={getattr(args, 'is_paged', '?')}" if args else ""
-    return f"{type(opt).__module__}.{type(opt).__name__}{extra}"
 
 
 if __name__ == "__main__":

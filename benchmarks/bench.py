@@ -163,8 +163,8 @@ def run_ours(spec: dict, rec: dict) -> None:
         per_step.append({k: sum(x[k] for x in c) for k in c[0]})
         if step == 0:
             after_first = probe.allocated()
-            rec["optimizer_state_gib"] = common.optimizer_state_gib(optimizer.optimizer
-                                                                     if hasattr(optimizer, "optimizer") else optimizer)
+            rec["optimizer_state_gib"] = common.optimizer_state_gib(getattr(optimizer, "optimizer", optimizer))
+            rec["optimizer_class"] = common.describe_optimizer(optimizer)
         log(f"  ours step {step + 1}/{total_steps}: loss {loss:.4f}, {ends[-1] - ends[-2]:.3f} s")
     peak, reserved = probe.peaks()
     common.memory_fields(rec, base_gib, after_setup, after_first, peak, reserved)
@@ -289,7 +289,7 @@ def write_csv(records: list[dict], path: Path) -> None:
 
 
 def plot(records: list[dict], path: Path) -> bool:
-    """Tokens/s and peak VRAM per setting, ours vs the seed recipe (latest record of each)."""
+    """Tokens/s and peak VRAM per setting, ours vs the seed recipe (repeated runs averaged)."""
     try:
         import matplotlib
 
@@ -298,29 +298,35 @@ def plot(records: list[dict], path: Path) -> bool:
     except ImportError:
         log("matplotlib is not installed: no plot")
         return False
-    latest = {}
+    groups: dict = {}  # (label, impl) -> records, in order; repeated runs are averaged, min-max as error bars
     for r in records:
-        latest[(r.get("label", ""), r["impl"])] = r
-    labels = list(dict.fromkeys(k[0] for k in latest))
-    impls = [i for i in ("ours", "baseline") if any(k[1] == i for k in latest)]
+        groups.setdefault((r.get("label", ""), r["impl"]), []).append(r)
+    labels = list(dict.fromkeys(k[0] for k in groups))
+    impls = [i for i in ("ours", "baseline") if any(k[1] == i for k in groups)]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.6 * len(labels) + 3), 4.5))
     width = 0.8 / max(1, len(impls))
     colors = {"ours": "tab:blue", "baseline": "tab:gray"}
     names = {"ours": "ours (qlora loop)", "baseline": "seed recipe (HF Trainer)"}
     for j, impl in enumerate(impls):
         xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(labels))]
-        recs = [latest.get((lab, impl), {}) for lab in labels]
-        ok = [r.get("status") == "ok" for r in recs]
-        tps = [r.get("tokens_per_s", 0) if o else 0 for r, o in zip(recs, ok)]
-        alloc = [r.get("peak_allocated_gib", 0) or 0 for r in recs]
-        res = [r.get("peak_reserved_gib", 0) or 0 for r in recs]
-        axes[0].bar(xs, tps, width, color=colors[impl], label=names[impl])
+        tps, err, alloc, res, notes = [], [[], []], [], [], []
+        for lab in labels:
+            recs = groups.get((lab, impl), [])
+            ok = [r for r in recs if r.get("status") == "ok"]
+            vals = [r["tokens_per_s"] for r in ok]
+            mean = sum(vals) / len(vals) if vals else 0.0
+            tps.append(mean)
+            err[0].append(mean - min(vals) if vals else 0)
+            err[1].append(max(vals) - mean if vals else 0)
+            alloc.append(max([r.get("peak_allocated_gib") or 0 for r in recs], default=0))
+            res.append(max([r.get("peak_reserved_gib") or 0 for r in recs], default=0))
+            notes.append("" if not recs else (f"{mean:,.0f}" + (f"\n(n={len(vals)})" if len(vals) > 1 else ""))
+                         if vals else recs[-1].get("status", "?"))
+        axes[0].bar(xs, tps, width, yerr=err, capsize=3, color=colors[impl], label=names[impl])
         axes[1].bar(xs, res, width, color=colors[impl], alpha=0.35)
         axes[1].bar(xs, alloc, width, color=colors[impl], label=names[impl])
-        for x, t, r, o in zip(xs, tps, recs, ok):
-            if r:
-                axes[0].annotate(f"{t:,.0f}" if o else r.get("status", "?"), (x, t), ha="center", va="bottom",
-                                 fontsize=8)
+        for x, t, note in zip(xs, tps, notes):
+            axes[0].annotate(note, (x, t), ha="center", va="bottom", fontsize=7)
     for ax, title in zip(axes, ("tokens/s (real tokens, higher is better)",
                                 "peak VRAM GiB (solid: allocated, light: reserved)")):
         ax.set_xticks(range(len(labels)))

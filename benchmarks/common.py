@@ -231,6 +231,14 @@ def optimizer_state_gib(optimizer) -> float:
         return -1.0
 
 
+def describe_optimizer(opt) -> str:
+    opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    args = getattr(opt, "args", None)
+    bits = getattr(args, "optim_bits", None) if args is not None else None
+    extra = f" optim_bits={bits} is_paged={getattr(opt, 'is_paged', None)}" if bits is not None else ""
+    return f"{type(opt).__module__}.{type(opt).__name__}{extra}"
+
+
 def summarise(rec: dict, step_ends: list[float], per_step: list[dict], warmup: int, ckpt: bool,
               shape: dict, n_lora: int) -> dict:
     """Fill throughput, step time, FLOPs and MFU fields of `rec` from per-step end times and counts.

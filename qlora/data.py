@@ -95,12 +95,15 @@ def load_rows(src: Source, split: str) -> list[dict]:
         try:
             ds = datasets.load_dataset(LOCAL_EXT[p.suffix.lower()], data_files=str(p), split="train")
         except Exception as e:  # datasets wraps parse errors in many types
-            raise DataError(f"data file {src.path} could not be read: {str(e).splitlines()[0]}") from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"data file {src.path} could not be read ({why}): check it is valid "
+                            f"{LOCAL_EXT[p.suffix.lower()]} with one row per record") from None
         return ds.to_list()
     try:
         ds = datasets.load_dataset(src.path, split=split)
     except Exception as e:
-        raise DataError(f"dataset '{src.path}' (split {split}) could not be loaded: {str(e).splitlines()[0]} -- "
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"dataset '{src.path}' (split {split}) could not be loaded: {why} -- "
                         "offline runs need a local file or a dataset already in the HF cache") from None
     return ds.to_list()
 

@@ -169,7 +169,9 @@ def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
         raise ModelLoadError(
             f"cannot load model '{source}': {str(e).splitlines()[0]} -- if it is a hub id, download it first "
             "(huggingface-cli download) or pass a local directory; offline runs cannot fetch it") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    archs = getattr(config, "architectures", None) or []
+    causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
         raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
                              "pass a decoder-only LM such as a Llama checkpoint")
 
@@ -182,7 +184,15 @@ def load_tokenizer(cfg: Config):
 
     src = cfg.tokenizer or cfg.model
     src = "smollm2" if src.startswith("random:") else src
-    tok = AutoTokenizer.from_pretrained(resolve_source(src), trust_remote_code=cfg.trust_remote_code)
+    source = resolve_source(src)
+    if not cfg.tokenizer and not cfg.model.startswith("random:"):
+        _check_causal_lm(source, cfg.trust_remote_code)  # fail on a wrong --model before data work starts
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from '{src}': {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer of '{src}' has no EOS token: responses could never be terminated")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # pad must never be EOS (a classic bug masks every EOS label); unk is unused in practice
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
