@@ -111,6 +111,10 @@ def main(cfg: Config) -> dict:
     # --- loop ---------------------------------------------------------------------------------
     loss_model.train()
     speed, last = Throughput(), {}
+    if evals and step == 0:  # the baseline every later eval is compared with
+        first = evaluate(accelerator.unwrap_model(loss_model), evals, backend, device)
+        say(f"eval  {0:>5} | eval loss {first:.4f} | ppl {math.exp(first):.2f}")
+        log.write(kind="eval", step=0, eval_loss=first)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     with StopRequest() as stop:
         while step < cfg.max_steps:

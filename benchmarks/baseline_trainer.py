@@ -55,8 +55,6 @@ def pad_tokenizer():
 
 
 def load_seed_model(spec: dict, device, compute_dtype):
-    import torch
-
     from qlora.config import load_config
 
     cfg = load_config([], model=spec["model"], quant=spec["quant"], double_quant=True, seed=spec["seed"],
@@ -84,7 +82,7 @@ def load_seed_model(spec: dict, device, compute_dtype):
                                                      device_map={"": device}, **kw)
         how = "from_pretrained + BitsAndBytesConfig"
     model.config.use_cache = False
-    return model, how, torch
+    return model, how
 
 
 def run_baseline(spec: dict, rec: dict) -> None:
@@ -107,7 +105,7 @@ def run_baseline(spec: dict, rec: dict) -> None:
     total_steps = spec["warmup"] + spec["steps"]
 
     # --- model: seed recipe
-    model, how, _ = load_seed_model(spec, device, compute_dtype)
+    model, how = load_seed_model(spec, device, compute_dtype)
     base_gib = probe.allocated()
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["ckpt"])
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],

@@ -235,10 +235,17 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
     config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max(4096, cfg.max_seq_len),
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(compute_dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(compute_dtype)  # built straight in the compute dtype: no fp32 copy (28 GB at 7B)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     if cfg.quant != "none":
         quantize_linears_(model, cfg, compute_dtype, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the full-precision weights' blocks back before training
     return model
 
 
