@@ -66,9 +66,11 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatc
     calls = {"n": 0}
 
     def poisoned(self, *a, **kw):
-        calls["n"] += 1
         out = real(self, *a, **kw)
-        return out * float("nan") if calls["n"] == 3 and self.training else out
+        if not self.training:  # eval passes are not training steps
+            return out
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(loss.TokenLoss, "forward", poisoned)
     cfg = tiny_cfg(tmp_path, max_steps=5, save_every=1, eval_every=0, grad_accum=1)
