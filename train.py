@@ -79,11 +79,20 @@ def main(cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     loss_model, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
+    params = [p for p in loss_model.parameters() if p.requires_grad]
+    fsdp = accelerator.is_fsdp2
 
     # --- resume -------------------------------------------------------------------------------
     step, skipped = 0, 0
     if resume_from is not None:
+        if fsdp:
+            raise CheckpointError(f"--resume {resume_from}: resuming under FSDP is not supported yet; its "
+                                  "adapter_model.safetensors is a normal peft adapter (start a new run from it)")
         state, optim_state, rng = load_checkpoint(resume_from, cfg, cfg.resume_force)
+        if state.get("fsdp"):  # its optimizer.pt holds rank 0's shard only
+            raise CheckpointError(f"checkpoint {resume_from} was written under FSDP, which cannot be resumed yet; "
+                                  "its adapter_model.safetensors is a normal peft adapter")
         if state["world_size"] != accelerator.num_processes:
             raise CheckpointError(f"checkpoint {resume_from} was written by {state['world_size']} processes, "
                                   f"this run has {accelerator.num_processes}: resume with the same number")
@@ -100,10 +109,11 @@ def main(cfg: Config) -> dict:
     def checkpoint_now():
         rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) \
             if accelerator.num_processes > 1 else [rng_state()]
+        adapter = savable_adapter(accelerator, loss_model)  # collective under FSDP: every rank calls it
         if is_main:
             state = {"step": step, "data": vars(batches.state), "skipped_steps": skipped,
-                     "world_size": accelerator.num_processes}
-            path = save_checkpoint(out, step, accelerator.unwrap_model(loss_model).model, tokenizer,
+                     "world_size": accelerator.num_processes, "fsdp": fsdp}
+            path = save_checkpoint(out, step, adapter, tokenizer,
                                    optimizer, cfg, state, {f"rank{i}": r for i, r in enumerate(rngs)})
             say(f"checkpoint: {path}")
         accelerator.wait_for_everyone()
@@ -182,11 +192,14 @@ def main(cfg: Config) -> dict:
 
     # --- save ---------------------------------------------------------------------------------
     final = out / "final"
+    adapter = savable_adapter(accelerator, loss_model)
     if is_main:
         peft_model = accelerator.unwrap_model(loss_model).model
-        save_adapter(peft_model, tokenizer, cfg, final)
+        save_adapter(adapter, tokenizer, cfg, final)
         say(f"saved: adapter in {final}")
-        if cfg.sample_prompts and eval_set:
+        if fsdp and cfg.sample_prompts:  # generating on one rank would wait forever for the others' shards
+            say(f"samples: skipped under FSDP; try the adapter with: python generate.py --adapter {final}")
+        elif cfg.sample_prompts and eval_set:
             from generate import generate_ids
 
             for ex in eval_set[: cfg.sample_prompts]:
@@ -196,6 +209,23 @@ def main(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return last
+
+
+def savable_adapter(accelerator, loss_model):
+    """What `save_adapter` saves: the peft model itself (one process, DDP), or under FSDP2 a stand-in
+    whose `save_pretrained` writes the full LoRA tensors, gathered from every rank's shards (a
+    collective: all ranks must call this; only the main process then saves)."""
+    peft_model = accelerator.unwrap_model(loss_model).model
+    if not accelerator.is_fsdp2:
+        return peft_model
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    # full_tensor(): a collective all-gather of each LoRA weight (small); then a private CPU copy
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for n, p in peft_model.named_parameters() if p.requires_grad}
+    return SimpleNamespace(save_pretrained=lambda path, **kw: peft_model.save_pretrained(path, state_dict=full, **kw))
 
 
 @torch.no_grad()

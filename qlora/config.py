@@ -27,6 +27,8 @@ class Config:
     tokenizer: str = ""  # tokenizer source if not the model's own
     quant: str = "nf4"  # base weights: "nf4" or "fp4" (bitsandbytes 4-bit) or "none" (full precision)
     double_quant: bool = True  # quantize the 4-bit scales too (~0.4 bit/param saved)
+    quant_storage: str = "uint8"  # dtype the packed 4-bit weights are stored in: "uint8", or the compute dtype
+    # ("bfloat16") for FSDP, which can only shard floating-point parameters (configs/accelerate/fsdp.yaml)
     compute_dtype: str = "auto"  # "auto" (bf16 where fast: CUDA with bf16, and CPU), "bfloat16", "float16", "float32"
     trust_remote_code: bool = False  # never run model code from a hub unless you ask for it
     gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
@@ -187,6 +189,7 @@ def load_config(argv: list[str] | None = None, **overrides) -> Config:
 _CHOICES = {
     "quant": ("nf4", "fp4", "none"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "attn_backend": ("auto", "sdpa", "varlen", "flex", "eager"),
     "overlong": ("drop", "truncate"),
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),

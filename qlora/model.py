@@ -208,16 +208,17 @@ def quantize_linears_(model: nn.Module, cfg: Config, compute_dtype: torch.dtype,
     layer so peak memory stays near one full-precision layer above the quantised model."""
     import bitsandbytes as bnb
 
+    storage = getattr(torch, cfg.quant_storage)  # uint8, or a float dtype so FSDP can shard the packed weights
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child_name in skip:
                 continue
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quant, quant_storage=torch.uint8, device="meta")
+                                  quant_type=cfg.quant, quant_storage=storage, device="meta")
             q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu" if device.type == "cpu" else device),
                                          requires_grad=False, compress_statistics=cfg.double_quant,
-                                         quant_type=cfg.quant, quant_storage=torch.uint8, module=q)
+                                         quant_type=cfg.quant, quant_storage=storage, module=q)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             q = q.to(device)  # quantises on the move
@@ -264,7 +265,7 @@ def load_base_model(cfg: Config, device: torch.device):
         if cfg.quant != "none":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=cfg.double_quant,
-                bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+                bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as e:
