@@ -23,7 +23,7 @@ from qlora.checkpoint import (CheckpointError, list_checkpoints, load_adapter_we
 from qlora.config import Config, ConfigError, load_config, save_config
 from qlora.data import DataError, load_datasets
 from qlora.loss import TokenLoss
-from qlora.model import ModelLoadError, count_parameters, load_model, load_tokenizer
+from qlora.model import ModelLoadError, count_parameters, load_model, load_tokenizer, model_vocab_size
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, to_device
 from qlora.signals import StopRequest
@@ -69,6 +69,10 @@ def main(cfg: Config) -> dict:
         f"{batches.efficiency():.1%} ({'packed' if cfg.packing else 'padded'} rows of {cfg.max_seq_len})")
 
     # --- model --------------------------------------------------------------------------------
+    vocab, top = model_vocab_size(cfg), max(max(e.input_ids) for e in train_set + eval_set)
+    if top >= vocab:  # e.g. random:llama2-7b (32000 rows) with the 49152-token SmolLM2 tokenizer
+        raise ModelLoadError(f"the data has token id {top} but {cfg.model} has only {vocab} embeddings: use a "
+                             "tokenizer that matches the model (--tokenizer) or a model with a larger vocab")
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, cfg.attn_backend)
     trainable, total = count_parameters(model)

@@ -250,6 +250,18 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
     return model
 
 
+def model_vocab_size(cfg: Config) -> int:
+    """Embedding rows of `cfg.model`, read from its config (no weights loaded)."""
+    if cfg.model.startswith("random:"):
+        shape = cfg.model.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
+        return RANDOM_SHAPES[shape]["vocab_size"]
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code).vocab_size
+
+
 def load_base_model(cfg: Config, device: torch.device):
     """The frozen base model on `device` (the whole model on this process's own device, never `auto`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -31,6 +31,11 @@ def test_model_path_that_is_not_a_causal_lm(tmp_path):
     assert f"model '{d}' is a 'bert' model, not a causal language model" in msg
 
 
+def test_tokenizer_ids_beyond_the_model_vocab(tmp_path):
+    msg = error_of(tmp_path, "--model", "random:llama2-7b")
+    assert "has only 32000 embeddings" in msg and "--tokenizer" in msg
+
+
 def test_model_dir_without_config(tmp_path):
     msg = error_of(tmp_path, "--model", str(tmp_path))
     assert f"model path {tmp_path} has no config.json" in msg
