@@ -1,0 +1,264 @@
+"""Text-to-SQL evaluation of a base model, a base + LoRA adapter, or a merged model directory.
+
+    python -m qlora.evaluate --adapter runs/default/final --limit 40
+    python -m qlora.evaluate --model smollm2 --data /path/gretel.jsonl --out base.json
+    python -m qlora.evaluate --model runs/default/merged          # written by python -m qlora.merge
+
+For every held-out row (gretel schema: sql_prompt, sql_context, sql) the model answers the *training*
+prompt (the `gretel_sql` formatter's user turn through the chat template, the run's system prompt)
+greedily, batched and left-padded with a KV cache (generate.generate_ids); answers are scored by
+executing them in sqlite (qlora.sqlscore.score_rows). The same rows also give the teacher-forced,
+response-only eval loss (the training loss: qlora.loss.TokenLoss over packed rows, sdpa attention).
+
+The base model and chat format come from the adapter's config.yaml (or the merged directory's); a
+merged directory is loaded in full precision (quant none) unless --quant says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, load_config
+from .data import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
+from .formatters import FORMATTERS, detect_formatter
+from .model import ModelLoadError, load_base_model, load_tokenizer
+
+_ROOT = str(Path(__file__).resolve().parent.parent)  # generate.py lives at the repo root
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+__all__ = ["load_eval_model", "load_eval_rows", "eval_prompts", "eval_loss", "evaluate", "main"]
+
+
+# --------------------------------------------------------------------------- loading
+
+def is_merged_dir(path: str | None) -> bool:
+    """A model directory written by qlora.merge (HF config.json next to the run's config.yaml)."""
+    return bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / "config.yaml").is_file()
+
+
+def load_eval_model(adapter: str | None = None, model: str | None = None, quant: str | None = None,
+                    compute_dtype: str | None = None, device=None):
+    """(model in eval mode, tokenizer, Config). Like generate.load_for_inference, plus merged dirs
+    (their config.yaml gives the chat format; weights load unquantised by default) and a dtype override."""
+    overrides, preset = {}, None
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+        preset = Path(adapter) / "config.yaml"
+    elif is_merged_dir(model):
+        preset = Path(model) / "config.yaml"
+        quant = quant or "none"
+    if model:
+        overrides["model"] = model
+    if quant:
+        overrides["quant"] = quant
+    if compute_dtype:
+        overrides["compute_dtype"] = compute_dtype
+    cfg = load_config(["--config", str(preset)] if preset is not None and preset.is_file() else [], **overrides)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg)
+    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+        tokenizer.padding_side = "right"
+    net = load_base_model(cfg, device)
+    if adapter:
+        from peft import PeftModel
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    return net, tokenizer, cfg
+
+
+def load_eval_rows(data: str = "builtin:sql", limit: int | None = None) -> tuple[list[dict], str]:
+    """Held-out rows (the first `limit`, file order) and the formatter name. `builtin:sql` -> its test split;
+    a file -> all of its rows (`path.jsonl:formatter` names a formatter, else it is detected)."""
+    src = parse_source(data)
+    rows = load_rows(src, "test" if src.path in BUILTIN else src.split)
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"dataset {data}: no rows to evaluate")
+    name = src.formatter or detect_formatter(rows, src.path)
+    return rows, name
+
+
+def _gold(row: dict) -> tuple[str, str]:
+    """(schema script, gold SQL) of a row of either text-to-SQL schema."""
+    context = row.get("sql_context") if "sql_context" in row else row.get("schema")
+    gold = row.get("sql") if "sql" in row else row.get("SQL")
+    if context is None or gold is None:
+        raise DataError(f"row {row.get('id', '?')}: needs sql_context/sql (gretel) or schema/SQL (bird) to be scored")
+    return context, gold
+
+
+def eval_prompts(rows: list[dict], formatter: str, tokenizer, system_prompt: str = "") -> list[list[int]]:
+    """Token ids of the training prompt of each row, ending where the answer starts."""
+    from generate import prompt_ids
+
+    fmt = FORMATTERS[formatter]
+    out = []
+    for i, row in enumerate(rows):
+        msgs = fmt(row, where=f"row {i}")
+        if [m["role"] for m in msgs] != ["user", "assistant"]:
+            raise DataError(f"row {i}: formatter {formatter} gave roles {[m['role'] for m in msgs]}; "
+                            "evaluation needs one user turn and its answer")
+        out.append(prompt_ids(tokenizer, msgs[0]["content"], system_prompt))
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, max_seq_len: int = 0,
+              device=None) -> tuple[float, int]:
+    """(token-mean response-only cross-entropy, supervised tokens): the training loss with no dropout,
+    over rows packed as in training (capacity max(max_seq_len, longest example), so no row is dropped)."""
+    from . import attention
+    from .loss import TokenLoss
+    from .packing import eval_batches, to_device
+
+    if not examples:
+        return float("nan"), 0
+    device = device or next(model.parameters()).device
+    capacity = max(max_seq_len, max(len(e.input_ids) for e in examples))
+    backend = attention.use_packed_attention(model, "sdpa")
+    loss_model = TokenLoss(model).eval()
+    total, count = 0.0, 0
+    try:
+        for batch in eval_batches(examples, capacity, batch_size, pad_id, packing=True):
+            total += float(loss_model(**to_device(batch, device),
+                                      **attention.packing_kwargs(batch["position_ids"], backend, device=device)))
+            count += batch["n_supervised"]
+    finally:
+        attention.use_default_attention(model, "sdpa")
+    return total / max(count, 1), count
+
+
+def loss_examples(rows: list[dict], formatter: str, tokenizer, cfg: Config) -> list[Example]:
+    """The rows encoded exactly as training encodes them (response-only labels); nothing is dropped
+    for length (the capacity is raised instead)."""
+    src = parse_source(f"eval:{formatter}")
+    return build_examples(rows, src, tokenizer, 10 ** 9, "drop", DataStats(), cfg.system_prompt)
+
+
+def evaluate(model, tokenizer, cfg: Config, rows: list[dict], formatter: str = "gretel_sql",
+             batch_size: int = 8, max_new_tokens: int = 128, progress: bool = True, generate_fn=None) -> dict:
+    """Generate, score and compute eval loss on `rows`; returns the report (see module doc).
+
+    `generate_fn(model, tokenizer, prompts, max_new_tokens, device) -> [text]` defaults to
+    generate.generate_ids (greedy); tests swap it."""
+    from tqdm.auto import tqdm
+
+    from generate import generate_ids
+
+    from .sqlscore import score_rows
+
+    generate_fn = generate_fn or generate_ids
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    prompts = eval_prompts(rows, formatter, tokenizer, cfg.system_prompt)
+    # longest prompts first: batches of similar length waste less on padding; answers go back in order
+    order = sorted(range(len(rows)), key=lambda i: (-len(prompts[i]), i))
+    preds: list[str | None] = [None] * len(rows)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(rows), desc="generate", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        texts = generate_fn(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, device)
+        for i, text in zip(idx, texts):
+            preds[i] = text
+        bar.update(len(idx))
+    bar.close()
+    gen_s = time.perf_counter() - t0
+
+    scored_in = []
+    for row, pred in zip(rows, preds):
+        context, gold = _gold(row)
+        scored_in.append({"id": row.get("id"), "sql_context": context, "sql": gold, "prediction": pred})
+    score = score_rows(scored_in)
+
+    t1 = time.perf_counter()
+    examples = loss_examples(rows, formatter, tokenizer, cfg)
+    loss, n_tok = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, cfg.max_seq_len, device)
+    loss_s = time.perf_counter() - t1
+
+    predictions = []
+    for row, inp, d in zip(rows, scored_in, score["details"]):
+        predictions.append({
+            "index": d["index"], "id": d["id"], "question": row.get("sql_prompt") or row.get("question"),
+            "gold_sql": inp["sql"], "prediction": inp["prediction"], "pred_sql": d["pred_sql"],
+            "gold_ok": d["gold_ok"], "pred_ok": d["pred_ok"], "exec_match": d["exec_match"],
+            "exact_match": d["exact_match"], "error": d["error"], "gold_error": d["gold_error"]})
+    return {
+        "n": score["n"],
+        "scored": score["n_scored"],
+        "skipped_gold_failed": score["n_skipped_gold_failed"],
+        "execution_accuracy": score["execution_accuracy"],
+        "exact_match": score["exact_match"],
+        "pred_error_rate": score["pred_error_rate"],
+        "eval_loss": loss,
+        "ppl": math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"),
+        "eval_loss_examples": len(examples),
+        "eval_loss_tokens": n_tok,
+        "seconds": {"generate": round(gen_s, 2), "eval_loss": round(loss_s, 2)},
+        "predictions": predictions,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+def summary_line(report: dict) -> str:
+    return (f"n={report['n']} scored={report['scored']} skipped_gold_failed={report['skipped_gold_failed']} | "
+            f"execution_accuracy={report['execution_accuracy']:.3f} exact_match={report['exact_match']:.3f} "
+            f"pred_error_rate={report['pred_error_rate']:.3f} | eval_loss={report['eval_loss']:.4f} "
+            f"ppl={report['ppl']:.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--adapter", help="adapter folder (e.g. runs/default/final): its base model + the adapter")
+    who.add_argument("--model", help="a base model (smollm2, hub id, dir, .gguf, random:tiny) or a merged dir")
+    ap.add_argument("--base-model", help="with --adapter: override the adapter's base model")
+    ap.add_argument("--data", default="builtin:sql", help="builtin:sql (its test split) or PATH.jsonl[:formatter]")
+    ap.add_argument("--limit", type=int, default=0, help="first N rows only (0 = all)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--quant", choices=["nf4", "fp4", "none"], help="base weights (default: the adapter's config; "
+                    "nf4 for a base model; none for a merged dir)")
+    ap.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        model, tokenizer, cfg = load_eval_model(args.adapter, args.base_model if args.adapter else args.model,
+                                                args.quant, args.compute_dtype)
+        rows, formatter = load_eval_rows(args.data, args.limit or None)
+    except (ConfigError, ModelLoadError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    report = evaluate(model, tokenizer, cfg, rows, formatter, args.batch_size, args.max_new_tokens,
+                      progress=not args.no_progress)
+    report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant,
+                         "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "formatter": formatter,
+                         "limit": args.limit, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                         "system_prompt": cfg.system_prompt, "decoding": "greedy"}, **report}
+    print(summary_line(report), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
