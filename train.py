@@ -125,12 +125,12 @@ def main(cfg: Config) -> dict:
     # --- loop ---------------------------------------------------------------------------------
     loss_model.train()
     speed, last = Throughput(), {}
-    if evals and step == 0:  # the baseline every later eval is compared with
-        first = evaluate(accelerator.unwrap_model(loss_model), evals, backend, device)
-        say(f"eval  {0:>5} | eval loss {first:.4f} | ppl {math.exp(first):.2f}")
-        log.write(kind="eval", step=0, eval_loss=first)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     with StopRequest() as stop:
+        if evals and step == 0:  # the baseline every later eval is compared with
+            first = evaluate(accelerator.unwrap_model(loss_model), evals, backend, device)
+            say(f"eval  {0:>5} | eval loss {first:.4f} | ppl {math.exp(first):.2f}")
+            log.write(kind="eval", step=0, eval_loss=first)
         while step < cfg.max_steps:
             micro = [batches.next() for _ in range(cfg.grad_accum)]
             # loss = sum of token losses in the window / supervised tokens in the window (all ranks)
