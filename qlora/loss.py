@@ -38,11 +38,3 @@ class TokenLoss(nn.Module):
             total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
         return total
 
-
-def per_token_losses(model, batch) -> torch.Tensor:
-    """Cross-entropy at every supervised position, in `sup_index` order (for tests and analysis)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    logits = out.logits.flatten(0, 1).index_select(0, batch["sup_index"]).float()
-    y = batch["targets"].flatten().index_select(0, batch["sup_index"])
-    return F.cross_entropy(logits, y, reduction="none")

@@ -8,7 +8,6 @@ weights and no download: `random:tiny` for tests, `random:llama2-7b` for benchma
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -327,7 +326,3 @@ def load_model(cfg: Config, device: torch.device):
         enable_checkpointing(model)
     return model
 
-
-def model_meta(cfg: Config) -> dict:
-    return json.loads(json.dumps({"model": cfg.model, "quant": cfg.quant, "lora_r": cfg.lora_r,
-                                  "lora_targets": cfg.lora_targets}))
