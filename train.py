@@ -23,7 +23,8 @@ from qlora.checkpoint import (CheckpointError, list_checkpoints, load_adapter_we
 from qlora.config import Config, ConfigError, load_config, save_config
 from qlora.data import DataError, load_datasets
 from qlora.loss import TokenLoss
-from qlora.model import ModelLoadError, count_parameters, load_model, load_tokenizer, model_vocab_size
+from qlora.model import (ModelLoadError, count_parameters, describe_speedups, load_model, load_tokenizer,
+                         model_vocab_size)
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, to_device
 from qlora.signals import StopRequest
@@ -73,11 +74,11 @@ def main(cfg: Config) -> dict:
     if top >= vocab:  # e.g. random:llama2-7b (32000 rows) with the 49152-token SmolLM2 tokenizer
         raise ModelLoadError(f"the data has token id {top} but {cfg.model} has only {vocab} embeddings: use a "
                              "tokenizer that matches the model (--tokenizer) or a model with a larger vocab")
-    model = load_model(cfg, device)
+    model = load_model(cfg, device, fsdp=accelerator.is_fsdp2)
     backend = attention.use_packed_attention(model, cfg.attn_backend)
     trainable, total = count_parameters(model)
     say(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
-        f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}")
+        f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
 
     # --- optimizer ----------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]

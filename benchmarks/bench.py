@@ -48,16 +48,18 @@ sys.path.insert(1, str(HERE.parent))
 import common  # noqa: E402
 from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
-GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "lora_r", "lora_dropout")
+GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "ckpt_layers", "fused", "kernels",
+             "lora_r", "lora_dropout")
+OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels")  # the seed recipe has none of these
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
-              "attn", "ckpt", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
               "achieved_tflops", "loss_first", "loss_last", "card", "torch", "transformers", "peft",
-              "bitsandbytes", "accelerate", "model", "quant", "error"]
+              "bitsandbytes", "accelerate", "model", "quant", "speedups", "error"]
 
 
 # =========================================================================== our step (worker)
@@ -74,7 +76,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.loss import TokenLoss
-    from qlora.model import add_lora, count_parameters, enable_checkpointing, load_base_model
+    from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
     from qlora.optim import lr_at, make_optimizer, set_lr
     from qlora.packing import Batches, to_device
 
@@ -84,7 +86,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
                       max_seq_len=spec["max_seq_len"], micro_batch_size=spec["micro_batch"],
                       grad_accum=spec["accum"], packing=spec["packing"], attn_backend=spec["attn"],
-                      gradient_checkpointing=spec["ckpt"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                      gradient_checkpointing=spec["ckpt"], checkpoint_layers=spec["ckpt_layers"],
+                      fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     # as train.py: bf16 autocast through accelerate on CUDA
@@ -98,9 +101,9 @@ def run_ours(spec: dict, rec: dict) -> None:
     # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
     base = load_base_model(cfg, device)
     base_gib = probe.allocated()
-    model = add_lora(base, cfg)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+    model = finish_model(base, cfg, device)
+    rec["speedups"] = describe_speedups(model)
+    log(f"  ours: {rec['speedups']}")
     backend = attention.use_packed_attention(model, cfg.attn_backend)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
@@ -138,24 +141,34 @@ def run_ours(spec: dict, rec: dict) -> None:
     loss_model.train()
     ends, per_step, losses = [time.perf_counter()], [], []
     after_first = 0.0
-    for step in range(total_steps):
-        micro = [batches.next() for _ in range(cfg.grad_accum)]
-        n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
-        set_lr(optimizer, lr_at(step, cfg))
-        window_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            sync_ctx = accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext()
-            with sync_ctx:
-                loss_sum = loss_model(**to_device(batch, device),
-                                      **attention.packing_kwargs(batch["position_ids"], backend, device=device))
-                accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
-            window_loss += loss_sum.detach()
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # train.py's one host sync per step
-        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-            raise FloatingPointError(f"non-finite loss {loss} or grad norm {float(grad_norm)} at step {step + 1}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(total_steps + int(spec["profile"])):
+        profiling = step == total_steps  # one extra step, profiled and left out of the timing
+        if profiling:
+            peak, reserved = probe.peaks()  # before the profiler's own allocations
+            t_prof = time.perf_counter()
+        with common.profiler(profiling, device) as prof:
+            micro = [batches.next() for _ in range(cfg.grad_accum)]
+            n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
+            set_lr(optimizer, lr_at(step, cfg))
+            window_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                sync_ctx = accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext()
+                with sync_ctx:
+                    loss_sum = loss_model(**to_device(batch, device),
+                                          **attention.packing_kwargs(batch["position_ids"], backend, device=device))
+                    accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
+                window_loss += loss_sum.detach()
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # train.py's one host sync per step
+            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+                raise FloatingPointError(f"non-finite loss {loss} or grad norm {float(grad_norm)} at step {step + 1}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            probe.sync()
+        if profiling:
+            rec["profile"] = common.profile_summary(prof, time.perf_counter() - t_prof)
+            log("  profile: " + json.dumps(rec["profile"]))
+            break
         probe.sync()
         ends.append(time.perf_counter())
         losses.append(loss)
@@ -166,10 +179,14 @@ def run_ours(spec: dict, rec: dict) -> None:
             rec["optimizer_state_gib"] = common.optimizer_state_gib(getattr(optimizer, "optimizer", optimizer))
             rec["optimizer_class"] = common.describe_optimizer(optimizer)
         log(f"  ours step {step + 1}/{total_steps}: loss {loss:.4f}, {ends[-1] - ends[-2]:.3f} s")
-    peak, reserved = probe.peaks()
+    if not spec["profile"]:
+        peak, reserved = probe.peaks()
     common.memory_fields(rec, base_gib, after_setup, after_first, peak, reserved)
     rec.update(device_used_end_gib=probe.device_used(), loss_first=losses[0], loss_last=losses[-1])
-    common.summarise(rec, ends, per_step, spec["warmup"], cfg.gradient_checkpointing, shape,
+    n_layers = model.config.num_hidden_layers
+    ckpt_frac = (n_layers if cfg.checkpoint_layers < 0 else min(cfg.checkpoint_layers, n_layers)) / n_layers \
+        if cfg.gradient_checkpointing else 0.0
+    common.summarise(rec, ends, per_step, spec["warmup"], ckpt_frac, shape,
                      sum(p.numel() for p in params))
 
 
@@ -186,6 +203,11 @@ def parse_args(argv=None):
     p.add_argument("--packing", default="on", help="on,off")
     p.add_argument("--attn", default="auto", help="auto,varlen,sdpa,flex (ours only; the baseline is stock sdpa)")
     p.add_argument("--ckpt", default="on", help="gradient checkpointing on,off")
+    p.add_argument("--ckpt_layers", default="-1", help="decoder layers that recompute (-1 all), e.g. -1,16,8")
+    p.add_argument("--fused", default="on", help="fused NF4+LoRA autograd node on,off (ours only)")
+    p.add_argument("--kernels", default="auto", help="auto,liger,none (ours only)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
     p.add_argument("--lora_alpha", type=float, default=DEFAULTS["lora_alpha"])
     p.add_argument("--lora_dropout", default=str(DEFAULTS["lora_dropout"]))
@@ -225,10 +247,13 @@ def _vals(text: str, kind):
 
 def settings(args) -> list[dict]:
     base = dict(DEFAULTS, model=args.model, warmup=args.warmup, steps=args.steps, quant=args.quant,
-                compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha)
+                compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha,
+                profile=args.profile)
     grid = {"data": _vals(args.data, str), "max_seq_len": _vals(args.max_seq_len, int),
             "micro_batch": _vals(args.micro_batch, int), "accum": _vals(args.accum, int),
             "packing": _vals(args.packing, bool), "attn": _vals(args.attn, str), "ckpt": _vals(args.ckpt, bool),
+            "ckpt_layers": _vals(args.ckpt_layers, int), "fused": _vals(args.fused, bool),
+            "kernels": _vals(args.kernels, str),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}
@@ -361,7 +386,7 @@ def main(argv=None) -> int:
     for spec in settings(args):
         for impl in impls:
             if impl == "baseline":  # it has no packing/attention choice: once per remaining setting
-                key = json.dumps({k: v for k, v in spec.items() if k not in ("packing", "attn")}, sort_keys=True)
+                key = json.dumps({k: v for k, v in spec.items() if k not in OURS_ONLY}, sort_keys=True)
                 if key in baseline_done:
                     continue
                 baseline_done.add(key)

@@ -56,7 +56,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 # --------------------------------------------------------------------------- settings
 
 DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch=2, accum=2, packing=True,
-                attn="auto", ckpt=True, lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5,
+                attn="auto", ckpt=True, ckpt_layers=-1, fused=True, kernels="auto", lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
@@ -69,6 +69,12 @@ def setting_label(s: dict) -> str:
         parts.append(s["attn"])
     if not s["ckpt"]:
         parts.append("nockpt")
+    elif s.get("ckpt_layers", -1) >= 0:
+        parts.append(f"ckpt{s['ckpt_layers']}")
+    if not s.get("fused", True):
+        parts.append("unfused")
+    if s.get("kernels", "auto") != "auto":
+        parts.append(f"k-{s['kernels']}")
     if s["lora_r"] != 8:
         parts.append(f"r{s['lora_r']}")
     if s["lora_dropout"] != 0.05:
@@ -155,11 +161,12 @@ def matmul_params(config) -> dict:
     return {"N": N, "L": L, "d_attn": q, "d": d, "V": config.vocab_size}
 
 
-def step_flops(shape: dict, n_lora: int, tokens: float, pairs: float, loss_positions: float, ckpt: bool) -> tuple:
-    """(model_flops, hardware_flops) of work for the given counts (see the module docstring)."""
+def step_flops(shape: dict, n_lora: int, tokens: float, pairs: float, loss_positions: float, ckpt: float) -> tuple:
+    """(model_flops, hardware_flops) of work for the given counts (see the module docstring); `ckpt` is
+    the fraction of layers that recompute (True = all)."""
     N, L, da, d, V = shape["N"], shape["L"], shape["d_attn"], shape["d"], shape["V"]
     model = tokens * (4 * N + 6 * n_lora) + 12 * L * da * pairs + loss_positions * 4 * d * V
-    recompute = tokens * (2 * N + 2 * n_lora) + 4 * L * da * pairs if ckpt else 0
+    recompute = float(ckpt) * (tokens * (2 * N + 2 * n_lora) + 4 * L * da * pairs)
     return float(model), float(model + recompute)
 
 
@@ -239,7 +246,7 @@ def describe_optimizer(opt) -> str:
     return f"{type(opt).__module__}.{type(opt).__name__}{extra}"
 
 
-def summarise(rec: dict, step_ends: list[float], per_step: list[dict], warmup: int, ckpt: bool,
+def summarise(rec: dict, step_ends: list[float], per_step: list[dict], warmup: int, ckpt: float,
               shape: dict, n_lora: int) -> dict:
     """Fill throughput, step time, FLOPs and MFU fields of `rec` from per-step end times and counts.
 
@@ -299,6 +306,70 @@ def pick_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("BENCH_CPU", "") != "1" else "cpu")
+
+
+# --------------------------------------------------------------------------- profile
+
+# GPU kernel name -> op class (first match wins); names from cuBLAS/CUTLASS, bitsandbytes, flash
+# attention, liger/triton and torch's own kernels
+OP_CLASSES = (
+    ("nf4_dequant", ("dequantize", "kdequant")),
+    ("attention", ("flash", "fmha", "attention", "varlen")),
+    ("optimizer", ("optimizer", "adam", "kpercentile")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "matmul", "splitk")),
+    ("norm_rope_swiglu", ("rms_norm", "rope", "swiglu", "silu", "rsqrt")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "softmax")),
+    ("reduce", ("reduce", "norm_kernel", "sum_kernel")),
+    ("copy_cast", ("copy", "cast", "fill", "memcpy", "memset", "cat", "index")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton")),
+)
+
+
+def op_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in OP_CLASSES if any(k in low for k in keys)), "other")
+
+
+class profiler:
+    """Context manager: torch.profiler over the block when `on` (CPU + CUDA activity), else nothing."""
+
+    def __init__(self, on: bool, device):
+        self.on, self.prof = on, None
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+
+    def __enter__(self):
+        if not self.on:
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=acts)
+        return self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        return self.prof.__exit__(*exc) if self.prof is not None else False
+
+
+def profile_summary(prof, wall_s: float) -> dict:
+    """GPU kernel time per op class (ms and share), kernel count, and GPU busy time (union of kernel
+    intervals) against the step's wall time: busy << wall means the step waits on the host."""
+    per, count, spans = {}, 0, []
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) is None or str(ev.device_type).split(".")[-1] != "CUDA":
+            continue
+        dur = ev.time_range.elapsed_us()
+        per[op_class(ev.name)] = per.get(op_class(ev.name), 0.0) + dur
+        count += 1
+        spans.append((ev.time_range.start, ev.time_range.end))
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    total = sum(per.values()) or 1.0
+    return {"wall_ms": wall_s * 1e3, "gpu_busy_ms": busy / 1e3, "gpu_busy_share": busy / 1e3 / max(wall_s * 1e3, 1e-9),
+            "kernels": count, "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "kernel_share": {k: round(v / total, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}}
 
 
 # --------------------------------------------------------------------------- worker protocol

@@ -32,6 +32,10 @@ class Config:
     compute_dtype: str = "auto"  # "auto" (bf16 where fast: CUDA with bf16, and CPU), "bfloat16", "float16", "float32"
     trust_remote_code: bool = False  # never run model code from a hub unless you ask for it
     gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
+    checkpoint_layers: int = -1  # how many decoder layers (from the first) recompute; -1 = all. Fewer = faster,
+    # more memory: on a big GPU checkpoint only what does not fit (benchmarks/NOTES.md)
+    fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/lora_fused.py); off = peft's forward
+    kernels: str = "auto"  # fused RMSNorm/RoPE/SwiGLU: "auto" (liger-kernel on CUDA if installed), "liger", "none"
     # --- LoRA ---
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 64.0  # scale = alpha / r
@@ -191,6 +195,7 @@ _CHOICES = {
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "attn_backend": ("auto", "sdpa", "varlen", "flex", "eager"),
+    "kernels": ("auto", "liger", "none"),
     "overlong": ("drop", "truncate"),
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "tracker": ("auto", "tensorboard", "none"),
@@ -205,6 +210,8 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every", "keep_last"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key '{key}' must be >= 1 (got {getattr(cfg, key)})")
+    if cfg.checkpoint_layers < -1:
+        raise ConfigError(f"config key 'checkpoint_layers' must be -1 (all) or >= 0 (got {cfg.checkpoint_layers})")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"config key 'lora_dropout' must be in [0, 1) (got {cfg.lora_dropout})")
     if not 0.0 <= cfg.eval_fraction < 1.0:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LIGER_FLAG = "_qlora_liger"  # set on the model by qlora.kernels when liger's kernels are in
 CE_CHUNK = 8192  # supervised positions per lm_head + cross-entropy chunk: bounds the fp32 logits
 
 
@@ -32,6 +33,13 @@ class TokenLoss(nn.Module):
         # Only supervised positions reach the vocab projection: prompts and padding cost no logits.
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
+        if getattr(self.model, LIGER_FLAG, False) and h.is_cuda and torch.is_grad_enabled() and lm_head.bias is None:
+            # liger's fused linear + CE: the logits gradient is made chunk by chunk in forward, so no
+            # (positions x vocab) logits are kept for backward (~6 bytes x 32k vocab per position)
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            return LigerFusedLinearCrossEntropyFunction.apply(h, lm_head.weight, y, None, None, -100, 0.0, 0.0,
+                                                              "sum")[0].float()
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], CE_CHUNK):
             logits = lm_head(h[s:s + CE_CHUNK]).float()

@@ -28,6 +28,8 @@ RANDOM_SHAPES = {
                   num_key_value_heads=4, vocab_size=49152),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000),  # two Llama-2-7B layers, for kernel checks
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                        num_key_value_heads=40, vocab_size=32000),
     "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
@@ -300,10 +302,36 @@ def add_lora(model, cfg: Config):
     return get_peft_model(model, lora)
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer: no need for inputs that require
-    grad, and it composes with DDP without the unused-parameter search."""
+def enable_checkpointing(model, layers: int = -1) -> int:
+    """Non-reentrant activation checkpointing (no need for inputs that require grad; composes with DDP
+    without the unused-parameter search) of the first `layers` decoder layers (-1: all). The others
+    keep their activations: faster (no recompute) at the cost of memory. Returns how many recompute."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = decoder_layers(model)
+    keep = len(blocks) if layers < 0 else min(layers, len(blocks))
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < keep
+    return keep
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks (those transformers can checkpoint), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def describe_speedups(model) -> str:
+    """One line: how many layers recompute, how many linears are fused, which kernels are in."""
+    from qlora.lora_fused import FUSED_ATTR
+    from qlora.loss import LIGER_FLAG
+
+    blocks = decoder_layers(model)
+    ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
+    fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
+    liger = getattr(model, LIGER_FLAG, False)
+    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}, "
+            f"liger kernels {'on' if liger else 'off'}")
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -318,11 +346,21 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_model(cfg: Config, device: torch.device):
-    """Base (4-bit unless `quant=none`) + LoRA + checkpointing, ready to train."""
-    model = load_base_model(cfg, device)
-    model = add_lora(model, cfg)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    return model
+def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
+    """Base (4-bit unless `quant=none`) + LoRA + checkpointing + the fused paths, ready to train."""
+    return finish_model(load_base_model(cfg, device), cfg, device, fsdp)
 
+
+def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
+    """LoRA, checkpointing of `cfg.checkpoint_layers`, fused NF4+LoRA linears and kernels on a loaded
+    base. Under FSDP the sharded 4-bit weights keep peft's and transformers' own forward."""
+    from qlora.kernels import use_kernels
+    from qlora.lora_fused import fuse_lora
+
+    model = add_lora(base, cfg)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.checkpoint_layers)
+    if cfg.fused_lora and not fsdp:
+        fuse_lora(model)
+    use_kernels(model, "none" if fsdp and cfg.kernels == "auto" else cfg.kernels, device)
+    return model

@@ -1,0 +1,92 @@
+"""Fused Triton kernels for the element-wise parts of a Llama block, from `liger-kernel` (CUDA only).
+
+transformers' eager RMSNorm is ~6 kernels (upcast, square, mean, rsqrt, two multiplies), RoPE ~10
+(two rotate_half copies, four multiplies, two adds) and SwiGLU's silu(gate) * up keeps three
+intermediates for backward. Liger computes each as one kernel forward and one backward, and SwiGLU
+recomputes silu in backward instead of storing it. The maths is the same (RMSNorm in fp32 then cast,
+"llama" casting mode); benchmarks/check_fast_path_cuda.py compares losses and LoRA gradients.
+With liger in, `qlora.loss.TokenLoss` also uses its fused linear + cross-entropy.
+
+The patch is per module instance (RMSNorm and MLP forwards) plus transformers' llama
+`apply_rotary_pos_emb`, which falls back to the original for CPU tensors. CPU runs keep the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora.config import ConfigError
+
+_ROPE_PATCHED = False
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or triton failing to find a GPU driver
+        return False
+    return True
+
+
+def use_kernels(model, mode: str, device) -> str:
+    """Apply `mode` ("auto", "liger", "none") to a Llama-family model; returns what was applied."""
+    on_cuda = torch.device(device).type == "cuda"
+    if mode == "none" or (mode == "auto" and not (on_cuda and liger_available())):
+        return "none"
+    if not on_cuda:
+        raise ConfigError("config key 'kernels' = 'liger' needs a CUDA device (use 'auto' or 'none' on CPU)")
+    if not liger_available():
+        raise ConfigError("config key 'kernels' = 'liger' needs: pip install liger-kernel (and triton)")
+    from qlora.loss import LIGER_FLAG
+
+    n = patch_llama(model)
+    setattr(model, LIGER_FLAG, True)  # TokenLoss then uses liger's fused linear + cross-entropy
+    return f"liger ({n} modules + fused linear cross-entropy)"
+
+
+def patch_llama(model) -> int:
+    """Route RMSNorm, SwiGLU MLP and RoPE of a (peft-wrapped) Llama model through liger's kernels."""
+    import types
+
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    def rms_forward(self, hidden_states):
+        # in_place=False: the norm's input gradient must not overwrite the residual stream's gradient
+        return LigerRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False, None)
+
+    def mlp_forward(self, x):
+        return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+    n = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(rms_forward, module)
+            n += 1
+        elif name.endswith("MLP") and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
+            if getattr(module.config, "hidden_act", "silu") not in ("silu", "swish"):
+                raise ConfigError(f"kernels 'liger': {name} uses {module.config.hidden_act}, not SiLU")
+            module.forward = types.MethodType(mlp_forward, module)
+            n += 1
+    _patch_rope()
+    return n
+
+
+def _patch_rope() -> None:
+    global _ROPE_PATCHED
+    if _ROPE_PATCHED:
+        return
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+
+    def rope(q, k, cos, sin, unsqueeze_dim=1):
+        if q.is_cuda:
+            return liger_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    modeling_llama.apply_rotary_pos_emb = rope
+    _ROPE_PATCHED = True

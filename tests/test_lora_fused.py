@@ -1,0 +1,117 @@
+"""The fused NF4+LoRA autograd node against peft's own forward: same loss, same LoRA gradients, with
+and without dropout (same mask on both sides), with checkpointing, and the fallbacks it must keep."""
+
+import pytest
+import torch
+
+from qlora import attention, lora_fused
+from qlora.loss import TokenLoss
+from qlora.model import decoder_layers, describe_speedups, enable_checkpointing, load_model
+from qlora.packing import collate
+
+from conftest import tiny_cfg
+from test_train import grads_of, randomise_lora_
+
+
+def pattern_mask(x, p):
+    """A fixed keep-mask (drops ~p of the elements) from the flat index, the same for any shape."""
+    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
+
+
+class PatternDropout(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x * pattern_mask(x, self.p) / (1 - self.p)
+
+
+def two_models(sql_examples, **kw):
+    cfg = tiny_cfg(quant="nf4", **kw)
+    plain = load_model(tiny_cfg(quant="nf4", fused_lora=False, **kw), torch.device("cpu"))
+    fused = load_model(cfg, torch.device("cpu"))
+    randomise_lora_(plain)
+    randomise_lora_(fused)
+    batches = [collate([[e] for e in sql_examples[i:i + 2]], pad_id=0) for i in (0, 2)]
+    return plain, fused, batches
+
+
+@pytest.fixture(scope="module")
+def sql_examples(tok):
+    from qlora.data import load_datasets
+
+    return load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0]
+
+
+def compare(plain, fused, batches):
+    out = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        backend = attention.use_packed_attention(model, "sdpa")
+        lm = TokenLoss(model)
+        lm.train()
+        grads = grads_of(lm, batches, backend)
+        b = batches[0]
+        loss = float(lm(b["input_ids"], b["position_ids"], b["targets"], b["sup_index"],
+                        **attention.packing_kwargs(b["position_ids"], backend)))
+        out[name] = (loss, grads)
+    (lp, gp), (lf, gf) = out["plain"], out["fused"]
+    assert lf == pytest.approx(lp, rel=1e-5)
+    assert gp.keys() == gf.keys() and len(gp) == 2 * 7 * 2  # A and B of 7 projections, 2 layers
+    for n in gp:
+        assert gp[n].abs().max() > 0, n
+        torch.testing.assert_close(gf[n], gp[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_matches_peft_without_dropout(sql_examples):
+    plain, fused, batches = two_models(sql_examples)
+    assert "fused NF4+LoRA linears 14" in describe_speedups(fused)
+    assert "fused NF4+LoRA linears 0" in describe_speedups(plain)
+    compare(plain, fused, batches)
+
+
+def test_fused_matches_peft_with_the_same_dropout_mask(sql_examples, monkeypatch):
+    monkeypatch.setattr(lora_fused, "dropout_mask", pattern_mask)
+    plain, fused, batches = two_models(sql_examples, lora_dropout=0.1)
+    for m in plain.modules():  # peft's dropout modules -> the same fixed mask
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = PatternDropout(0.1)
+    compare(plain, fused, batches)
+
+
+def test_fused_with_partial_checkpointing_matches_peft(sql_examples):
+    plain, fused, batches = two_models(sql_examples, gradient_checkpointing=True, checkpoint_layers=1)
+    assert [b.gradient_checkpointing for b in decoder_layers(fused)] == [True, False]
+    compare(plain, fused, batches)
+
+
+def test_dropout_on_gives_a_different_but_unbiased_output(sql_examples):
+    """With real random masks the fused output differs from the no-dropout output in training
+    mode and equals it in eval mode (no dropout at eval)."""
+    _, fused, batches = two_models(sql_examples, lora_dropout=0.3)
+    ids = batches[0]["input_ids"]
+    fused.eval()
+    with torch.no_grad():
+        ref = fused(ids).logits
+        fused.train()
+        a, b = fused(ids).logits, fused(ids).logits
+    assert not torch.allclose(a, b)  # two draws of the mask
+    assert not torch.allclose(a, ref)
+
+
+def test_fallback_when_adapters_are_disabled(sql_examples):
+    plain, fused, batches = two_models(sql_examples)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad(), fused.disable_adapter(), plain.disable_adapter():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits)
+    lora_fused.unfuse_lora(fused)
+    assert "fused NF4+LoRA linears 0" in describe_speedups(fused)
+
+
+def test_checkpoint_layers_counts(sql_examples):
+    model = load_model(tiny_cfg(), torch.device("cpu"))
+    assert enable_checkpointing(model, -1) == 2
+    assert enable_checkpointing(model, 0) == 0
+    assert [b.gradient_checkpointing for b in decoder_layers(model)] == [False, False]
+    assert enable_checkpointing(model, 5) == 2
