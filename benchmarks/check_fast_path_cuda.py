@@ -18,8 +18,8 @@ chunked lm_head + CE, all layers checkpointed):
 
 with dropout 0 and with dropout 0.05 (the same fixed mask on both sides). Reported: |loss diff| (nats
 per token) and, per LoRA tensor, ||g - g_plain|| / ||g_plain||, the worst over tensors. PASS if loss
-diff <= 5e-3 and grad error <= 3e-2 (bf16 has 2^-8 = 3.9e-3 relative rounding per op; the noise row
-shows the scale). Exit status 1 on FAIL.
+diff and grad error are within the larger of (5e-3, 3e-2) and 1.5x the noise row's (bf16 has 2^-8 =
+3.9e-3 relative rounding per op; on an H100 the noise row moved LoRA gradients by 4e-2). Exit 1 on FAIL.
 """
 
 import argparse
@@ -44,6 +44,11 @@ TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
 def pattern_mask(x, p):
     idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
     return (idx * 7919 + 13) % 97 >= int(round(97 * p))
+
+
+def pattern_dropout(x, p):
+    keep = pattern_mask(x, p)
+    return x * keep / (1 - p), keep
 
 
 class PatternDropout(torch.nn.Module):
@@ -102,23 +107,29 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     args = p.parse_args()
     cuda = args.device == "cuda"
-    lora_fused.dropout_mask = pattern_mask  # the fused path draws the same fixed mask as PatternDropout
+    lora_fused.dropout = pattern_dropout  # the fused path draws the same fixed mask as PatternDropout
     auto = "varlen" if cuda else "sdpa"
-    variants = [("fused", True, "none", -1, auto), ("noise: attn sdpa", False, "none", -1, "sdpa")]
+    variants = [("fused", True, "none", -1, auto)]
     if cuda:
-        variants[1:1] = [("fused+liger", True, "liger", -1, auto), ("fused+liger+ckpt0", True, "liger", 0, auto)]
+        variants += [("fused+liger", True, "liger", -1, auto), ("fused+liger+ckpt0", True, "liger", 0, auto)]
     failed = 0
     for dropout in (0.0, 0.05):
         ref_loss, ref_grads, ref_desc = run(args, dropout, False, "none", -1, auto)
         print(f"dropout {dropout}: plain loss {ref_loss:.6f}  [{ref_desc}]", flush=True)
-        for name, fused, kernels, ck, attn in variants:
+        tol_loss, tol_grad = TOL_LOSS, TOL_GRAD
+        for name, fused, kernels, ck, attn in [("noise: attn sdpa", False, "none", -1, "sdpa")] + variants:
             loss, grads, desc = run(args, dropout, fused, kernels, ck, attn)
             dl = abs(loss - ref_loss)
             worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads)
-            ok = dl <= TOL_LOSS and worst <= TOL_GRAD
-            failed += not ok and not name.startswith("noise")
-            print(f"  {name:<20} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  "
-                  f"{'PASS' if ok else 'FAIL'}  [{desc}]", flush=True)
+            if name.startswith("noise"):  # the bound: the larger of the fixed one and 1.5x this yardstick
+                tol_loss, tol_grad = max(TOL_LOSS, 1.5 * dl), max(TOL_GRAD, 1.5 * worst)
+                verdict = f"-> bounds: loss {tol_loss:.1e}, grad {tol_grad:.1e}"
+            else:
+                ok = dl <= tol_loss and worst <= tol_grad
+                failed += not ok
+                verdict = "PASS" if ok else "FAIL"
+            print(f"  {name:<20} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  {verdict}  "
+                  f"[{desc}]", flush=True)
     print("all PASS" if not failed else f"{failed} FAIL")
     return 1 if failed else 0
 

@@ -353,13 +353,15 @@ class profiler:
 def profile_summary(prof, wall_s: float) -> dict:
     """GPU kernel time per op class (ms and share), kernel count, and GPU busy time (union of kernel
     intervals) against the step's wall time: busy << wall means the step waits on the host."""
-    per, count, spans = {}, 0, []
+    per, count, spans, names = {}, 0, [], {}
     for ev in prof.events():
         if getattr(ev, "device_type", None) is None or str(ev.device_type).split(".")[-1] != "CUDA":
             continue
         dur = ev.time_range.elapsed_us()
         per[op_class(ev.name)] = per.get(op_class(ev.name), 0.0) + dur
         count += 1
+        n = names.setdefault(ev.name[:90], [0, 0.0])
+        n[0], n[1] = n[0] + 1, n[1] + dur
         spans.append((ev.time_range.start, ev.time_range.end))
     busy, end = 0.0, float("-inf")
     for a, b in sorted(spans):
@@ -369,7 +371,9 @@ def profile_summary(prof, wall_s: float) -> dict:
     total = sum(per.values()) or 1.0
     return {"wall_ms": wall_s * 1e3, "gpu_busy_ms": busy / 1e3, "gpu_busy_share": busy / 1e3 / max(wall_s * 1e3, 1e-9),
             "kernels": count, "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
-            "kernel_share": {k: round(v / total, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}}
+            "kernel_share": {k: round(v / total, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[k, c, round(us / 1e3, 2), op_class(k)]  # name, launches, ms, class
+                            for k, (c, us) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]]}
 
 
 # --------------------------------------------------------------------------- worker protocol

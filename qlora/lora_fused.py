@@ -9,7 +9,7 @@ backward a dropped copy of the input per projection. Here the same maths is one 
             dx = g W + (g_h A) * m
 
 It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
-one-byte mask only when dropout is on. Fewer nodes means less host time per step, which is what limits
+one-byte mask only when dropout is on (torch's native dropout: mask and output in one kernel). Fewer nodes means less host time per step, which is what limits
 small micro-batches on a fast GPU. The result equals peft's path up to rounding (tests/test_lora_fused.py);
 modules it does not cover (several adapters, DoRA, merged or disabled adapters, a bias, FSDP-sharded
 weights) keep peft's forward.
@@ -22,67 +22,76 @@ import types
 import torch
 
 FUSED_ATTR = "_qlora_fused"
+ABSMAX_ATTR = "_qlora_cache_absmax"
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask of inverted dropout, one byte per element (kept where True)."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout in one kernel: (x * keep / (1 - p), keep mask of one byte per element)."""
+    return torch.native_dropout(x, p, True)
 
 
-def _dequant(weight) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+def undrop(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """t * keep / (1 - p), one kernel: dropout's backward, and the dropped input again from x."""
+    return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1.0 - p))
 
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
+    """The 4-bit weight in its compute dtype. With double quant the fp32 block scales are themselves
+    dequantised first (two more kernels and bitsandbytes' Python per call); `cache_absmax` keeps them
+    on the weight after the first call (+4 bytes per 64 weights: 0.4 GiB for a 7B model)."""
+    qs = weight.quant_state
+    absmax = getattr(weight, "_qlora_absmax", None)
+    if absmax is None:
+        absmax = qs.absmax
+        if qs.nested:
+            import bitsandbytes.functional as bnbf
+
+            absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+        if cache_absmax:
+            weight._qlora_absmax = absmax
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type,
+                                                          qs.shape, qs.dtype)
 
 
 class NF4LoRAFunction(torch.autograd.Function):
-    """y = x dequant(W4)^T + scale * ((x * mask) A^T) B^T, with gradients for x, A and B only."""
+    """y = x dequant(W4)^T + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float):
+    def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            w = _dequant(weight).to(dtype)
-            y = x2 @ w.t()
-            del w
-            mask = dropout_mask(x2, p) if p > 0 else None
-            xd = x2 * mask * (1.0 / (1.0 - p)) if mask is not None else x2
+            y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
+            xd, keep = dropout(x2, p) if p > 0 else (x2, None)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             h = xd @ a.t()
             del xd
             y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, h, mask) if mask is not None else ctx.save_for_backward(x2, h)
-        ctx.weight, ctx.scale, ctx.p = weight, scale, p
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        ctx.lora = (lora_a, lora_b)
+        ctx.save_for_backward(x2, h, keep) if keep is not None else ctx.save_for_backward(x2, h)
+        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax = weight, scale, p, cache_absmax
+        ctx.ab = (a, b)  # the compute-dtype copies (r x (in + out), small): no second cast in backward
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, h, *rest = ctx.saved_tensors
-        mask = rest[0] if rest else None
-        lora_a, lora_b = ctx.lora
-        dtype, scale = x2.dtype, ctx.scale
+        keep = rest[0] if rest else None
+        a, b = ctx.ab
+        dtype, scale, p = x2.dtype, ctx.scale, ctx.p
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         with torch.autocast(x2.device.type, enabled=False):
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            gh = (g @ b) * scale  # (T, r)
-            d_b = (g.t() @ h) * scale  # (out, r)
-            xd = x2 * mask * (1.0 / (1.0 - ctx.p)) if mask is not None else x2
-            d_a = gh.t() @ xd  # (r, in)
-            del xd
+            gh = (g @ b).mul_(scale)  # (T, r)
+            d_b = (g.t() @ h).mul_(scale)  # (out, r)
+            d_a = gh.t() @ (undrop(x2, keep, p) if keep is not None else x2)  # (r, in)
             dx = None
             if ctx.needs_input_grad[0]:
-                w = _dequant(ctx.weight).to(dtype)
-                dx = g @ w
-                del w
                 lora_dx = gh @ a
-                if mask is not None:
-                    lora_dx = lora_dx * mask * (1.0 / (1.0 - ctx.p))
-                dx += lora_dx
+                if keep is not None:
+                    lora_dx = undrop(lora_dx, keep, p)
+                dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
-        return dx, None, d_a.to(ctx.a_dtype), d_b.to(ctx.b_dtype), None, None
+        # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
+        return dx, None, d_a, d_b, None, None, None
 
 
 def _fusable(module, x, args, kwargs) -> bool:
@@ -107,10 +116,11 @@ def _fused_forward(self, x, *args, **kwargs):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     return NF4LoRAFunction.apply(x.to(dtype), self.get_base_layer().weight, self.lora_A[name].weight,
-                                 self.lora_B[name].weight, float(self.scaling[name]), p)
+                                 self.lora_B[name].weight, float(self.scaling[name]), p,
+                                 getattr(self, ABSMAX_ATTR, False))
 
 
-def fuse_lora(model) -> int:
+def fuse_lora(model, cache_absmax: bool = False) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
     forward, so the module tree, state dict and saved adapters are untouched). Returns how many."""
     try:
@@ -122,6 +132,7 @@ def fuse_lora(model) -> int:
         if isinstance(module, Linear4bit) and not getattr(module, FUSED_ATTR, False):
             module.forward = types.MethodType(_fused_forward, module)
             setattr(module, FUSED_ATTR, True)
+            setattr(module, ABSMAX_ATTR, cache_absmax)
             n += 1
     return n
 

@@ -361,6 +361,6 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.checkpoint_layers)
     if cfg.fused_lora and not fsdp:
-        fuse_lora(model)
+        fuse_lora(model, cfg.absmax_cache)
     use_kernels(model, "none" if fsdp and cfg.kernels == "auto" else cfg.kernels, device)
     return model

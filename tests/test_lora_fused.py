@@ -19,6 +19,11 @@ def pattern_mask(x, p):
     return (idx * 7919 + 13) % 97 >= int(round(97 * p))
 
 
+def pattern_dropout(x, p):
+    keep = pattern_mask(x, p)
+    return x * keep / (1 - p), keep
+
+
 class PatternDropout(torch.nn.Module):
     def __init__(self, p):
         super().__init__()
@@ -72,7 +77,7 @@ def test_fused_matches_peft_without_dropout(sql_examples):
 
 
 def test_fused_matches_peft_with_the_same_dropout_mask(sql_examples, monkeypatch):
-    monkeypatch.setattr(lora_fused, "dropout_mask", pattern_mask)
+    monkeypatch.setattr(lora_fused, "dropout", pattern_dropout)
     plain, fused, batches = two_models(sql_examples, lora_dropout=0.1)
     for m in plain.modules():  # peft's dropout modules -> the same fixed mask
         if hasattr(m, "lora_dropout"):
@@ -115,3 +120,20 @@ def test_checkpoint_layers_counts(sql_examples):
     assert enable_checkpointing(model, 0) == 0
     assert [b.gradient_checkpointing for b in decoder_layers(model)] == [False, False]
     assert enable_checkpointing(model, 5) == 2
+
+
+def test_dropout_mask_is_replayed_by_checkpoint_recompute(sql_examples):
+    """Real random dropout masks: with every layer checkpointed the recompute must draw the same
+    mask as the forward did (torch restores the RNG state), so gradients equal the uncheckpointed run."""
+    grads = []
+    for ck in (False, True):
+        torch.manual_seed(0)
+        model = load_model(tiny_cfg(quant="nf4", lora_dropout=0.3, gradient_checkpointing=ck), torch.device("cpu"))
+        randomise_lora_(model)
+        batches = [collate([[e] for e in sql_examples[:2]], pad_id=0)]
+        lm = TokenLoss(model)
+        lm.train()
+        torch.manual_seed(123)
+        grads.append(grads_of(lm, batches, attention.use_packed_attention(model, "sdpa")))
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
