@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qlora.config import ConfigError, load_config
-from qlora.data import _render
+from qlora.generation import generate_ids, prompt_ids  # noqa: F401  (re-exported: train.py imports generate_ids from here)
 from qlora.model import ModelLoadError, load_base_model, load_tokenizer
 
 
@@ -44,43 +44,6 @@ def load_for_inference(adapter: str | None, model: str | None = None, quant: str
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
     net.eval()
     return net, tokenizer, cfg
-
-
-@torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Generate for a batch of tokenised prompts (left-padded), greedy unless temperature > 0."""
-    from qlora.attention import use_default_attention
-
-    was_training = model.training
-    model.eval()
-    use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, use_cache=True,
-              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    if temperature > 0:
-        kw.update(temperature=temperature, top_p=top_p)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    if was_training:
-        model.train()
-    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-
-
-def prompt_ids(tokenizer, question: str, system_prompt: str = "") -> list[int]:
-    """The training chat format for one user turn, ending where the answer starts."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-               [{"role": "user", "content": question}]
-    text = _render(tokenizer, messages, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
 
 
 def main(argv=None) -> int:

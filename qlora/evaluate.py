@@ -6,7 +6,7 @@
 
 For every held-out row (gretel schema: sql_prompt, sql_context, sql) the model answers the *training*
 prompt (the `gretel_sql` formatter's user turn through the chat template, the run's system prompt)
-greedily, batched and left-padded with a KV cache (generate.generate_ids); answers are scored by
+greedily, batched and left-padded with a KV cache (qlora.generation.generate_ids); answers are scored by
 executing them in sqlite (qlora.sqlscore.score_rows). The same rows also give the teacher-forced,
 response-only eval loss (the training loss: qlora.loss.TokenLoss over packed rows, sdpa attention).
 
@@ -28,11 +28,8 @@ import torch
 from .config import Config, ConfigError, load_config
 from .data import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from .formatters import FORMATTERS, detect_formatter
+from .generation import generate_ids, prompt_ids
 from .model import ModelLoadError, load_base_model, load_tokenizer
-
-_ROOT = str(Path(__file__).resolve().parent.parent)  # generate.py lives at the repo root
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
 
 __all__ = ["load_eval_model", "load_eval_rows", "eval_prompts", "eval_loss", "evaluate", "main"]
 
@@ -46,7 +43,7 @@ def is_merged_dir(path: str | None) -> bool:
 
 def load_eval_model(adapter: str | None = None, model: str | None = None, quant: str | None = None,
                     compute_dtype: str | None = None, device=None):
-    """(model in eval mode, tokenizer, Config). Like generate.load_for_inference, plus merged dirs
+    """(model in eval mode, tokenizer, Config). Like generate.py's load_for_inference, plus merged dirs
     (their config.yaml gives the chat format; weights load unquantised by default) and a dtype override."""
     overrides, preset = {}, None
     if adapter:
@@ -101,8 +98,6 @@ def _gold(row: dict) -> tuple[str, str]:
 
 def eval_prompts(rows: list[dict], formatter: str, tokenizer, system_prompt: str = "") -> list[list[int]]:
     """Token ids of the training prompt of each row, ending where the answer starts."""
-    from generate import prompt_ids
-
     fmt = FORMATTERS[formatter]
     out = []
     for i, row in enumerate(rows):
@@ -154,10 +149,8 @@ def evaluate(model, tokenizer, cfg: Config, rows: list[dict], formatter: str = "
     """Generate, score and compute eval loss on `rows`; returns the report (see module doc).
 
     `generate_fn(model, tokenizer, prompts, max_new_tokens, device) -> [text]` defaults to
-    generate.generate_ids (greedy); tests swap it."""
+    qlora.generation.generate_ids (greedy); tests swap it."""
     from tqdm.auto import tqdm
-
-    from generate import generate_ids
 
     from .sqlscore import score_rows
 
