@@ -87,6 +87,10 @@ def main(cfg: Config) -> dict:
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
     fsdp = accelerator.is_fsdp2
+    if device.type == "cuda":  # what the weights, adapters and optimizer hold before any activation, per rank
+        setup = accelerator.gather(torch.tensor([torch.cuda.memory_allocated(device) / 2**30], device=device))
+        say(f"memory: {', '.join(f'{g:.2f}' for g in setup.tolist())} GiB allocated per rank after setup")
+        log.write(kind="setup", allocated_gib_per_rank=setup.tolist())
 
     # --- resume -------------------------------------------------------------------------------
     step, skipped = 0, 0

@@ -228,13 +228,25 @@ def quantize_linears_(model: nn.Module, cfg: Config, compute_dtype: torch.dtype,
     model.is_loaded_in_4bit = True
 
 
-def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
-    """A `LlamaForCausalLM` with `RANDOM_SHAPES[shape]`, random weights, built straight on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def random_shape(name: str) -> dict:
+    """`random:<shape>` or `random:<shape>:<vocab>` -> LlamaConfig fields. The vocab suffix lets a
+    random model of a real shape train on real data of another tokenizer (e.g. llama2-7b:49152 with
+    SmolLM2's tokenizer): the extra embedding rows change memory by a few hundred MB, nothing else."""
+    shape, _, vocab = name.partition(":")
     if shape not in RANDOM_SHAPES:
         raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
-    config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max(4096, cfg.max_seq_len),
+    if vocab and not vocab.isdigit():
+        raise ModelLoadError(f"random:{name}: the part after the shape must be a vocab size, e.g. random:{shape}:49152")
+    return {**RANDOM_SHAPES[shape], **({"vocab_size": int(vocab)} if vocab else {})}
+
+
+def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+    """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = random_shape(shape)
+    shape = shape.partition(":")[0]
+    config = LlamaConfig(**fields, max_position_embeddings=max(4096, cfg.max_seq_len),
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
     torch.manual_seed(cfg.seed)
     default = torch.get_default_dtype()
@@ -254,10 +266,7 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
 def model_vocab_size(cfg: Config) -> int:
     """Embedding rows of `cfg.model`, read from its config (no weights loaded)."""
     if cfg.model.startswith("random:"):
-        shape = cfg.model.split(":", 1)[1]
-        if shape not in RANDOM_SHAPES:
-            raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
-        return RANDOM_SHAPES[shape]["vocab_size"]
+        return random_shape(cfg.model.split(":", 1)[1])["vocab_size"]
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code).vocab_size
