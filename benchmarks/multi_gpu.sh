@@ -12,24 +12,28 @@
 set -u
 OUT=${OUT:-/tmp/multi_gpu}
 STEPS=${STEPS:-20}
+ACCUM=${ACCUM:-1}      # micro-batches per step per rank on 2 GPUs; the 1-GPU run does twice as many
+RUNS=${RUNS:-"gpu1 ddp2 fsdp2 fsdp2-13b"}
 mkdir -p "$OUT"
 COMMON="train.py --model random:llama2-7b:49152 --tokenizer .tok/smollm2 --datasets builtin:sql --max_seq_len 2048
  --micro_batch_size 4 --checkpoint_layers 21 --lora_dropout 0 --lr 2e-4 --warmup_steps 2 --max_steps $STEPS
  --eval_every 0 --eval_batches 1 --sample_prompts 0 --save_every 0 --log_every 1 --tracker none"
 run() {
   local name=$1; shift
+  [[ " $RUNS " == *" $name "* ]] || return 0
   echo "=== $name: $*"
   timeout "${T:-200}" "$@" > "$OUT/$name.txt" 2>&1
   echo "exit $?"
   grep -E "^model:|memory:|step +[0-9]+ \||eval +[0-9]+|rror" "$OUT/$name.txt" | grep -v Warning | tail -6
   cp "/tmp/$name/log.jsonl" "$OUT/$name.log.jsonl" 2>/dev/null
 }
-run gpu1 accelerate launch --config_file configs/accelerate/single_gpu.yaml $COMMON --grad_accum 2 --output_dir /tmp/gpu1
-run ddp2 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 $COMMON --grad_accum 1 \
+run gpu1 accelerate launch --config_file configs/accelerate/single_gpu.yaml $COMMON --grad_accum $((2 * ACCUM)) \
+  --output_dir /tmp/gpu1
+run ddp2 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 $COMMON --grad_accum $ACCUM \
   --output_dir /tmp/ddp2
 run fsdp2 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 $COMMON --grad_accum 1 \
   --quant_storage bfloat16 --optimizer adamw --output_dir /tmp/fsdp2
 run fsdp2-13b accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 $COMMON --grad_accum 1 \
   --quant_storage bfloat16 --optimizer adamw --model random:llama2-13b:49152 --micro_batch_size 2 \
   --checkpoint_layers -1 --max_steps 6 --output_dir /tmp/fsdp2-13b
-ls /tmp/fsdp2/final /tmp/ddp2/final 2>&1 | head -8
+ls /tmp/fsdp2/final /tmp/ddp2/final 2>/dev/null | head -8
