@@ -34,6 +34,8 @@ def test_preset_then_cli_override(tmp_path):
     (["--max_steps"], "has no value"),
     (["stray"], "unexpected argument 'stray'"),
     (["--config", "nope.yaml"], "config file nope.yaml not found"),
+    (["--checkpoint_layers", "-2"], "config key 'checkpoint_layers' must be -1 (all) or >= 0"),
+    (["--kernels", "triton"], "config key 'kernels' = 'triton' must be one of"),
 ])
 def test_bad_cli_is_a_clear_error(argv, needle):
     with pytest.raises(ConfigError) as e:

@@ -36,6 +36,21 @@ def test_tokenizer_ids_beyond_the_model_vocab(tmp_path):
     assert "has only 32000 embeddings" in msg and "--tokenizer" in msg
 
 
+def test_random_model_with_a_wider_vocab_runs_and_a_bad_suffix_fails(tmp_path):
+    from qlora.model import ModelLoadError, model_vocab_size
+
+    assert model_vocab_size(tiny_cfg(model="random:llama2-7b:49152")) == 49152
+    with pytest.raises(ModelLoadError, match="must be a vocab size, e.g. random:llama2-7b:49152"):
+        model_vocab_size(tiny_cfg(model="random:llama2-7b:big"))
+    msg = error_of(tmp_path, "--model", "random:huge")
+    assert "unknown random shape 'huge'" in msg
+
+
+def test_liger_kernels_on_cpu_is_a_clear_error(tmp_path):
+    msg = error_of(tmp_path, "--kernels", "liger")
+    assert "'kernels' = 'liger' needs a CUDA device" in msg
+
+
 def test_model_dir_without_config(tmp_path):
     msg = error_of(tmp_path, "--model", str(tmp_path))
     assert f"model path {tmp_path} has no config.json" in msg
