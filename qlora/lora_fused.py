@@ -115,9 +115,9 @@ def _fused_forward(self, x, *args, **kwargs):
     dtype = self.get_base_layer().compute_dtype or x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return NF4LoRAFunction.apply(x.to(dtype), self.get_base_layer().weight, self.lora_A[name].weight,
-                                 self.lora_B[name].weight, float(self.scaling[name]), p,
-                                 getattr(self, ABSMAX_ATTR, False))
+    y = NF4LoRAFunction.apply(x.to(dtype), self.get_base_layer().weight, self.lora_A[name].weight,
+                              self.lora_B[name].weight, float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False))
+    return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
 def fuse_lora(model, cache_absmax: bool = False) -> int:
