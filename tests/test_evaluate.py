@@ -99,3 +99,14 @@ def test_adapter_changes_the_eval_loss(adapter_dir, loaded):
     with_adapter, n1 = eval_loss(model, ex, tok.pad_token_id)
     without, n2 = eval_loss(base, ex, tok.pad_token_id)
     assert n1 == n2 > 0 and abs(with_adapter - without) > 1e-3
+
+
+def test_generation_helpers_are_shared():
+    """generate.py, train.py (through generate.generate_ids) and qlora.evaluate use the same helpers
+    from qlora.generation; importing qlora.evaluate does not need the repo root on sys.path."""
+    import generate
+    from qlora import evaluate as ev
+    from qlora import generation
+
+    assert generate.generate_ids is generation.generate_ids is ev.generate_ids
+    assert generate.prompt_ids is generation.prompt_ids is ev.prompt_ids
