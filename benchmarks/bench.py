@@ -6,6 +6,9 @@ side by side with the seed recipe (HF Trainer, benchmarks/baseline_trainer.py) o
     python benchmarks/bench.py --compare --max_seq_len 2048 --micro_batch 8 --accum 1
     python benchmarks/bench.py --compare --data guanaco --max_seq_len 2048 --micro_batch 2 --accum 2
     python benchmarks/bench.py --max_seq_len 512,2048 --ckpt on,off --attn varlen,sdpa,flex --lora_r 8,64
+    python benchmarks/bench.py --max_seq_len 2048 --micro_batch 4 --accum 2 --ckpt_layers=22 --profile
+                                           # recompute 22 of 32 layers; per-op-class GPU profile of one step
+    python benchmarks/bench.py --fused off --kernels none        # the plain peft / transformers path
     python benchmarks/bench.py --tiny --compare --out /tmp/b              # CPU smoke test, seconds
 
 Grid flags take comma-separated values; every combination is one setting. Each setting (and each
