@@ -138,3 +138,18 @@ def test_dropout_mask_is_replayed_by_checkpoint_recompute(sql_examples):
         grads.append(grads_of(lm, batches, attention.use_packed_attention(model, "sdpa")))
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_only_the_chosen_layers_recompute(sql_examples):
+    """Backward re-runs the forward of checkpointed layers only: count MLP calls per layer."""
+    model = load_model(tiny_cfg(gradient_checkpointing=True, checkpoint_layers=1), torch.device("cpu"))
+    calls = []
+    for i, block in enumerate(decoder_layers(model)):
+        block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.append(i))  # pre: recompute stops early
+    batch = collate([[e] for e in sql_examples[:2]], pad_id=0)
+    lm = TokenLoss(model)
+    lm.train()
+    backend = attention.use_packed_attention(model, "sdpa")
+    lm(batch["input_ids"], batch["position_ids"], batch["targets"], batch["sup_index"],
+       **attention.packing_kwargs(batch["position_ids"], backend)).backward()
+    assert calls.count(0) == 2 and calls.count(1) == 1  # layer 0 recomputed in backward, layer 1 not
