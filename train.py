@@ -28,7 +28,7 @@ from qlora.model import (ModelLoadError, count_parameters, describe_speedups, lo
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, to_device
 from qlora.signals import StopRequest
-from qlora.telemetry import RunLog, Throughput, format_step, info, peak_memory_gib, sync
+from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, info, peak_memory_gib, sync
 
 
 class NonFiniteError(RuntimeError):
@@ -87,10 +87,10 @@ def main(cfg: Config) -> dict:
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
     fsdp = accelerator.is_fsdp2
-    if device.type == "cuda":  # what the weights, adapters and optimizer hold before any activation, per rank
-        setup = accelerator.gather(torch.tensor([torch.cuda.memory_allocated(device) / 2**30], device=device))
-        say(f"memory: {', '.join(f'{g:.2f}' for g in setup.tolist())} GiB allocated per rank after setup")
-        log.write(kind="setup", allocated_gib_per_rank=setup.tolist())
+    setup = allocated_per_rank_gib(accelerator, device)  # weights, adapters, optimizer: before any activation
+    if setup:
+        say(f"memory: {', '.join(f'{g:.2f}' for g in setup)} GiB allocated per rank after setup")
+        log.write(kind="setup", allocated_gib_per_rank=setup)
 
     # --- resume -------------------------------------------------------------------------------
     step, skipped = 0, 0

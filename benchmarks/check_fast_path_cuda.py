@@ -34,30 +34,12 @@ import common  # noqa: E402,F401  (offline env defaults)
 from qlora import attention, lora_fused  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data import IGNORE, Example  # noqa: E402
+from qlora.lora_fused import FixedMaskDropout, fixed_mask_dropout  # noqa: E402
 from qlora.loss import TokenLoss  # noqa: E402
 from qlora.model import describe_speedups, load_model  # noqa: E402
 from qlora.packing import Batches, to_device  # noqa: E402
 
 TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
-
-
-def pattern_mask(x, p):
-    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
-    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
-
-
-def pattern_dropout(x, p):
-    keep = pattern_mask(x, p)
-    return x * keep / (1 - p), keep
-
-
-class PatternDropout(torch.nn.Module):
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return x * pattern_mask(x, self.p) / (1 - self.p)
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn):
@@ -76,7 +58,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn):
     if dropout and not fused:  # peft's dropout -> the fixed mask (the fused path draws it itself)
         for m in model.modules():
             if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
-                m.lora_dropout["default"] = PatternDropout(dropout)
+                m.lora_dropout["default"] = FixedMaskDropout(dropout)
     vocab = model.config.vocab_size
     rng = torch.Generator().manual_seed(2)
     exs = []
@@ -107,7 +89,7 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     args = p.parse_args()
     cuda = args.device == "cuda"
-    lora_fused.dropout = pattern_dropout  # the fused path draws the same fixed mask as PatternDropout
+    lora_fused.dropout = fixed_mask_dropout  # the fused path draws the same fixed mask as FixedMaskDropout
     auto = "varlen" if cuda else "sdpa"
     variants = [("fused", True, "none", -1, auto)]
     if cuda:

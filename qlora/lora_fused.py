@@ -94,29 +94,32 @@ class NF4LoRAFunction(torch.autograd.Function):
         return dx, None, d_a, d_b, None, None, None
 
 
-def _fusable(module, x, args, kwargs) -> bool:
+def _fused_adapter(module, x, args, kwargs):
+    """The one active adapter's name if this call can take the fused node, else None."""
     if args or kwargs or module.disable_adapters or module.merged:
-        return False
+        return None
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
-        return False
+        return None
     base = module.get_base_layer()
     w = base.weight
-    return (base.bias is None and getattr(w, "quant_state", None) is not None
-            and type(w).__name__ == "Params4bit" and x.dtype.is_floating_point)
+    fusable = (base.bias is None and getattr(w, "quant_state", None) is not None
+               and type(w).__name__ == "Params4bit" and x.dtype.is_floating_point)
+    return active[0] if fusable else None
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    if not _fusable(self, x, args, kwargs):
+    name = _fused_adapter(self, x, args, kwargs)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = next(a for a in self.active_adapters if a in self.lora_A)
+    base = self.get_base_layer()
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
-    dtype = self.get_base_layer().compute_dtype or x.dtype
+    dtype = base.compute_dtype or x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    y = NF4LoRAFunction.apply(x.to(dtype), self.get_base_layer().weight, self.lora_A[name].weight,
-                              self.lora_B[name].weight, float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False))
+    y = NF4LoRAFunction.apply(x.to(dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                              float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False))
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
@@ -143,3 +146,29 @@ def unfuse_lora(model) -> None:
         if getattr(module, FUSED_ATTR, False):
             del module.forward
             setattr(module, FUSED_ATTR, False)
+
+
+# --- equivalence checks: one deterministic mask that both the fused node (via `dropout`) and peft's
+# dropout module (replaced by `FixedMaskDropout`) draw, so the two paths can be compared with dropout on
+
+def fixed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A fixed keep-mask dropping ~p of the elements, from the flat index (the same for any shape)."""
+    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
+
+
+def fixed_mask_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for `dropout` with `fixed_keep_mask`."""
+    keep = fixed_keep_mask(x, p)
+    return x * keep / (1 - p), keep
+
+
+class FixedMaskDropout(torch.nn.Module):
+    """Drop-in for peft's `lora_dropout` module with `fixed_keep_mask`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return fixed_mask_dropout(x, self.p)[0]

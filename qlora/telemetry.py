@@ -19,6 +19,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def allocated_per_rank_gib(accelerator, device: torch.device) -> list[float]:
+    """CUDA memory allocated now on every rank (a collective: all ranks call it); [] off CUDA."""
+    if device.type != "cuda":
+        return []
+    mine = torch.tensor([torch.cuda.memory_allocated(device) / 2**30], device=device)
+    return accelerator.gather(mine).tolist()
+
+
 def peak_reserved_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
 

@@ -5,32 +5,13 @@ import pytest
 import torch
 
 from qlora import attention, lora_fused
+from qlora.lora_fused import FixedMaskDropout, fixed_mask_dropout
 from qlora.loss import TokenLoss
 from qlora.model import decoder_layers, describe_speedups, enable_checkpointing, load_model
 from qlora.packing import collate
 
 from conftest import tiny_cfg
 from test_train import grads_of, randomise_lora_
-
-
-def pattern_mask(x, p):
-    """A fixed keep-mask (drops ~p of the elements) from the flat index, the same for any shape."""
-    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
-    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
-
-
-def pattern_dropout(x, p):
-    keep = pattern_mask(x, p)
-    return x * keep / (1 - p), keep
-
-
-class PatternDropout(torch.nn.Module):
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return x * pattern_mask(x, self.p) / (1 - self.p)
 
 
 def two_models(sql_examples, **kw):
@@ -78,11 +59,11 @@ def test_fused_matches_peft_without_dropout(sql_examples):
 
 
 def test_fused_matches_peft_with_the_same_dropout_mask(sql_examples, monkeypatch):
-    monkeypatch.setattr(lora_fused, "dropout", pattern_dropout)
+    monkeypatch.setattr(lora_fused, "dropout", fixed_mask_dropout)
     plain, fused, batches = two_models(sql_examples, lora_dropout=0.1)
     for m in plain.modules():  # peft's dropout modules -> the same fixed mask
         if hasattr(m, "lora_dropout"):
-            m.lora_dropout["default"] = PatternDropout(0.1)
+            m.lora_dropout["default"] = FixedMaskDropout(0.1)
     compare(plain, fused, batches)
 
 
