@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .config import Config
+from .quant import (compute_dtype_name, guard_cpu_4bit_repack, quantize_linears_,  # noqa: F401 (re-exported)
+                    resolve_compute_dtype, unguarded_4bit_linears)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,42 +41,6 @@ RANDOM_SHAPES = {
 
 class ModelLoadError(RuntimeError):
     """The model source cannot be loaded; the message says which source and what to do."""
-
-
-# --------------------------------------------------------------------------- dtype and device
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on CPU, whichever of bf16 and fp32 runs
-    the 4-bit path's matmuls faster *on this CPU*, measured once (CPUs with AVX512-BF16/AMX run bf16
-    ~2x faster; AVX2-only CPUs run it 5-60x slower, see benchmarks/cpu_dtype.py)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return fastest_cpu_dtype()
-
-
-_CPU_DTYPE: list = []
-
-
-def cpu_matmul_ms(dtype: torch.dtype, n: int = 256, k: int = 1024, m: int = 1024, reps: int = 3) -> float:
-    """Milliseconds for one forward-shaped (x @ W.T) plus one backward-shaped (g @ W) matmul."""
-    import time
-
-    gen = torch.Generator().manual_seed(0)
-    x, w, g = (torch.randn(s, generator=gen).to(dtype) for s in ((n, k), (m, k), (n, m)))
-    x @ w.t(), g @ w  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        x @ w.t(), g @ w
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
-def fastest_cpu_dtype() -> torch.dtype:
-    if not _CPU_DTYPE:
-        bf16, fp32 = cpu_matmul_ms(torch.bfloat16), cpu_matmul_ms(torch.float32)
-        _CPU_DTYPE.append(torch.bfloat16 if bf16 < fp32 else torch.float32)
-    return _CPU_DTYPE[0]
 
 
 # --------------------------------------------------------------------------- sources
@@ -204,30 +170,6 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def quantize_linears_(model: nn.Module, cfg: Config, compute_dtype: torch.dtype, device, skip=("lm_head",)) -> None:
-    """Replace every `nn.Linear` (but `skip`) by a bitsandbytes 4-bit `Linear4bit`, in place, layer by
-    layer so peak memory stays near one full-precision layer above the quantised model."""
-    import bitsandbytes as bnb
-
-    storage = getattr(torch, cfg.quant_storage)  # uint8, or a float dtype so FSDP can shard the packed weights
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child_name in skip:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quant, quant_storage=storage, device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu" if device.type == "cpu" else device),
-                                         requires_grad=False, compress_statistics=cfg.double_quant,
-                                         quant_type=cfg.quant, quant_storage=storage, module=q)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            q = q.to(device)  # quantises on the move
-            setattr(module, child_name, q)
-            del child
-    model.is_loaded_in_4bit = True
-
-
 def random_shape(name: str) -> dict:
     """`random:<shape>` or `random:<shape>:<vocab>` -> LlamaConfig fields. The vocab suffix lets a
     random model of a real shape train on real data of another tokenizer (e.g. llama2-7b:49152 with
@@ -292,6 +234,7 @@ def load_base_model(cfg: Config, device: torch.device):
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as e:
             raise ModelLoadError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
+    guard_cpu_4bit_repack(model)  # an eval pass must never change what the model computes or trains
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
@@ -301,14 +244,36 @@ def add_lora(model, cfg: Config):
     """Wrap the frozen base with peft LoRA adapters on `cfg.lora_targets` (fp32 adapter weights)."""
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in cfg.lora_targets if t not in present]
+    linears = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)))
+    missing = [t for t in cfg.lora_targets if t not in linears]
     if missing:
-        raise ValueError(f"config key 'lora_targets': no module named {missing} in {cfg.model}")
+        raise ModelLoadError(f"config key 'lora_targets': {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                             f"not a linear layer of {cfg.model}; its linear layers are {', '.join(linears)}: "
+                             "set --lora_targets to some of these (comma-separated)")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)  # LoRA A init is random: same seed, same adapter at step 0
     return get_peft_model(model, lora)
+
+
+def untrained_adapters(model_or_tensors) -> list[str]:
+    """Names of the LoRA B weights that are still exactly zero, i.e. never moved from their init: no
+    gradient ever reached those adapters. Takes a peft model or a {name: tensor} mapping (a loaded
+    adapter_model.safetensors). An FSDP-sharded weight is judged by this rank's shard (no collective,
+    so the main process alone may call it): Adam moves every element that ever had a non-zero
+    gradient, so a trained B has no all-zero shard in practice."""
+    if hasattr(model_or_tensors, "named_parameters"):
+        items = [(n, p) for n, p in model_or_tensors.named_parameters() if p.requires_grad]
+    else:
+        items = list(model_or_tensors.items())
+    frozen = []
+    for name, t in items:
+        if "lora_B" not in name:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        if local.numel() and not bool(local.detach().any()):
+            frozen.append(name)
+    return frozen
 
 
 def enable_checkpointing(model, layers: int = -1) -> int:
