@@ -7,7 +7,8 @@ Unknown keys and values of the wrong type are errors (`ConfigError`) that name t
 from __future__ import annotations
 
 import dataclasses
-import json
+import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,26 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def _number(key: str, value, typ, bad):
+    """An int or a finite float from a YAML number or a command-line string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad("expected an integer" if typ is int else "expected a number")
+    if typ is int:
+        if isinstance(value, float):
+            raise bad("expected an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise bad("expected an integer") from None
+    try:
+        out = float(value)
+    except ValueError:
+        raise bad("expected a number") from None
+    if not math.isfinite(out):
+        raise bad("expected a finite number")
+    return out
+
+
 def _coerce(key: str, value, typ, source: str):
     """Check or convert one value to the field's type; strings from the command line are parsed."""
     def bad(why: str):
@@ -96,59 +117,71 @@ def _coerce(key: str, value, typ, source: str):
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise bad("expected true or false")
-    if typ is int:
-        if isinstance(value, bool):
-            raise bad("expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad("expected an integer")
-    if typ is float:
-        if isinstance(value, bool):
-            raise bad("expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad("expected a number")
+    if typ in (int, float):
+        return _number(key, value, typ, bad)
     if typ is str:
         if isinstance(value, str):
             return value
         raise bad("expected a string")
-    if typ is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            # command line: comma-separated, or a JSON/YAML list
-            if value.strip().startswith("["):
-                parsed = yaml.safe_load(value)
-                if isinstance(parsed, list):
-                    return parsed
-            return [v.strip() for v in value.split(",") if v.strip()]
+    if typ is not list:
+        raise bad(f"unsupported type {typ}")
+    if isinstance(value, str):  # command line: comma-separated, or a JSON/YAML list
+        parsed = _yaml_or_none(value) if value.strip().startswith("[") else None
+        value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
         raise bad("expected a list")
-    raise bad(f"unsupported type {typ}")
+    if key == "adam_betas":
+        return [_number(key, v, float, bad) for v in value]
+    if key == "lora_targets" and not all(isinstance(v, str) and v for v in value):
+        raise bad("expected a list of module names")
+    if key in ("datasets", "eval_datasets") and not all(isinstance(v, (str, dict)) for v in value):
+        raise bad("expected a list of sources: 'path[:formatter]' strings or {path: ..., formatter: ...} mappings")
+    return value
 
 
-def _apply(values: dict, overrides: dict, source: str) -> None:
+def _yaml_or_none(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+# names other trainers use (HF TrainingArguments, peft, bitsandbytes) that string similarity cannot find
+ALIASES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "micro_batch_size", "train_batch_size":
+    "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "max_steps",
+    "epochs": "max_steps", "target_modules": "lora_targets", "lora_target_modules": "lora_targets",
+    "r": "lora_r", "rank": "lora_r", "max_length": "max_seq_len", "max_seq_length": "max_seq_len",
+    "cutoff_len": "max_seq_len", "logging_steps": "log_every", "eval_steps": "eval_every",
+    "save_steps": "save_every", "save_total_limit": "keep_last", "resume_from_checkpoint": "resume",
+    "model_name_or_path": "model", "model_name": "model", "base_model": "model", "dataset": "datasets",
+    "dataset_name": "datasets", "data": "datasets", "train_file": "datasets", "warmup_ratio": "warmup_steps",
+    "load_in_4bit": "quant", "bnb_4bit_quant_type": "quant", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "torch_dtype": "compute_dtype", "bf16": "compute_dtype",
+    "fp16": "compute_dtype", "report_to": "tracker", "optim": "optimizer",
+}
+
+
+def suggest(key: str, known) -> str:
+    """'; did you mean X?' from the alias table or string similarity, else ''."""
+    match = ALIASES.get(key) or next(iter(difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)), None)
+    return f"; did you mean '{match}'?" if match else ""
+
+
+def _apply(values: dict, overrides: dict, source: str, sources: dict) -> None:
     types_ = _field_types()
     for key, value in overrides.items():
-        norm = key.replace("-", "_")
+        norm = str(key).replace("-", "_")
         if norm not in types_:
-            close = [k for k in types_ if k.startswith(norm[:4])]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{key}' in {source}{hint} (see qlora/config.py for all keys)")
+            raise ConfigError(f"unknown config key '{key}' in {source}{suggest(norm, types_)} "
+                              "(see qlora/config.py for all keys)")
         values[norm] = _coerce(norm, value, types_[norm], source)
+        sources[norm] = source
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, dict]:
-    """Split argv into the `--config` path and a dict of `--key value` overrides."""
+    """Split argv into the `--config` path and a dict of `--key value` overrides (the last of a repeated
+    flag wins, so a command can be extended with overrides)."""
     preset, overrides = None, {}
     i = 0
     while i < len(argv):
@@ -169,25 +202,68 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict]:
     return preset, overrides
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key set twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key '{key}' is set twice (again on line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            except TypeError:  # unhashable key: SafeLoader reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str = "config file"):
+    """Parse a YAML file whose keys are unique; every failure is one ConfigError line naming the file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}): "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{what} {path}: {e}; keep one") from None
+    except yaml.YAMLError as e:
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        if ctx and getattr(e, "context_mark", None):
+            why += f" ({ctx} from line {e.context_mark.line + 1})"
+        raise ConfigError(f"{what} {path} is not valid YAML: {why}{where}") from None
+
+
 def load_config(argv: list[str] | None = None, **overrides) -> Config:
     """Resolve defaults < YAML preset < CLI flags < keyword overrides into a validated `Config`."""
     preset, cli = parse_cli(list(sys.argv[1:] if argv is None else argv))
     values = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    sources: dict[str, str] = {}
     if preset:
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"config file {preset} not found (presets live in configs/, e.g. configs/default.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {preset} is not valid YAML: {e}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {preset} must be a mapping of key: value")
-        _apply(values, data, f"config file {preset}")
-    _apply(values, cli, "the command line")
-    _apply(values, overrides, "keyword arguments")
+        _apply(values, data, f"config file {preset}", sources)
+    _apply(values, cli, "the command line", sources)
+    _apply(values, overrides, "keyword arguments", sources)
     cfg = Config(**values)
-    validate(cfg)
+    validate(cfg, sources)
     return cfg
 
 
@@ -201,28 +277,63 @@ _CHOICES = {
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "tracker": ("auto", "tensorboard", "none"),
 }
+# the allowed range of every numeric field, and what its edge values mean
+_RANGES = {
+    "checkpoint_layers": ">= -1", "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "eval_fraction": "[0, 1)", "max_seq_len": ">= 1", "max_steps": ">= 1", "micro_batch_size": ">= 1",
+    "grad_accum": ">= 1", "lr": "> 0", "min_lr_ratio": "[0, 1]", "warmup_steps": ">= 0", "weight_decay": ">= 0",
+    "max_grad_norm": ">= 0", "seed": "[0, 4294967295]", "eval_every": ">= 0", "eval_batches": ">= 0",
+    "log_every": ">= 1", "save_every": ">= 0", "keep_last": ">= 1", "sample_prompts": ">= 0",
+    "max_new_tokens": ">= 1",
+}
+_NOTES = {
+    "checkpoint_layers": "-1 = all layers", "lora_alpha": "scale = lora_alpha / lora_r",
+    "min_lr_ratio": "the final lr is lr * min_lr_ratio", "max_grad_norm": "0 turns clipping off",
+    "eval_every": "0 = only at the end", "eval_batches": "0 = the whole eval split",
+    "save_every": "0 = only the final adapter", "sample_prompts": "0 = none",
+}
 
 
-def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
+def _in_range(v, spec: str) -> bool:
+    if spec.startswith(">="):
+        return v >= float(spec[2:])
+    if spec.startswith(">"):
+        return v > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (v >= lo if spec[0] == "[" else v > lo) and (v <= hi if spec[-1] == "]" else v < hi)
+
+
+def validate(cfg: Config, sources: dict | None = None) -> None:
+    """Range and choice checks that types alone cannot express; errors name the key and its source."""
+    def fail(key: str, why: str):
+        src = (sources or {}).get(key)
+        raise ConfigError(f"config key '{key}'{f' from {src}' if src else ''} {why}")
+
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' = {getattr(cfg, key)!r} must be one of {', '.join(choices)}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every", "keep_last"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1 (got {getattr(cfg, key)})")
-    if cfg.checkpoint_layers < -1:
-        raise ConfigError(f"config key 'checkpoint_layers' must be -1 (all) or >= 0 (got {cfg.checkpoint_layers})")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise ConfigError(f"config key 'lora_dropout' must be in [0, 1) (got {cfg.lora_dropout})")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ConfigError(f"config key 'eval_fraction' must be in [0, 1) (got {cfg.eval_fraction})")
-    if cfg.lr <= 0:
-        raise ConfigError(f"config key 'lr' must be > 0 (got {cfg.lr})")
+            fail(key, f"= {getattr(cfg, key)!r} must be one of {', '.join(choices)}")
+    for key, spec in _RANGES.items():
+        v = getattr(cfg, key)
+        if not (math.isfinite(v) and _in_range(v, spec)):
+            note = f" ({_NOTES[key]})" if key in _NOTES else ""
+            fail(key, f"must be {spec if spec[0] in '<>' else 'in ' + spec}{note} (got {v})")
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        fail("adam_betas", f"needs two numbers in [0, 1), e.g. [0.9, 0.999] (got {cfg.adam_betas})")
+    for key in ("model", "output_dir"):
+        if not getattr(cfg, key).strip():
+            fail(key, "is empty")
+    if not cfg.lora_targets:
+        fail("lora_targets", "is empty: name at least one module, e.g. --lora_targets q_proj,v_proj")
     if not cfg.datasets:
-        raise ConfigError("config key 'datasets' is empty: name at least one source, e.g. --datasets builtin:sql")
-    if len(cfg.adam_betas) != 2:
-        raise ConfigError(f"config key 'adam_betas' needs two numbers (got {cfg.adam_betas})")
+        fail("datasets", "is empty: name at least one source, e.g. --datasets builtin:sql")
+    from .data import DataError, parse_source  # the source syntax is checked before anything runs
+
+    for key in ("datasets", "eval_datasets"):
+        for spec in getattr(cfg, key):
+            try:
+                parse_source(spec)
+            except DataError as e:
+                fail(key, f"has a bad entry: {e}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -238,7 +349,3 @@ def config_hash_fields(cfg: Config) -> dict:
     """The fields a checkpoint must agree on to be resumed (model, LoRA shape, data)."""
     keys = ("model", "quant", "lora_r", "lora_targets", "datasets", "max_seq_len", "packing", "seed")
     return {k: getattr(cfg, k) for k in keys}
-
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=1)
