@@ -5,6 +5,13 @@
     accelerate launch train.py --config configs/default.yaml --max_steps 200
 
 Every `--key value` overrides a field of `qlora.config.Config`.
+
+The file is the whole run, in order: `setup` builds everything (accelerator, data, model, optimizer)
+and checks every input before anything is written; `restore` continues a checkpoint; `fit` is the
+loop; `train_step` is one optimizer step (benchmarks/bench.py times this very function); `finish`
+saves the adapter. The usual edits each live in one place: the loss of a micro-batch in
+`micro_batch_loss`, the schedule in `qlora.optim.lr_at`, the optimizer in `qlora.optim.make_optimizer`,
+what an eval pass measures in `evaluate` (README, "Changing the loop").
 """
 
 from __future__ import annotations
@@ -12,248 +19,348 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from qlora import attention
-from qlora.checkpoint import (CheckpointError, list_checkpoints, load_adapter_weights, load_checkpoint,
-                              resolve_resume, rng_state, save_adapter, save_checkpoint, set_rng_state)
+from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
+                              load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
+                              savable_adapter, set_rng_state)
 from qlora.config import Config, ConfigError, load_config, save_config
 from qlora.data import DataError, load_datasets
-from qlora.loss import TokenLoss
+from qlora.generation import generate_ids
+from qlora.loss import TokenLoss, mean_token_loss
 from qlora.model import (ModelLoadError, count_parameters, describe_speedups, load_model, load_tokenizer,
-                         model_vocab_size)
+                         model_vocab_size, resolve_compute_dtype, untrained_adapters)
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, to_device
 from qlora.signals import StopRequest
-from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, info, peak_memory_gib, sync
+from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-def main(cfg: Config) -> dict:
-    from accelerate import Accelerator
+@dataclass
+class Run:
+    """Everything a run holds; built by `setup`, advanced by `fit`."""
+    cfg: Config
+    accelerator: Any
+    tokenizer: Any
+    batches: Batches  # this rank's training micro-batches (resumable position in `batches.state`)
+    evals: list  # fixed eval micro-batches
+    eval_set: list  # eval examples (for the samples at the end)
+    model: Any  # the peft model
+    loss_model: Any  # TokenLoss(model), prepared by accelerate (DDP/FSDP wrapper)
+    optimizer: Any
+    params: list  # trainable parameters as the optimizer and clipping see them
+    backend: str  # packed-attention backend
+    log: RunLog
+    resume_from: Path | None
+    step: int = 0
+    skipped: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def say(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            say(msg)
+
+
+# =========================================================================== setup
+
+def setup(cfg: Config) -> Run:
+    """Accelerator, data, model, optimizer. Nothing is written to output_dir here: every input is
+    checked first, so a run that cannot start leaves an existing output_dir as it was."""
     from accelerate.utils import set_seed
 
-    # --- accelerator --------------------------------------------------------------------------
-    on_cuda = torch.cuda.is_available() and not _cpu_requested()
-    mixed = "bf16" if on_cuda and cfg.compute_dtype in ("auto", "bfloat16") else "no"
-    tracker = _tracker(cfg)
-    accelerator = Accelerator(mixed_precision=mixed, log_with=tracker, project_dir=cfg.output_dir,
-                              cpu=not on_cuda)
-    device, is_main = accelerator.device, accelerator.is_main_process
+    asked = cfg.compute_dtype
+    accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
+    device = accelerator.device
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, out)
-    if is_main:
-        _check_output_dir(out, cfg, resume_from)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    log = RunLog(out, enabled=is_main)
-    say = info if is_main else (lambda *_: None)
+    check_output_dir(out, resume_from)
+    talk = say if accelerator.is_main_process else (lambda *_: None)
+    talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
 
-    # --- data ---------------------------------------------------------------------------------
+    # --- data
     tokenizer = load_tokenizer(cfg)
     train_set, eval_set, stats = load_datasets(cfg.datasets, tokenizer, cfg.max_seq_len, cfg.overlong,
                                                cfg.eval_fraction, cfg.seed, cfg.eval_datasets, cfg.system_prompt)
     batches = Batches(train_set, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed,
                       cfg.packing, rank=accelerator.process_index, world=accelerator.num_processes)
     evals = eval_batches(eval_set, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.packing)
-    if cfg.eval_batches:
-        evals = evals[: cfg.eval_batches]
-    say(f"data: {stats.summary()}; {len(eval_set)} eval examples")
-    say(f"data: {batches.micro_batches_per_epoch()} micro-batches per epoch per rank, packing efficiency "
-        f"{batches.efficiency():.1%} ({'packed' if cfg.packing else 'padded'} rows of {cfg.max_seq_len})")
-
-    # --- model --------------------------------------------------------------------------------
+    evals = evals[: cfg.eval_batches] if cfg.eval_batches else evals
+    talk(f"data: {stats.summary()}; {len(eval_set)} eval examples")
+    talk(f"data: {batches.micro_batches_per_epoch()} micro-batches per epoch per rank, packing efficiency "
+         f"{batches.efficiency():.1%} ({'packed' if cfg.packing else 'padded'} rows of {cfg.max_seq_len})")
     vocab, top = model_vocab_size(cfg), max(max(e.input_ids) for e in train_set + eval_set)
     if top >= vocab:  # e.g. random:llama2-7b (32000 rows) with the 49152-token SmolLM2 tokenizer
         raise ModelLoadError(f"the data has token id {top} but {cfg.model} has only {vocab} embeddings: use a "
                              "tokenizer that matches the model (--tokenizer) or a model with a larger vocab")
+
+    # --- model and optimizer
     model = load_model(cfg, device, fsdp=accelerator.is_fsdp2)
     backend = attention.use_packed_attention(model, cfg.attn_backend)
     trainable, total = count_parameters(model)
-    say(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
-        f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
-
-    # --- optimizer ----------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
+         f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     loss_model, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    fsdp = accelerator.is_fsdp2
-    setup = allocated_per_rank_gib(accelerator, device)  # weights, adapters, optimizer: before any activation
-    if setup:
-        say(f"memory: {', '.join(f'{g:.2f}' for g in setup)} GiB allocated per rank after setup")
-        log.write(kind="setup", allocated_gib_per_rank=setup)
+    return Run(cfg, accelerator, tokenizer, batches, evals, eval_set, model, loss_model, optimizer, params,
+               backend, RunLog(out, enabled=accelerator.is_main_process), resume_from)
 
-    # --- resume -------------------------------------------------------------------------------
-    step, skipped = 0, 0
-    if resume_from is not None:
-        if fsdp:
-            raise CheckpointError(f"--resume {resume_from}: resuming under FSDP is not supported yet; its "
-                                  "adapter_model.safetensors is a normal peft adapter (start a new run from it)")
-        state, optim_state, rng = load_checkpoint(resume_from, cfg, cfg.resume_force)
-        if state.get("fsdp"):  # its optimizer.pt holds rank 0's shard only
-            raise CheckpointError(f"checkpoint {resume_from} was written under FSDP, which cannot be resumed yet; "
-                                  "its adapter_model.safetensors is a normal peft adapter")
-        if state["world_size"] != accelerator.num_processes:
-            raise CheckpointError(f"checkpoint {resume_from} was written by {state['world_size']} processes, "
-                                  f"this run has {accelerator.num_processes}: resume with the same number")
-        load_adapter_weights(model, resume_from)
-        optimizer.load_state_dict(optim_state)
-        set_rng_state(rng[f"rank{accelerator.process_index}"] if f"rank{accelerator.process_index}" in rng else rng)
-        step, skipped = state["step"], state.get("skipped_steps", 0)
-        batches.state = DataState(**state["data"])
-        say(f"resume: from {resume_from} at step {step} (epoch {batches.state.epoch}, "
-            f"micro-batch {batches.state.index})")
-    if tracker:
-        accelerator.init_trackers("qlora", config={k: str(v) for k, v in vars(cfg).items()})
 
-    def checkpoint_now():
-        rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) \
-            if accelerator.num_processes > 1 else [rng_state()]
-        adapter = savable_adapter(accelerator, loss_model)  # collective under FSDP: every rank calls it
-        if is_main:
-            state = {"step": step, "data": vars(batches.state), "skipped_steps": skipped,
-                     "world_size": accelerator.num_processes, "fsdp": fsdp}
-            path = save_checkpoint(out, step, adapter, tokenizer,
-                                   optimizer, cfg, state, {f"rank{i}": r for i, r in enumerate(rngs)})
-            say(f"checkpoint: {path}")
-        accelerator.wait_for_everyone()
+def make_accelerator(cfg: Config, log_with=None) -> tuple[Any, Config]:
+    """The Accelerator (bf16 autocast on CUDA) and `cfg` with `compute_dtype: auto` resolved for this
+    device, so config.yaml and the adapter record what really ran. benchmarks/bench.py uses it too."""
+    from accelerate import Accelerator
 
-    # --- loop ---------------------------------------------------------------------------------
-    loss_model.train()
+    on_cuda = torch.cuda.is_available() and not _cpu_requested()
+    device = torch.device("cuda" if on_cuda else "cpu")
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    cfg = replace(cfg, compute_dtype=str(dtype).removeprefix("torch."))
+    mixed = "bf16" if on_cuda and dtype == torch.bfloat16 else "no"
+    return Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=cfg.output_dir, cpu=not on_cuda), cfg
+
+
+def restore(run: Run, path: Path) -> None:
+    """Continue the run saved in checkpoint `path`: adapter, optimizer, RNG, step and data position."""
+    acc = run.accelerator
+    if acc.is_fsdp2:
+        raise CheckpointError(f"--resume {path}: resuming under FSDP is not supported yet; its "
+                              "adapter_model.safetensors is a normal peft adapter (start a new run from it)")
+    state, optim_state, rng = load_checkpoint(path, run.cfg, run.cfg.resume_force)
+    if state.get("fsdp"):  # its optimizer.pt holds rank 0's shard only
+        raise CheckpointError(f"checkpoint {path} was written under FSDP, which cannot be resumed yet; "
+                              "its adapter_model.safetensors is a normal peft adapter")
+    if state["world_size"] != acc.num_processes:
+        raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, "
+                              f"this run has {acc.num_processes}: resume with the same number")
+    load_adapter_weights(run.model, path)
+    run.optimizer.load_state_dict(optim_state)
+    set_rng_state(rng.get(f"rank{acc.process_index}", rng))
+    run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
+    run.batches.state = DataState(**state["data"])
+    run.say(f"resume: from {path} at step {run.step} (epoch {run.batches.state.epoch}, "
+            f"micro-batch {run.batches.state.index})")
+
+
+def open_output(run: Run) -> None:
+    """The run is known to start: only now is output_dir created and its config.yaml written."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.out / "config.yaml")
+    acc.wait_for_everyone()
+    setup_gib = allocated_per_rank_gib(acc, run.device)  # weights, adapters, optimizer: before any activation
+    if setup_gib:
+        run.say(f"memory: {', '.join(f'{g:.2f}' for g in setup_gib)} GiB allocated per rank after setup")
+        run.log.write(kind="setup", allocated_gib_per_rank=setup_gib)
+    if acc.log_with:
+        acc.init_trackers("qlora", config={k: str(v) for k, v in vars(run.cfg).items()})
+
+
+# =========================================================================== the step
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean loss over the whole window (all ranks)
+    grad_norm: float  # before clipping
+    n_supervised: int  # supervised tokens in the window (all ranks)
+    stepped: bool  # False: the loss or gradient was not finite, so no update was made
+
+
+def micro_batch_loss(loss_model, batch: dict, backend: str, device) -> torch.Tensor:
+    """The *sum* of token cross-entropies over one micro-batch's supervised positions. Add a loss
+    term here; `train_step` divides by the supervised tokens of the whole window."""
+    return loss_model(**to_device(batch, device), **attention.packing_kwargs(batch["position_ids"], backend,
+                                                                             device=device))
+
+
+def train_step(accelerator, loss_model, optimizer, params: list, micro: list[dict], lr: float,
+               max_grad_norm: float, backend: str, loss_fn: Callable = micro_batch_loss) -> StepResult:
+    """One optimizer step over the accumulation window `micro` (this rank's micro-batches).
+
+    The gradient is the exact token mean over the window and all ranks: each micro-batch's summed
+    loss is divided by the window's supervised-token count (not a mean of micro-batch means).
+    Gradients are synchronised once, on the last micro-batch. A non-finite loss or gradient norm
+    makes no update (`stepped` False); the caller decides whether that stops the run."""
+    device = accelerator.device
+    n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
+    set_lr(optimizer, lr)
+    window_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro):
+        with accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext():
+            loss_sum = loss_fn(loss_model, batch, backend, device)
+            # DDP averages gradients over ranks; scale so the result is the global token mean
+            accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
+        window_loss += loss_sum.detach()
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # one host sync per step
+    stepped = math.isfinite(loss) and math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, int(n_sup), stepped)
+
+
+def evaluate(run: Run) -> float:
+    """Eval loss: the training objective, no dropout, over the fixed eval micro-batches."""
+    loss, _ = mean_token_loss(run.accelerator.unwrap_model(run.loss_model), run.evals, run.backend, run.device)
+    return loss
+
+
+# =========================================================================== the loop
+
+def fit(run: Run) -> dict:
+    """Train from `run.step` to `cfg.max_steps`: step, log, eval, checkpoint; a stop signal (SIGTERM,
+    Ctrl-C) on any rank ends in a checkpoint on every rank."""
+    cfg, acc = run.cfg, run.accelerator
     speed, last = Throughput(), {}
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    # the bar only on a terminal: in a log file the per-step lines say the same without the redraws
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (acc.is_main_process and sys.stderr.isatty()),
+               desc="train", dynamic_ncols=True)
+    run.loss_model.train()
     with StopRequest() as stop:
-        if evals and step == 0:  # the baseline every later eval is compared with
-            first = evaluate(accelerator.unwrap_model(loss_model), evals, backend, device)
-            say(f"eval  {0:>5} | eval loss {first:.4f} | ppl {math.exp(first):.2f}")
-            log.write(kind="eval", step=0, eval_loss=first)
-        while step < cfg.max_steps:
-            micro = [batches.next() for _ in range(cfg.grad_accum)]
-            # loss = sum of token losses in the window / supervised tokens in the window (all ranks)
-            n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
-            set_lr(optimizer, lr_at(step, cfg))
-            window_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                sync_ctx = accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext()
-                with sync_ctx:
-                    loss_sum = loss_model(**to_device(batch, device),
-                                          **attention.packing_kwargs(batch["position_ids"], backend, device=device))
-                    # DDP averages gradients over ranks; scale so the result is the global token mean
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
-                window_loss += loss_sum.detach()
-                speed.add(batch["n_tokens"], batch["n_supervised"])
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # one host sync per step
-            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-                optimizer.zero_grad(set_to_none=True)
-                if not cfg.skip_nonfinite:
-                    good = list_checkpoints(out)
-                    raise NonFiniteError(f"non-finite loss ({loss}) or grad norm ({float(grad_norm)}) at step "
-                                         f"{step + 1}; last good checkpoint: {good[-1][1] if good else 'none'} "
-                                         "(lower lr, check the data, or set --skip_nonfinite true)")
-                skipped += 1
-                say(f"step {step + 1}: non-finite loss or gradient, skipped ({skipped} so far)")
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
+        if run.evals and run.step == 0:  # the baseline every later eval is compared with
+            log_eval(run, 0, evaluate(run))
+        speed.read()
+        while run.step < cfg.max_steps:
+            micro = [run.batches.next() for _ in range(cfg.grad_accum)]
+            res = train_step(acc, run.loss_model, run.optimizer, run.params, micro, lr_at(run.step, cfg),
+                             cfg.max_grad_norm, run.backend)
+            for b in micro:
+                speed.add(b["n_tokens"], b["n_supervised"])
+            if not res.stepped:
+                handle_nonfinite(run, res)
+            run.step += 1
             bar.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                sync(device)
-                tok_s, sup_s, _ = speed.read()
-                last = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
-                        "tokens_per_s": tok_s * accelerator.num_processes,
-                        "supervised_tokens_per_s": sup_s * accelerator.num_processes,
-                        "supervised_tokens": int(n_sup), "epoch": batches.state.epoch,
-                        "packing_efficiency": sum(b["n_tokens"] for b in micro) / sum(b["capacity"] for b in micro),
-                        "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped}
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.1e}")
-                if is_main:
-                    tqdm.write(format_step(last), file=sys.stderr)
-                log.write(kind="train", **last)
-                accelerator.log({f"train/{k}": v for k, v in last.items() if k != "step"}, step=step)
-
-            if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-                last["eval_loss"] = evaluate(accelerator.unwrap_model(loss_model), evals, backend, device)
-                say(f"eval  {step:>5} | eval loss {last['eval_loss']:.4f} | ppl {math.exp(last['eval_loss']):.2f}")
-                log.write(kind="eval", step=step, eval_loss=last["eval_loss"])
-                accelerator.log({"eval/loss": last["eval_loss"]}, step=step)
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                last = log_step(run, res, micro, speed)
+                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{last['lr']:.1e}")
+            if run.evals and (due(run.step, cfg.eval_every) or run.step == cfg.max_steps):
+                last["eval_loss"] = log_eval(run, run.step, evaluate(run))
                 speed.read()  # keep eval time out of tokens/s
-
-            if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
-                checkpoint_now()
-            if stop.requested:
-                say(f"{stop.signal_name}: checkpoint at step {step} written; resume with --resume auto")
+            stop_now = stop.agreed(acc)
+            if due(run.step, cfg.save_every) or stop_now:
+                checkpoint(run)
+            if stop_now:
+                run.say(f"{stop.signal_name or 'stop'}: checkpoint at step {run.step} written; resume with "
+                        "--resume auto")
                 bar.close()
-                accelerator.end_training()
+                acc.end_training()
                 return {**last, "stopped": True}
     bar.close()
-
-    # --- save ---------------------------------------------------------------------------------
-    final = out / "final"
-    adapter = savable_adapter(accelerator, loss_model)
-    if is_main:
-        peft_model = accelerator.unwrap_model(loss_model).model
-        save_adapter(adapter, tokenizer, cfg, final)
-        say(f"saved: adapter in {final}")
-        if fsdp and cfg.sample_prompts:  # generating on one rank would wait forever for the others' shards
-            say(f"samples: skipped under FSDP; try the adapter with: python generate.py --adapter {final}")
-        elif cfg.sample_prompts and eval_set:
-            from generate import generate_ids
-
-            for ex in eval_set[: cfg.sample_prompts]:
-                prompt = ex.input_ids[: next(i for i, t in enumerate(ex.labels) if t != -100)]
-                text = generate_ids(peft_model, tokenizer, [prompt], cfg.max_new_tokens, device)[0]
-                say(f"--- sample\n{tokenizer.decode(prompt[-60:])!r}\n>>> {text}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return last
 
 
-def savable_adapter(accelerator, loss_model):
-    """What `save_adapter` saves: the peft model itself (one process, DDP), or under FSDP2 a stand-in
-    whose `save_pretrained` writes the full LoRA tensors, gathered from every rank's shards (a
-    collective: all ranks must call this; only the main process then saves)."""
-    peft_model = accelerator.unwrap_model(loss_model).model
-    if not accelerator.is_fsdp2:
-        return peft_model
-    from types import SimpleNamespace
-
-    from torch.distributed.tensor import DTensor
-
-    # full_tensor(): a collective all-gather of each LoRA weight (small); then a private CPU copy
-    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
-            for n, p in peft_model.named_parameters() if p.requires_grad}
-    return SimpleNamespace(save_pretrained=lambda path, **kw: peft_model.save_pretrained(path, state_dict=full, **kw))
+def due(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
 
 
-@torch.no_grad()
-def evaluate(loss_model, evals: list[dict], backend: str, device) -> float:
-    """Token-mean cross-entropy over the eval batches (same loss as training, no dropout)."""
-    loss_model.eval()
-    total, count = 0.0, 0
-    for batch in evals:
-        total += float(loss_model(**to_device(batch, device),
-                                  **attention.packing_kwargs(batch["position_ids"], backend, device=device)))
-        count += batch["n_supervised"]
-    loss_model.train()
-    return total / max(count, 1)
+def handle_nonfinite(run: Run, res: StepResult) -> None:
+    """Stop with the last good checkpoint named, or count the skipped step (`skip_nonfinite`)."""
+    if not run.cfg.skip_nonfinite:
+        good = list_checkpoints(run.out)
+        raise NonFiniteError(f"non-finite loss ({res.loss}) or grad norm ({res.grad_norm}) at step {run.step + 1}; "
+                             f"last good checkpoint: {good[-1][1] if good else 'none'} "
+                             "(lower lr, check the data, or set --skip_nonfinite true)")
+    run.skipped += 1
+    run.say(f"step {run.step + 1}: non-finite loss or gradient, skipped ({run.skipped} so far)")
 
 
-def _check_output_dir(out: Path, cfg: Config, resume_from) -> None:
-    if list_checkpoints(out) and resume_from is None:
-        raise CheckpointError(f"output_dir {out} already holds checkpoints of another run: pass --resume auto "
-                              "to continue it, or choose a new --output_dir (nothing was deleted)")
+def log_step(run: Run, res: StepResult, micro: list[dict], speed: Throughput) -> dict:
+    """One log line, one log.jsonl record and the trackers, all with the same numbers."""
+    acc = run.accelerator
+    sync(run.device)
+    tok_s, sup_s, _ = speed.read()
+    rec = {"step": run.step, "loss": res.loss, "lr": lr_at(run.step - 1, run.cfg), "grad_norm": res.grad_norm,
+           "tokens_per_s": tok_s * acc.num_processes, "supervised_tokens_per_s": sup_s * acc.num_processes,
+           "supervised_tokens": res.n_supervised, "epoch": run.batches.state.epoch,
+           "packing_efficiency": sum(b["n_tokens"] for b in micro) / sum(b["capacity"] for b in micro),
+           "peak_mem_gib": peak_memory_gib(run.device), "skipped_steps": run.skipped}
+    run.say(format_step(rec))
+    run.log.write(kind="train", **rec)
+    acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=run.step)
+    return rec
+
+
+def log_eval(run: Run, step: int, loss: float) -> float:
+    run.say(f"eval  {step:>5} | eval loss {loss:.4f} | ppl {math.exp(min(loss, 700)):.2f}")
+    run.log.write(kind="eval", step=step, eval_loss=loss)
+    run.accelerator.log({"eval/loss": loss}, step=step)
+    return loss
+
+
+def checkpoint(run: Run) -> None:
+    """checkpoint-<step>/ with everything `restore` needs (a collective: every rank calls it)."""
+    state = {"step": run.step, "data": vars(run.batches.state), "skipped_steps": run.skipped}
+    path = save_training_checkpoint(run.accelerator, run.loss_model, run.optimizer, run.tokenizer, run.cfg,
+                                    run.out, state)
+    if path is not None:
+        run.say(f"checkpoint: {path}")
+
+
+# =========================================================================== finish
+
+def finish(run: Run) -> None:
+    """Save the final adapter, name any adapter that never trained, and answer a few held-out prompts."""
+    acc, final = run.accelerator, run.out / "final"
+    adapter = savable_adapter(acc, run.loss_model)  # collective under FSDP
+    if acc.is_main_process:
+        save_adapter(adapter, run.tokenizer, run.cfg, final)
+        run.say(f"saved: adapter in {final}")
+        frozen = untrained_adapters(run.model)
+        if frozen:
+            run.say(f"warning: {len(frozen)} LoRA adapters never moved from their zero init (no gradient reached "
+                    f"them): {', '.join(frozen[:6])}{' ...' if len(frozen) > 6 else ''}")
+        samples(run)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def samples(run: Run) -> None:
+    """Greedy answers to the first `sample_prompts` held-out prompts (main process)."""
+    if not (run.cfg.sample_prompts and run.eval_set):
+        return
+    if run.accelerator.is_fsdp2:  # generating on one rank would wait forever for the others' shards
+        run.say(f"samples: skipped under FSDP; try the adapter with: python generate.py --adapter {run.out / 'final'}")
+        return
+    model = run.accelerator.unwrap_model(run.loss_model).model
+    for i, ex in enumerate(run.eval_set[: run.cfg.sample_prompts], 1):
+        prompt = ex.input_ids[: next(j for j, t in enumerate(ex.labels) if t != -100)]
+        answer = generate_ids(model, run.tokenizer, [prompt], run.cfg.max_new_tokens, run.device)[0]
+        question = run.tokenizer.decode(prompt, skip_special_tokens=True).strip()
+        run.say(f"--- sample {i} (prompt, last 300 characters)\n{question[-300:]}\n>>> {answer}")
+
+
+# =========================================================================== main
+
+def main(cfg: Config) -> dict:
+    """setup -> restore (if resuming) -> fit -> finish; returns the last log record."""
+    run = setup(cfg)
+    if run.resume_from is not None:
+        restore(run, run.resume_from)
+    open_output(run)
+    result = fit(run)
+    if not result.get("stopped"):
+        finish(run)
+    return result
 
 
 def _tracker(cfg: Config):
@@ -275,7 +382,7 @@ def _cpu_requested() -> bool:
 
 if __name__ == "__main__":
     try:
-        result = main(load_config())
+        main(load_config())
     except (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

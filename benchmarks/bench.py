@@ -15,9 +15,10 @@ Grid flags take comma-separated values; every combination is one setting. Each s
 implementation of it) runs in a fresh subprocess, so peak memory and the allocator start clean and an
 OOM or crash is recorded as such (status oom/error/timeout) instead of ending the sweep.
 
-Our step is train.py's: micro-batches from `qlora.packing.Batches` -> `TokenLoss` (sum of token CE on
-supervised positions) -> backward of loss_sum / supervised tokens in the window -> clip -> paged 8-bit
-AdamW step, under `accelerate` bf16 autocast, with `qlora.attention` packed attention. The model is
+Our step is train.py's own: `train.train_step` is imported and timed (micro-batches from
+`qlora.packing.Batches` -> `TokenLoss` -> backward of loss_sum / supervised tokens in the window -> clip
+-> paged 8-bit AdamW step), under the accelerator of `train.make_accelerator` (bf16 autocast on CUDA),
+with `qlora.attention` packed attention. bench.py adds only timing, memory probes and profiling. The model is
 `qlora.model`'s (base, then LoRA, then checkpointing, the steps of `load_model`, taken one by one so the
 base weights can be measured before LoRA). Warm-up steps are excluded from timing.
 
@@ -68,11 +69,7 @@ CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_le
 # =========================================================================== our step (worker)
 
 def run_ours(spec: dict, rec: dict) -> None:
-    import math
-    from contextlib import nullcontext
-
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from qlora import attention
@@ -80,11 +77,10 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora.data import IGNORE, Example
     from qlora.loss import TokenLoss
     from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
-    from qlora.optim import lr_at, make_optimizer, set_lr
-    from qlora.packing import Batches, to_device
+    from qlora.optim import lr_at, make_optimizer
+    from qlora.packing import Batches
+    from train import make_accelerator, train_step  # the very step train.py runs
 
-    device = common.pick_device()
-    on_cuda = device.type == "cuda"
     total_steps = spec["warmup"] + spec["steps"]
     cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
                       max_seq_len=spec["max_seq_len"], micro_batch_size=spec["micro_batch"],
@@ -93,13 +89,11 @@ def run_ours(spec: dict, rec: dict) -> None:
                       fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
-    # as train.py: bf16 autocast through accelerate on CUDA
-    mixed = "bf16" if on_cuda and cfg.compute_dtype in ("auto", "bfloat16") else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not on_cuda)
+    accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
     set_seed(cfg.seed)
     probe = common.Probe(device)
-    rec.update(impl="ours", **common.env_info(device), mixed_precision=mixed)
+    rec.update(impl="ours", **common.env_info(device), mixed_precision=accelerator.mixed_precision)
 
     # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
     base = load_base_model(cfg, device)
@@ -151,22 +145,11 @@ def run_ours(spec: dict, rec: dict) -> None:
             t_prof = time.perf_counter()
         with common.profiler(profiling, device) as prof:
             micro = [batches.next() for _ in range(cfg.grad_accum)]
-            n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
-            set_lr(optimizer, lr_at(step, cfg))
-            window_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                sync_ctx = accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext()
-                with sync_ctx:
-                    loss_sum = loss_model(**to_device(batch, device),
-                                          **attention.packing_kwargs(batch["position_ids"], backend, device=device))
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
-                window_loss += loss_sum.detach()
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # train.py's one host sync per step
-            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-                raise FloatingPointError(f"non-finite loss {loss} or grad norm {float(grad_norm)} at step {step + 1}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            res = train_step(accelerator, loss_model, optimizer, params, micro, lr_at(step, cfg), cfg.max_grad_norm,
+                             backend)
+            if not res.stepped:
+                raise FloatingPointError(f"non-finite loss {res.loss} or grad norm {res.grad_norm} at step {step + 1}")
+            loss = res.loss
             probe.sync()
         if profiling:
             rec["profile"] = common.profile_summary(prof, time.perf_counter() - t_prof)

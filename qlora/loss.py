@@ -46,3 +46,24 @@ class TokenLoss(nn.Module):
             total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
         return total
 
+
+
+@torch.no_grad()
+def mean_token_loss(loss_model, batches, backend: str, device) -> tuple[float, int]:
+    """(token-mean response-only cross-entropy, supervised tokens) over prebuilt micro-batches: the
+    training objective in eval mode (no dropout). The one eval loss of the project: train.py's eval
+    passes and `python -m qlora.evaluate` both call it."""
+    from . import attention
+    from .packing import to_device
+
+    was_training = loss_model.training
+    loss_model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            total += float(loss_model(**to_device(batch, device),
+                                      **attention.packing_kwargs(batch["position_ids"], backend, device=device)))
+            count += batch["n_supervised"]
+    finally:
+        loss_model.train(was_training)
+    return (total / count if count else float("nan")), count

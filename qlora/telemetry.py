@@ -27,10 +27,6 @@ def allocated_per_rank_gib(accelerator, device: torch.device) -> list[float]:
     return accelerator.gather(mine).tolist()
 
 
-def peak_reserved_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,5 +70,9 @@ def format_step(rec: dict) -> str:
             f" | pack {rec['packing_efficiency']:.0%} | mem {rec['peak_mem_gib']:.2f} GiB")
 
 
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def say(msg: str) -> None:
+    """A message on stderr that never lands inside an active tqdm progress bar's line."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import train
 from qlora import attention
 from qlora.checkpoint import save_adapter
 from qlora.data import load_datasets
@@ -37,38 +38,54 @@ def randomise_lora_(model, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def grads_of(loss_model, batches, backend):
-    model = loss_model.model
-    model.zero_grad(set_to_none=True)
-    n_sup = sum(b["n_supervised"] for b in batches)
-    for b in batches:
-        kw = attention.packing_kwargs(b["position_ids"], backend)
-        loss_sum = loss_model(b["input_ids"], b["position_ids"], b["targets"], b["sup_index"], **kw)
-        (loss_sum / n_sup).backward()
-    return {n: p.grad.clone() for n, p in lora_params(model).items()}
+class GradRecorder(torch.optim.Optimizer):
+    """An optimizer whose step() only records the gradients it was given (no update)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append({id(p): p.grad.clone() for g in self.param_groups for p in g["params"]})
+
+
+def step_grads(model, micro, loss_fn=train.micro_batch_loss):
+    """The gradients train.train_step hands to the optimizer for the window `micro`, by parameter name."""
+    from accelerate import Accelerator
+
+    loss_model = TokenLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = GradRecorder(params)
+    res = train.train_step(Accelerator(cpu=True), loss_model, opt, params, micro, 0.0, 0.0, "sdpa", loss_fn=loss_fn)
+    assert res.stepped
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[i]: g for i, g in opt.seen[-1].items()}, res
 
 
 def test_accumulation_equals_one_big_batch(sql_examples):
+    """train_step over 3 micro-batches of unequal supervised-token counts gives the gradient of one big
+    batch: the exact token mean over the window, not a mean of micro-batch means."""
     cfg = tiny_cfg()
     model = load_model(cfg, torch.device("cpu"))
     randomise_lora_(model)
-    backend = attention.use_packed_attention(model, "sdpa")
-    lm = TokenLoss(model)
+    attention.use_packed_attention(model, "sdpa")
     exs = sql_examples[:6]
     big = collate([[e] for e in exs], pad_id=0)
     small = [collate([[exs[0]]], 0), collate([[exs[1]], [exs[2]], [exs[3]]], 0), collate([[exs[4]], [exs[5]]], 0)]
     counts = [b["n_supervised"] for b in small]
     assert len(set(counts)) > 1  # unequal supervised tokens per micro-batch: a mean of means would differ
-    g_big, g_acc = grads_of(lm, [big], backend), grads_of(lm, small, backend)
+    (g_big, r_big), (g_acc, r_acc) = step_grads(model, [big]), step_grads(model, small)
+    assert r_big.n_supervised == r_acc.n_supervised == sum(counts)
+    assert abs(r_big.loss - r_acc.loss) <= 1e-5 * abs(r_big.loss)
     for n in g_big:
         scale = g_big[n].abs().max().item()
         assert scale > 0
         assert (g_big[n] - g_acc[n]).abs().max().item() <= 1e-5 * max(1.0, scale), n
     # and the naive mean of micro-batch means is measurably different (the test can fail)
     model.zero_grad(set_to_none=True)
+    lm = TokenLoss(model)
     for b in small:
-        kw = attention.packing_kwargs(b["position_ids"], backend)
-        (lm(b["input_ids"], b["position_ids"], b["targets"], b["sup_index"], **kw) / b["n_supervised"] / 3).backward()
+        (train.micro_batch_loss(lm, b, "sdpa", torch.device("cpu")) / b["n_supervised"] / 3).backward()
     naive = {n: p.grad for n, p in lora_params(model).items()}
     assert max((naive[n] - g_big[n]).abs().max().item() for n in g_big) > 1e-4
 
@@ -131,11 +148,16 @@ def test_train_py_end_to_end_then_generate(tmp_path):
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert list(out.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
+    from safetensors.torch import load_file
+
+    from qlora.model import untrained_adapters
+    assert untrained_adapters(load_file(str(final / "adapter_model.safetensors"))) == []  # every LoRA B moved
+    assert "never moved" not in r.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rec = [r for r in log if r["kind"] == "train"][-1]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib", "packing_efficiency", "supervised_tokens"):
         assert rec[key] > 0, key
-    g = run(["generate.py", "--adapter", str(final), "--prompt", "How many rows?", "--max-new-tokens", "4"])
+    g = run(["generate.py", "--adapter", str(final), "--prompt", "How many rows?", "--max_new_tokens", "4"])
     assert g.returncode == 0, g.stderr[-3000:]
     assert ">>> How many rows?" in g.stdout
 
@@ -147,3 +169,76 @@ def test_errors_end_with_one_clear_message(tmp_path):
     r = run(["train.py", "--model", "random:tiny", "--datasets", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "o")])
     assert r.returncode == 2 and "data file" in r.stderr and "none.jsonl not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- "Changing the loop" (README): each common edit has one place, and the loop really uses it
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_recipe_loss_term_changes_the_gradient_as_expected(sql_examples):
+    """A loss term added in `micro_batch_loss` (passed as loss_fn) reaches the gradient exactly: the term
+    c * sum(LoRA weights) adds c / (supervised tokens in the window) to every LoRA gradient element."""
+    model = load_model(tiny_cfg(), torch.device("cpu"))
+    randomise_lora_(model, seed=2)
+    attention.use_packed_attention(model, "sdpa")
+    micro = [collate([[e] for e in sql_examples[:3]], 0)]
+    c = 0.5
+
+    def with_term(loss_model, batch, backend, device):
+        extra = sum(p.sum() for p in lora_params(loss_model.model).values())
+        return train.micro_batch_loss(loss_model, batch, backend, device) + c * extra
+
+    (plain, res), (added, _) = step_grads(model, micro), step_grads(model, micro, loss_fn=with_term)
+    for n in plain:
+        assert torch.allclose(added[n] - plain[n], torch.full_like(plain[n], c / res.n_supervised), atol=1e-6), n
+
+
+def test_recipe_schedule_is_read_from_lr_at(tmp_path, monkeypatch):
+    """The schedule is `lr_at`: a zero schedule logs lr 0 and leaves every LoRA B at its zero init."""
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: 0.0)
+    train.main(tiny_cfg(tmp_path, max_steps=2, save_every=0, eval_fraction=0.0))
+    assert [r["lr"] for r in _log(tmp_path / "run") if r["kind"] == "train"] == [0.0, 0.0]
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+
+
+def test_recipe_optimizer_comes_from_make_optimizer(tmp_path, monkeypatch):
+    """The optimizer is `make_optimizer`'s: with plain SGD one step moves LoRA B (zero at init) by exactly
+    -lr * the gradient train_step handed it."""
+    made = []
+
+    class SGDSpy(torch.optim.SGD):
+        def step(self, closure=None):
+            self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"]}
+            return super().step(closure)
+
+    def make(params, cfg):
+        made.append(SGDSpy(list(params), lr=cfg.lr))
+        return made[-1]
+
+    monkeypatch.setattr(train, "make_optimizer", make)
+    cfg = tiny_cfg(tmp_path, max_steps=1, save_every=0, eval_fraction=0.0, max_grad_norm=0.0, lr=0.1)
+    train.main(cfg)
+    assert len(made) == 1
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    params = [p for g in made[0].param_groups for p in g["params"]]
+    b_grads = [made[0].grads[id(p)] for p in params if p.shape[1] == cfg.lora_r]  # lora_B: (out, r)
+    b_saved = [v for k, v in sorted(saved.items()) if "lora_B" in k]
+    from qlora.optim import lr_at
+    lr0 = lr_at(0, cfg)
+    assert len(b_grads) == len(b_saved) > 0
+    for want in b_grads:  # each saved B is -lr0 * one of the recorded B gradients
+        assert any(v.shape == want.shape and torch.allclose(v, -lr0 * want, atol=1e-7) for v in b_saved)
+
+
+def test_recipe_eval_is_evaluate(tmp_path, monkeypatch):
+    """What an eval pass measures is `evaluate(run)`: its value is what is logged, at step 0, every
+    eval_every steps and at the end."""
+    monkeypatch.setattr(train, "evaluate", lambda run: 1.25 + run.step)
+    train.main(tiny_cfg(tmp_path, max_steps=4, eval_every=3, save_every=0))
+    evals = [(r["step"], r["eval_loss"]) for r in _log(tmp_path / "run") if r["kind"] == "eval"]
+    assert evals == [(0, 1.25), (3, 4.25), (4, 5.25)]
