@@ -62,8 +62,10 @@ def save_adapter(model, tokenizer, cfg: Config, path: Path) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config,
-                    trainer_state: dict, rng: dict | None = None) -> Path:
-    """Write checkpoint-<step> atomically (tmp folder, then rename) and prune to `cfg.keep_last`."""
+                    trainer_state: dict, rng: dict | None = None, before_commit=None) -> Path:
+    """Write checkpoint-<step> atomically (tmp folder, then rename) and prune to `cfg.keep_last`.
+    `before_commit()`, if given, runs after every file but meta.json is written (tests kill the
+    process there to show an interrupted write is never resumed from)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
@@ -73,8 +75,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cf
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    if os.environ.get("QLORA_TEST_SAVE_DELAY"):  # tests kill the process here, mid-write
-        time.sleep(float(os.environ["QLORA_TEST_SAVE_DELAY"]))
+    if before_commit is not None:
+        before_commit()
     meta = {"step": step, "time": time.time(), "complete": True, "resume_key": config_hash_fields(cfg),
             "world_size": trainer_state.get("world_size", 1)}
     _fsync_dir_files(tmp)
@@ -162,3 +164,59 @@ def load_adapter_weights(model, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"checkpoint {path}: adapter tensors do not fit this model ({unexpected[:3]})")
+
+
+# --------------------------------------------------------------------------- the training run's side
+
+def check_output_dir(out: Path, resume_from: Path | None) -> None:
+    """Refuse, before anything is written, an output_dir that cannot hold this run: a file, a folder
+    that cannot be written, or one holding another run (unless that run is being resumed)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output_dir {out} is a file, not a folder: choose another --output_dir")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output_dir {out}: cannot write in {parent} (read-only or not yours): choose "
+                              "another --output_dir")
+    if resume_from is not None or not out.is_dir():
+        return
+    previous = [n for n in ("config.yaml", "log.jsonl", "final") if (out / n).exists()]
+    if list_checkpoints(out):
+        previous.append("checkpoints")
+    if previous:
+        raise CheckpointError(f"output_dir {out} already holds another run ({', '.join(previous)}): pass "
+                              "--resume auto to continue it, or choose a new --output_dir (nothing was changed)")
+
+
+def savable_adapter(accelerator, loss_model):
+    """What `save_adapter` saves: the peft model itself (one process, DDP), or under FSDP2 a stand-in
+    whose `save_pretrained` writes the full LoRA tensors, gathered from every rank's shards (a
+    collective: all ranks must call this; only the main process then saves)."""
+    peft_model = accelerator.unwrap_model(loss_model).model
+    if not accelerator.is_fsdp2:
+        return peft_model
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    # full_tensor(): a collective all-gather of each LoRA weight (small); then a private CPU copy
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for n, p in peft_model.named_parameters() if p.requires_grad}
+    return SimpleNamespace(save_pretrained=lambda path, **kw: peft_model.save_pretrained(path, state_dict=full, **kw))
+
+
+def save_training_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg: Config, output_dir: Path,
+                             trainer_state: dict, before_commit=None) -> Path | None:
+    """checkpoint-<step> of a training run: the adapter, optimizer, every rank's RNG state and
+    `trainer_state` (step, data position, counters). A collective: every rank calls it; the main
+    process writes; returns the path there (None on other ranks)."""
+    world = accelerator.num_processes
+    rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
+    adapter = savable_adapter(accelerator, loss_model)
+    path = None
+    if accelerator.is_main_process:
+        state = {**trainer_state, "world_size": world, "fsdp": accelerator.is_fsdp2}
+        path = save_checkpoint(output_dir, trainer_state["step"], adapter, tokenizer, optimizer, cfg, state,
+                               {f"rank{i}": r for i, r in enumerate(rngs)}, before_commit)
+    accelerator.wait_for_everyone()
+    return path
