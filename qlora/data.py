@@ -1,7 +1,8 @@
 """Datasets -> prompt/response conversations -> token ids with response-only labels.
 
-A *source* is a hub id or a local json/jsonl/parquet/csv file, optionally with a formatter
-(`path.jsonl:gretel_sql`), or a dict with `path`, `formatter`, `split`, `eval_split`, `weight`.
+A *source* (qlora/sources.py) is a hub id or a local json/jsonl/parquet/csv file, optionally with a
+formatter and a column mapping (`my.csv:prompt_response?prompt=question&response=answer`), or a dict
+with `path`, `formatter`, `split`, `eval_split`, `weight`, `columns`.
 `builtin:sql` is the text-to-SQL set that ships in `data/sql/`.
 Each row becomes a list of chat messages; `encode` renders them with the tokenizer's chat template
 (or the Llama-2 `[INST]` format when it has none) and supervises every assistant turn and its EOS.
@@ -11,22 +12,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .formatters import FORMATTERS, DataError, detect_formatter
+from .sources import BUILTIN, LOCAL_EXT, Rows, Source, load_rows, parse_source  # noqa: F401 (re-exported)
 
 IGNORE = -100
-BUILTIN = {"builtin:sql": Path(__file__).resolve().parent.parent / "data" / "sql"}
-LOCAL_EXT = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-@dataclass
-class Source:
-    path: str
-    formatter: str = ""  # "" = detect from the columns
-    split: str = "train"
-    eval_split: str = ""  # "" = hold out cfg.eval_fraction of the train split
-    weight: float = 1.0  # rows per epoch = weight * len(source)
 
 
 @dataclass
@@ -52,60 +42,6 @@ class DataStats:
     def summary(self) -> str:
         return (f"{self.rows} rows -> {self.kept} examples; dropped {self.dropped_overlong} over-long, "
                 f"{self.dropped_no_supervised} with no supervised token; truncated {self.truncated}")
-
-
-# --------------------------------------------------------------------------- sources and loading
-
-def parse_source(spec) -> Source:
-    """`"path[:formatter]"`, `"builtin:sql"`, a hub id, or a dict of `Source` fields."""
-    if isinstance(spec, dict):
-        unknown = set(spec) - set(Source.__dataclass_fields__)
-        if unknown or "path" not in spec:
-            raise DataError(f"dataset entry {spec}: needs 'path' and only {', '.join(Source.__dataclass_fields__)}")
-        src = Source(**spec)
-    elif isinstance(spec, str):
-        path, formatter = spec, ""
-        head, sep, tail = spec.rpartition(":")
-        if sep and tail in FORMATTERS:
-            path, formatter = head, tail
-        src = Source(path=path, formatter=formatter)
-    else:
-        raise DataError(f"dataset entry {spec!r} must be a string or a mapping")
-    if src.formatter and src.formatter not in FORMATTERS:
-        raise DataError(f"dataset {src.path}: unknown formatter '{src.formatter}'; choose one of {', '.join(FORMATTERS)}")
-    return src
-
-
-def load_rows(src: Source, split: str) -> list[dict]:
-    """Rows of one split of a source as plain dicts (hub ids through `datasets`, offline-safe errors)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if src.path in BUILTIN:
-        path = BUILTIN[src.path] / f"{'test' if split in ('test', 'eval', 'validation') else 'train'}.jsonl"
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        return ds.to_list()
-    p = Path(src.path).expanduser()
-    if p.suffix.lower() in LOCAL_EXT or p.exists() or src.path.startswith((".", "/", "~")):
-        if not p.is_file():
-            raise DataError(f"data file {src.path} not found: check the path (relative paths are from the "
-                            f"current directory {Path.cwd()})")
-        if p.suffix.lower() not in LOCAL_EXT:
-            raise DataError(f"data file {src.path}: unsupported extension; use .json, .jsonl, .parquet or .csv")
-        try:
-            ds = datasets.load_dataset(LOCAL_EXT[p.suffix.lower()], data_files=str(p), split="train")
-        except Exception as e:  # datasets wraps parse errors in many types
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DataError(f"data file {src.path} could not be read ({why}): check it is valid "
-                            f"{LOCAL_EXT[p.suffix.lower()]} with one row per record") from None
-        return ds.to_list()
-    try:
-        ds = datasets.load_dataset(src.path, split=split)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"dataset '{src.path}' (split {split}) could not be loaded: {why} -- "
-                        "offline runs need a local file or a dataset already in the HF cache") from None
-    return ds.to_list()
 
 
 # --------------------------------------------------------------------------- rendering and labels
@@ -197,7 +133,7 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
     fmt = FORMATTERS[name]
     out = []
     for i, row in enumerate(rows):
-        messages = fmt(row, where=f"{src.path} row {i}")
+        messages = fmt(row, where=rows.where(i) if isinstance(rows, Rows) else f"{src.path} row {i}")
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
         ex, why = encode(messages, tok, max_len, overlong)
@@ -223,16 +159,13 @@ def load_datasets(specs, tok, max_len: int, overlong: str, eval_fraction: float,
     for spec in specs:
         src = parse_source(spec)
         rows = load_rows(src, src.split)
-        if not rows:
-            raise DataError(f"dataset {src.path} (split {src.split}) is empty")
         if src.eval_split or src.path in BUILTIN:
             held = [] if eval_specs else load_rows(src, src.eval_split or "test")
         else:
             order = list(range(len(rows)))
             random.Random(seed).shuffle(order)
             n_eval = 0 if eval_specs else int(round(eval_fraction * len(rows)))
-            held = [rows[i] for i in order[:n_eval]]
-            rows = [rows[i] for i in order[n_eval:]]
+            held, rows = rows.pick(order[:n_eval]), rows.pick(order[n_eval:])  # rows keep their place in the file
         examples = build_examples(rows, src, tok, max_len, overlong, stats, system_prompt)
         evals += build_examples(held, src, tok, max_len, overlong, DataStats(), system_prompt) if held else []
         train += mix(examples, src.weight, seed)

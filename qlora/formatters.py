@@ -1,7 +1,8 @@
 """Row formatters: one dataset row -> a list of chat messages (`{"role", "content"}`).
 
 Chosen by name (`path.jsonl:gretel_sql`) or detected from the columns. A row missing a required
-field raises `DataError` naming the source, the row and the field.
+field, or holding a non-string where text is needed, raises `DataError` naming the source, the row
+and the field (`FIELDS` lists what each formatter reads).
 """
 
 from __future__ import annotations
@@ -13,11 +14,51 @@ class DataError(ValueError):
     """Bad data: the message names the file, row or field and what to do."""
 
 
-def _need(row: dict, keys, where: str):
+class MappedRow(dict):
+    """A row whose file columns were renamed to a formatter's fields (`columns`: field -> column), so
+    that errors can name the column as it is in the file."""
+
+    def __init__(self, row: dict, columns: dict):
+        sources = set(columns.values())
+        super().__init__({k: v for k, v in row.items() if k not in sources})
+        self.update({f: row[c] for f, c in columns.items() if c in row})
+        self.columns, self.file_columns = dict(columns), list(row)
+
+
+def kind_of(value) -> str:
+    """'a number', 'a list', ... for messages about a value of the wrong type."""
+    names = {str: "a string", bool: "true/false", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _label(row: dict, key: str) -> str:
+    col = getattr(row, "columns", {}).get(key)
+    return f"column '{col}' (mapped to field '{key}')" if col else f"field '{key}'"
+
+
+def _need(row: dict, keys, where: str, text: bool = True) -> list:
+    """The values of the required `keys`; a missing, null or (when `text`) non-string one is an error that
+    names the field and what the row holds."""
     for k in keys:
-        if k not in row or row[k] is None:
-            raise DataError(f"{where}: missing required field '{k}' (row has {', '.join(sorted(row))})")
+        if k not in row:
+            have = getattr(row, "file_columns", None) or sorted(row)
+            have = ", ".join(map(str, have)) or "nothing"
+            raise DataError(f"{where}: missing {_label(row, k)}; this row has only: {have} "
+                            f"(this format needs {', '.join(keys)})")
+        if row[k] is None:
+            raise DataError(f"{where}: {_label(row, k)} is empty (null); this format needs text in {', '.join(keys)}")
+        if text and not isinstance(row[k], str):
+            raise DataError(f"{where}: {_label(row, k)} must be a string, found {kind_of(row[k])} "
+                            f"({str(row[k])[:40]}): write it as text in the file")
     return [row[k] for k in keys]
+
+
+def _opt(row: dict, key: str, where: str) -> str:
+    """An optional text field: '' when absent or null."""
+    v = row.get(key)
+    if v is not None and not isinstance(v, str):
+        raise DataError(f"{where}: {_label(row, key)} must be a string, found {kind_of(v)} ({str(v)[:40]})")
+    return v or ""
 
 
 def _turn(prompt: str, response: str) -> list[dict]:
@@ -63,29 +104,29 @@ def sql_instruction(context: str, question: str, evidence: str = "") -> str:
 def bird_reasoning(row: dict, where: str = "row") -> list[dict]:
     """meowterspace45/bird-sql-train-with-reasoning: schema, question, evidence -> reasoning then SQL."""
     schema, question, sql = _need(row, ["schema", "question", "SQL"], where)
-    reasoning = (row.get("reasoning_trace") or "").strip()
+    reasoning = _opt(row, "reasoning_trace", where).strip()
     answer = f"{reasoning}\n\nSQL: {sql.strip()}" if reasoning else sql.strip()
-    return _turn(sql_instruction(schema, question, row.get("evidence") or ""), answer)
+    return _turn(sql_instruction(schema, question, _opt(row, "evidence", where)), answer)
 
 
 def prompt_response(row: dict, where: str = "row") -> list[dict]:
     """Generic `prompt`/`response` columns (optional `system`)."""
     prompt, response = _need(row, ["prompt", "response"], where)
-    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    return system + _turn(str(prompt), str(response))
+    system = _opt(row, "system", where)
+    return ([{"role": "system", "content": system}] if system else []) + _turn(prompt, response)
 
 
 def input_output(row: dict, where: str = "row") -> list[dict]:
     """Generic `input`/`output` columns, with an optional `instruction` (Alpaca style)."""
     inp, out = _need(row, ["input", "output"], where)
-    instruction = row.get("instruction") or ""
-    prompt = f"{instruction}\n\n{inp}".strip() if instruction else str(inp)
-    return _turn(prompt, str(out))
+    instruction = _opt(row, "instruction", where)
+    prompt = f"{instruction}\n\n{inp}".strip() if instruction else inp
+    return _turn(prompt, out)
 
 
 def messages(row: dict, where: str = "row") -> list[dict]:
     """Chat `messages`: a list of {role, content} with roles system/user/assistant."""
-    (msgs,) = _need(row, ["messages"], where)
+    (msgs,) = _need(row, ["messages"], where, text=False)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
     out = []
@@ -110,6 +151,16 @@ FORMATTERS = {
     "messages": messages,
 }
 
+# the fields each formatter reads: (required, optional); `columns` in a source maps them to a file's columns
+FIELDS = {
+    "guanaco": (("text",), ()),
+    "gretel_sql": (("sql_prompt", "sql_context", "sql"), ()),
+    "bird_reasoning": (("schema", "question", "SQL"), ("evidence", "reasoning_trace")),
+    "prompt_response": (("prompt", "response"), ("system",)),
+    "input_output": (("input", "output"), ("instruction",)),
+    "messages": (("messages",), ()),
+}
+
 # (formatter, columns that identify it), most specific first
 _SIGNATURES = [
     ("gretel_sql", {"sql_prompt", "sql_context", "sql"}),
@@ -122,10 +173,12 @@ _SIGNATURES = [
 
 
 def detect_formatter(rows: list[dict], where: str) -> str:
-    """Pick a formatter from the first row's columns."""
-    cols = set(rows[0]) if rows else set()
+    """Pick a formatter from the columns of the rows (all of them: a row that lacks a field is then
+    reported as such, wherever it is, rather than making the whole file unrecognisable)."""
+    cols = {k for row in rows for k in row}
     for name, need in _SIGNATURES:
         if need <= cols:
             return name
     raise DataError(f"dataset {where}: cannot tell the format from its columns ({', '.join(sorted(cols))}); "
-                    f"name a formatter as '{where}:NAME' with NAME one of {', '.join(FORMATTERS)}")
+                    f"name a formatter as '{where}:NAME' with NAME one of {', '.join(FORMATTERS)}, and map your "
+                    f"columns to its fields if they differ, e.g. '{where}:prompt_response?prompt=COL&response=COL'")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE, Example
+from .data import IGNORE, DataError, Example
 
 PAD_MULTIPLE = 8  # pad row length to a multiple of 8 for tensor-core friendly shapes
 
@@ -36,7 +36,8 @@ def pack(lengths: list[int], capacity: int, seed: int, buffer: int = 2048) -> li
         for i in chunk:
             n = lengths[i]
             if n > capacity:
-                raise ValueError(f"example {i} has {n} tokens > row capacity {capacity}")
+                raise DataError(f"example {i} has {n} tokens, more than a row holds ({capacity} = max_seq_len): "
+                                "drop or truncate long examples first (--overlong), or raise --max_seq_len")
             k = bisect.bisect_left(free, (n, -1))  # tightest row that still fits
             if k < len(free):
                 room, rid = free.pop(k)
@@ -109,14 +110,22 @@ class Batches:
         self.pad_id, self.seed, self.packing, self.rank, self.world = pad_id, seed, packing, rank, world
         self.state = DataState()
         self._epoch_cache: tuple[int, list] | None = None
-        if self.rows_for_epoch(0) == []:
-            raise ValueError(f"{len(examples)} examples fill fewer than {world * micro_batch_size} rows: "
-                             "lower micro_batch_size or add data")
+        n_rows = len(self._all_rows(0))
+        if n_rows < world * micro_batch_size:
+            procs = f" x {world} processes" if world > 1 else ""
+            fix = (f"lower --micro_batch_size to {n_rows // world} or add data" if n_rows >= world
+                   else "use fewer processes or add data")
+            raise DataError(f"the training data ({len(examples)} examples) fills {n_rows} "
+                            f"{'packed' if packing else 'padded'} row(s) of max_seq_len {max_seq_len}, fewer than one "
+                            f"micro-batch of micro_batch_size {micro_batch_size}{procs} rows: {fix}")
 
-    def rows_for_epoch(self, epoch: int) -> list[list[int]]:
+    def _all_rows(self, epoch: int) -> list[list[int]]:
         seed = self.seed + 1000 * epoch
         lengths = [len(e.input_ids) for e in self.examples]
-        rows = pack(lengths, self.max_seq_len, seed) if self.packing else unpacked_rows(len(lengths), seed)
+        return pack(lengths, self.max_seq_len, seed) if self.packing else unpacked_rows(len(lengths), seed)
+
+    def rows_for_epoch(self, epoch: int) -> list[list[int]]:
+        rows = self._all_rows(epoch)
         g = self.world * self.mbs
         return rows[: len(rows) // g * g]
 

@@ -5,12 +5,16 @@ assistant response followed by EOS, and nothing else.
 """
 
 import copy
+import csv
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from qlora.data import IGNORE, DataStats, Source, build_examples, encode, load_datasets, mix, parse_source, supervised_text
-from qlora.formatters import FORMATTERS, DataError, detect_formatter
+from qlora.data import (IGNORE, DataStats, Source, build_examples, encode, load_datasets, load_rows, mix, parse_source,
+                        supervised_text)
+from qlora.formatters import FIELDS, FORMATTERS, DataError, detect_formatter
 
 from conftest import shared_file
 
@@ -154,8 +158,9 @@ def test_all_overlong_is_a_clear_error(tok, tmp_path):
 
 
 @pytest.mark.parametrize("rows, suffix, needle", [
-    ([{"prompt": "q", "response": "a"}, {"prompt": "q"}], "", "row 1: missing required field 'response'"),
-    ([{"text": "no inst markers"}], ":guanaco", "row 0: field 'text' has no '[INST] ... [/INST] ...' turn"),
+    ([{"prompt": "q", "response": "a"}, {"prompt": "q"}], "",
+     "line 2: missing field 'response'; this row has only: prompt (this format needs prompt, response)"),
+    ([{"text": "no inst markers"}], ":guanaco", "line 1: field 'text' has no '[INST] ... [/INST] ...' turn"),
     ([{"foo": 1}], "", "cannot tell the format from its columns (foo)"),
 ])
 def test_bad_rows_name_the_file_row_and_field(tok, tmp_path, rows, suffix, needle):
@@ -183,3 +188,172 @@ def test_mixing_weights_repeat_and_subsample():
     half = mix(items, 0.5, 0)
     assert len(half) == 5 and set(half) <= set(items) and half == mix(items, 0.5, 0)
     assert len(mix(items, 1.3, 0)) == 13
+
+
+# --------------------------------------------------------------------------- errors name the row as it is in the file
+
+def error_of(specs, tok, **kw):
+    with pytest.raises(DataError) as e:
+        load_datasets(specs, tok, kw.pop("max_len", 256), "drop", kw.pop("eval_fraction", 0.2), seed=0, **kw)
+    return str(e.value)
+
+
+def test_a_bad_row_is_named_by_its_line_not_its_place_after_the_shuffle(tok, tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(30)]
+    del rows[3]["response"]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert error_of([str(p)], tok).startswith(f"{p} line 4: missing field 'response'")
+    p.write_text("\n" + p.read_text())  # a blank line counts as a line of the file
+    assert error_of([str(p)], tok).startswith(f"{p} line 5: missing field 'response'")
+    rows[3]["response"] = None  # parquet has no "missing": a null is named as such, by its 0-based row
+    q = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), q)
+    assert error_of([str(q)], tok).startswith(f"{q} row 3 (0-based): field 'response' is empty (null)")
+
+
+def test_csv_rows_are_named_by_the_line_they_start_on(tok, tmp_path):
+    p = tmp_path / "d.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "response"])
+        w.writerows([["two\nlines", "a"]] + [[f"q{i}", f"a{i}"] for i in range(20)])
+    with p.open("a") as f:
+        f.write("q_only\n")  # header on line 1, a two-line record on 2-3, 20 rows on 4-23, this one on 24
+    assert error_of([str(p)], tok).startswith(f"{p} line 24: field 'response' is empty (null)")
+
+
+def test_a_field_of_the_wrong_type_names_the_field_and_the_type(tok, tmp_path):
+    p = tmp_path / "g.jsonl"
+    row = {"sql_prompt": "How many?", "sql_context": "CREATE TABLE t (x INT);", "sql": 42}
+    p.write_text(json.dumps(row) + "\n")
+    assert error_of([str(p)], tok, eval_fraction=0.0) == (
+        f"{p} line 1: field 'sql' must be a string, found a number (42): write it as text in the file")
+    p.write_text(json.dumps({"prompt": ["a"], "response": "b"}) + "\n")
+    assert "field 'prompt' must be a string, found a list" in error_of([str(p)], tok, eval_fraction=0.0)
+    p.write_text(json.dumps({"prompt": "a", "response": "b", "system": {"x": 1}}) + "\n")
+    assert "field 'system' must be a string, found an object" in error_of([str(p)], tok, eval_fraction=0.0)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
+     "line 2 is not valid UTF-8 (byte 0xe9): save the file as UTF-8"),
+    (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": }\n',
+     "line 3 is not valid JSON (Expecting value, column 29): each line must be one JSON object"),
+    (b'{"prompt": "a", "response": "b"}\n["a", "b"]\n', "line 2 is a list, not a JSON object"),
+    (b"", "has no rows"),
+    (b"\n  \n", "has no rows"),
+], ids=["non-utf8", "invalid-json", "not-an-object", "empty", "blank-lines"])
+def test_unreadable_jsonl_names_the_line(tok, tmp_path, content, needle):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(content)
+    msg = error_of([str(p)], tok)
+    assert str(p) in msg and needle in msg
+
+
+def test_unreadable_csv_and_json(tok, tmp_path):
+    p = tmp_path / "h.csv"
+    p.write_text("prompt,response\n")
+    assert error_of([str(p)], tok) == f"dataset {p} has no rows: check the file, or drop it from the datasets"
+    p.write_bytes(b"prompt,response\nok,fine\nbad,\x92quote\n")
+    assert f"data file {p} line 3 is not valid UTF-8 (byte 0x92)" in error_of([str(p)], tok)
+    p.write_text("prompt,response\na,b,c\n")
+    assert "line 2 has more cells than the header (prompt, response)" in error_of([str(p)], tok)
+    j = tmp_path / "a.json"
+    j.write_text(json.dumps([{"prompt": "a", "response": "b"}, "oops"]))
+    assert "item 1 (0-based) is a string, not an object" in error_of([str(j)], tok)
+
+
+def test_json_files_hold_a_list_or_one_object_per_line(tmp_path):
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    j = tmp_path / "a.json"
+    j.write_text(json.dumps(rows, indent=2))
+    got = load_rows(parse_source(str(j)), "train")
+    assert list(got) == rows and got.where(1) == f"{j} row 1 (0-based)"
+    j.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_rows(parse_source(str(j)), "train")
+    assert list(got) == rows and got.where(1) == f"{j} line 2"
+
+
+def test_a_formatter_typo_is_not_file_not_found():
+    with pytest.raises(DataError) as e:
+        parse_source("data.jsonl:gretel")
+    assert str(e.value).startswith("dataset data.jsonl:gretel: unknown formatter 'gretel' (did you mean gretel_sql?)")
+    with pytest.raises(DataError, match=r"unknown formatter 'promt_response' \(did you mean prompt_response\?\)"):
+        parse_source({"path": "x.csv", "formatter": "promt_response"})
+    assert parse_source("eval:gretel_sql") == Source("eval", "gretel_sql")  # a name, not a file: kept as is
+    assert parse_source("org/name") == Source("org/name")
+    with pytest.raises(DataError, match="unknown built-in dataset 'builtin:sqll'"):
+        parse_source("builtin:sqll")
+
+
+# --------------------------------------------------------------------------- column mapping
+
+def encoded(specs, tok):
+    train, _, _ = load_datasets(specs, tok, 512, "drop", 0.0, seed=0)
+    return [(e.input_ids, e.labels) for e in train]
+
+
+def test_a_question_answer_csv_trains_through_a_column_mapping(tok, tmp_path):
+    pairs = [("What is 2+2?", "4"), ("Capital of France?", "Paris, of course"), ("Say, hi", "hi")]
+    c = tmp_path / "qa.csv"
+    with c.open("w", newline="") as f:
+        csv.writer(f).writerows([("question", "answer")] + pairs)
+    with pytest.raises(DataError, match=r"cannot tell the format from its columns \(answer, question\)"):
+        encoded([str(c)], tok)  # without a mapping the file is rejected, with a hint at the mapping
+    j = tmp_path / "pr.jsonl"
+    j.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in pairs))
+    want = encoded([str(j)], tok)
+    assert encoded([f"{c}:prompt_response?prompt=question&response=answer"], tok) == want
+    assert encoded([f"{c}?prompt=question&response=answer"], tok) == want  # detected after mapping
+    assert encoded([{"path": str(c), "formatter": "prompt_response",
+                     "columns": {"prompt": "question", "response": "answer"}}], tok) == want
+    train, _, _ = load_datasets([f"{c}:prompt_response?prompt=question&response=answer"], tok, 512, "drop", 0.0, 0)
+    assert sorted(supervised_text(tok, e) for e in train) == sorted(a + tok.eos_token for _, a in pairs)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_column_mapping_works_for_every_formatter(tok, tmp_path, name):
+    required, optional = FIELDS[name]
+    renamed = [{f"my_{k}": v for k, v in row.items()} for row in ROWS[name]]
+    p, q = tmp_path / "plain.jsonl", tmp_path / "renamed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS[name]))
+    q.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    present = {k for row in ROWS[name] for k in row}
+    query = "&".join(f"{k}=my_{k}" for k in required + optional if k in present)
+    assert encoded([f"{q}:{name}?{query}"], tok) == encoded([f"{p}:{name}"], tok)
+
+
+def test_mapping_errors_name_the_column(tok, tmp_path):
+    c = tmp_path / "qa.csv"
+    c.write_text("question,answer\nWhat?,That\nWho?\n")
+    assert error_of([f"{c}:prompt_response?prompt=question&response=answr"], tok) == (
+        f"dataset {c}: column 'answr' (mapped to field 'response') is not in the file (did you mean 'answer'?); "
+        "its columns are: answer, question")
+    assert error_of([f"{c}:prompt_response?prompt=question&response=answer"], tok, eval_fraction=0.0) == (
+        f"{c} line 3: column 'answer' (mapped to field 'response') is empty (null); "
+        "this format needs text in prompt, response")
+    j = tmp_path / "m.jsonl"
+    j.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    assert error_of([f"{j}:prompt_response?prompt=question&response=answer"], tok, eval_fraction=0.0).startswith(
+        f"{j} line 2: missing column 'answer' (mapped to field 'response'); this row has only: question")
+    with pytest.raises(DataError, match=r"columns maps 'question', which is not a field of prompt_response "
+                                        r"\(prompt, response, system\)"):
+        parse_source("x.csv:prompt_response?question=prompt")
+    with pytest.raises(DataError, match=r"after '\?' give field=column pairs"):
+        parse_source("x.csv:prompt_response?prompt")
+    with pytest.raises(DataError, match="'columns' maps the formatter's fields"):
+        parse_source({"path": "x.csv", "columns": ["question"]})
+
+
+def test_source_entries_are_checked(tmp_path):
+    with pytest.raises(DataError, match=r"weight must be a number > 0 \(got nan\)"):
+        parse_source({"path": "x.jsonl", "weight": float("nan")})
+    with pytest.raises(DataError, match="eval_split names a split of a hub dataset"):
+        parse_source({"path": "x.jsonl", "eval_split": "test"})
+    with pytest.raises(DataError, match=r"needs 'path' and only the keys .* \(unknown: \['formater'\]\)"):
+        parse_source({"path": "x.jsonl", "formater": "guanaco"})
+    d = tmp_path / "dir.jsonl"
+    d.mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        load_rows(parse_source(str(d)), "train")

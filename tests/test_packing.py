@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from qlora.data import IGNORE, Example
+from qlora.data import IGNORE, DataError, Example
 from qlora.packing import Batches, DataState, collate, pack
 
 
@@ -28,7 +28,7 @@ def test_pack_is_exact_deterministic_and_tight():
     assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
     lower_bound = -(-sum(lengths) // 128)
     assert len(rows) <= lower_bound * 1.05  # best-fit decreasing is within a few % of optimal here
-    with pytest.raises(ValueError, match="> row capacity"):
+    with pytest.raises(DataError, match=r"example 1 has 200 tokens, more than a row holds \(128 = max_seq_len\)"):
         pack([10, 200], 128, 0)
 
 
@@ -98,3 +98,18 @@ def test_epochs_are_reshuffled_and_unpacked_mode():
     assert a.rows_for_epoch(0) != a.rows_for_epoch(1)
     u = Batches(exs, 100, 2, 0, seed=0, packing=False)
     assert all(len(r) == 1 for r in u.rows_for_epoch(0)) and 0 < u.efficiency() < a.efficiency() <= 1
+
+
+def test_too_little_data_for_one_micro_batch_names_the_counts():
+    exs = make_examples(3, lo=30, hi=40)  # 3 examples of <= 40 tokens: one packed row of 128, three padded rows
+    with pytest.raises(DataError) as e:
+        Batches(exs, 128, 2, 0, seed=0)
+    assert str(e.value) == ("the training data (3 examples) fills 1 packed row(s) of max_seq_len 128, fewer than one "
+                            "micro-batch of micro_batch_size 2 rows: lower --micro_batch_size to 1 or add data")
+    with pytest.raises(DataError, match=r"fills 3 padded row\(s\) .* micro_batch_size 2 x 2 processes rows: lower "
+                                        r"--micro_batch_size to 1 or add data"):
+        Batches(exs, 128, 2, 0, seed=0, packing=False, world=2)
+    with pytest.raises(DataError, match="fills 1 packed row.* x 2 processes rows: use fewer processes or add data"):
+        Batches(exs, 128, 1, 0, seed=0, world=2)
+    assert Batches(exs, 128, 1, 0, seed=0).micro_batches_per_epoch() == 1  # the largest that fits does run
+    assert Batches(exs, 128, 3, 0, seed=0, packing=False).micro_batches_per_epoch() == 1
