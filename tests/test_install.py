@@ -141,3 +141,23 @@ def test_importing_qlora_hides_exactly_the_dependency_noise():
     # the same loggers and categories still carry other messages
     assert "kernels-community: a network error" in quiet.stderr
     assert "Paged optimizers are not supported on CPU. (from elsewhere)" in quiet.stderr
+
+
+def test_readme_formatter_table_matches_the_code():
+    """The "Your own data" table lists every formatter with exactly the fields it reads."""
+    from qlora import formatters
+
+    fields = getattr(formatters, "FIELDS", None)
+    if fields is None:
+        pytest.skip("qlora.formatters has no FIELDS table")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):readme.index("\n## ", readme.index("## Your own data") + 1)]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+`", cells[0]):
+            # a cell's field names are the backticked words before any ':' or '(' that explains them
+            names = [re.findall(r"`([^`]+)`", re.split(r"[:(]", c, maxsplit=1)[0]) for c in cells[1:]]
+            table[cells[0].strip("`")] = tuple(sorted(n) for n in names)
+    assert set(table) == set(formatters.FORMATTERS)
+    assert table == {name: tuple(sorted(f) for f in spec) for name, spec in fields.items()}
