@@ -8,8 +8,9 @@ the user. Each filter matches one exact message from one library; everything els
   package; without it bitsandbytes uses its built-in CPU kernel, which is what every run here uses.
 - bitsandbytes: "Paged optimizers are not supported on CPU" (the unpaged fallback is documented in the
   README's config table).
-- transformers: the FutureWarnings that `is_gradient_checkpointing` and `gradient_checkpointing_enable`
-  are deprecated aliases; peft calls them, and they behave exactly as their new names.
+- transformers: the FutureWarnings that `is_gradient_checkpointing` (read by peft) and
+  `gradient_checkpointing_enable` (called when the model is set up) are deprecated aliases; each does
+  exactly what its new `activation_checkpointing` name does.
 """
 
 import logging
