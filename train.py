@@ -31,7 +31,10 @@ from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoint
                               load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                               savable_adapter, set_rng_state)
 from qlora.config import Config, ConfigError, load_config, save_config
+from qlora.cuda_graphs import GraphedForwardBackward, check_graphs
 from qlora.data import DataError, load_datasets
+from qlora.kernels import resolve_kernels
+from qlora.lora_fused import dropout_seed
 from qlora.generation import generate_ids
 from qlora.loss import TokenLoss, mean_token_loss
 from qlora.model import (ModelLoadError, count_parameters, describe_speedups, load_model, load_tokenizer,
@@ -60,6 +63,7 @@ class Run:
     optimizer: Any
     params: list  # trainable parameters as the optimizer and clipping see them
     backend: str  # packed-attention backend
+    fwd_bwd: Callable  # forward + backward of a micro-batch: `forward_backward`, or its CUDA graph
     log: RunLog
     resume_from: Path | None
     step: int = 0
@@ -87,7 +91,8 @@ def setup(cfg: Config) -> Run:
 
     asked = cfg.compute_dtype
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
-    device = accelerator.device
+    device, dtype = accelerator.device, getattr(torch, cfg.compute_dtype)
+    check_graphs(cfg, accelerator)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, out)
@@ -118,11 +123,15 @@ def setup(cfg: Config) -> Run:
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    loss_model, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    ce = "fused" if cfg.cuda_graphs else "liger" if resolve_kernels(cfg.kernels, device, accelerator.is_fsdp2) == "liger" \
+        else "plain"
+    loss_model, optimizer = accelerator.prepare(TokenLoss(model, ce, dropout_seed(model)), optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
+    fwd_bwd = GraphedForwardBackward(params, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, dtype,
+                                     talk) if cfg.cuda_graphs else forward_backward
     return Run(cfg, accelerator, tokenizer, batches, evals, eval_set, model, loss_model, optimizer, params,
-               backend, RunLog(out, enabled=accelerator.is_main_process), resume_from)
+               backend, fwd_bwd, RunLog(out, enabled=accelerator.is_main_process), resume_from)
 
 
 def make_accelerator(cfg: Config, log_with=None) -> tuple[Any, Config]:
@@ -192,8 +201,17 @@ def micro_batch_loss(loss_model, batch: dict, backend: str, device) -> torch.Ten
                                                                              device=device))
 
 
+def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor,
+                     loss_fn: Callable = micro_batch_loss) -> torch.Tensor:
+    """Forward and backward of one micro-batch (gradients accumulate); returns its summed loss, detached.
+    `qlora.cuda_graphs.GraphedForwardBackward` is the same as one captured CUDA graph."""
+    loss_sum = loss_fn(loss_model, batch, backend, accelerator.device)
+    accelerator.backward(loss_sum * scale)
+    return loss_sum.detach()
+
+
 def train_step(accelerator, loss_model, optimizer, params: list, micro: list[dict], lr: float,
-               max_grad_norm: float, backend: str, loss_fn: Callable = micro_batch_loss) -> StepResult:
+               max_grad_norm: float, backend: str, fwd_bwd: Callable = forward_backward) -> StepResult:
     """One optimizer step over the accumulation window `micro` (this rank's micro-batches).
 
     The gradient is the exact token mean over the window and all ranks: each micro-batch's summed
@@ -203,13 +221,11 @@ def train_step(accelerator, loss_model, optimizer, params: list, micro: list[dic
     device = accelerator.device
     n_sup = accelerator.reduce(torch.tensor(sum(b["n_supervised"] for b in micro), device=device), "sum")
     set_lr(optimizer, lr)
+    scale = accelerator.num_processes / n_sup  # DDP averages gradients over ranks: this makes the global token mean
     window_loss = torch.zeros((), device=device)
     for i, batch in enumerate(micro):
         with accelerator.no_sync(loss_model) if i < len(micro) - 1 else nullcontext():
-            loss_sum = loss_fn(loss_model, batch, backend, device)
-            # DDP averages gradients over ranks; scale so the result is the global token mean
-            accelerator.backward(loss_sum * accelerator.num_processes / n_sup)
-        window_loss += loss_sum.detach()
+            window_loss += fwd_bwd(accelerator, loss_model, batch, backend, scale)
     grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm or float("inf")))
     loss = (accelerator.reduce(window_loss, "sum") / n_sup).item()  # one host sync per step
     stepped = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -243,7 +259,7 @@ def fit(run: Run) -> dict:
         while run.step < cfg.max_steps:
             micro = [run.batches.next() for _ in range(cfg.grad_accum)]
             res = train_step(acc, run.loss_model, run.optimizer, run.params, micro, lr_at(run.step, cfg),
-                             cfg.max_grad_norm, run.backend)
+                             cfg.max_grad_norm, run.backend, run.fwd_bwd)
             for b in micro:
                 speed.add(b["n_tokens"], b["n_supervised"])
             if not res.stepped:

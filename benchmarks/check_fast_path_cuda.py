@@ -2,7 +2,7 @@
 """Check on CUDA that the fast paths train the same model as the plain one: loss and LoRA gradients.
 
     python benchmarks/check_fast_path_cuda.py                 # on the GPU
-    python benchmarks/check_fast_path_cuda.py --device cpu --shape tiny   # CPU smoke test (no liger)
+    python benchmarks/check_fast_path_cuda.py --device cpu --shape tiny   # CPU smoke test (no liger, no graphs)
 
 Two layers of Llama-2-7B (`random:llama2-7b-2l`: d 4096, ff 11008), NF4 double-quant, bf16 compute
 under autocast as in train.py, LoRA r=8 alpha=64 on all seven projections with random A and B (B is
@@ -10,16 +10,22 @@ zero at init, which would hide A's gradient), two packed 2048-token rows of docu
 tokens. Variants, each against the plain path (peft forward, transformers' eager RMSNorm/RoPE/SwiGLU,
 chunked lm_head + CE, all layers checkpointed):
 
-  fused        qlora/lora_fused.py (one autograd node per NF4 linear + LoRA)
-  fused+liger  plus liger RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy
-  +ckpt0       the same with no layer checkpointed
-  noise        the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
-               the yardstick for what bf16 rounding alone moves
+  fused           qlora/lora_fused.py (one autograd node per NF4 linear + LoRA)
+  fused+liger     plus liger RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy
+  +ckpt0          the same with no layer checkpointed
+  +ce fused       qlora.loss.LinearCrossEntropy instead of liger's
+  +offload        checkpointed inputs in pinned host memory (qlora/offload.py)
+  +seeded         seeded LoRA dropout (qlora/seeded_dropout.py; the plain side draws the same masks)
+  +graphs         forward+backward replayed as a CUDA graph (qlora/cuda_graphs.py), twice
+  noise           the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
+                  the yardstick for what bf16 rounding alone moves
 
-with dropout 0 and with dropout 0.05 (the same fixed mask on both sides). Reported: |loss diff| (nats
-per token) and, per LoRA tensor, ||g - g_plain|| / ||g_plain||, the worst over tensors. PASS if loss
-diff and grad error are within the larger of (5e-3, 3e-2) and 1.5x the noise row's (bf16 has 2^-8 =
-3.9e-3 relative rounding per op; on an H100 the noise row moved LoRA gradients by 4e-2). Exit 1 on FAIL.
+with dropout 0 and with dropout 0.05 (the same mask on both sides: a fixed one for torch's dropout,
+the seeded one for the seeded variants). Reported: |loss diff| (nats per token) and, per LoRA tensor,
+||g - g_plain|| / ||g_plain||, the worst over tensors. PASS if loss diff and grad error are within the
+larger of (5e-3, 3e-2) and 1.5x the noise row's (bf16 has 2^-8 = 3.9e-3 relative rounding per op; on
+an H100 the noise row moved LoRA gradients by 4e-2). First, the Triton seeded-dropout kernel must equal
+its torch reference bit for bit. Exit 1 on any FAIL.
 """
 
 import argparse
@@ -30,11 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402,F401  (offline env defaults)
-from qlora import attention, lora_fused  # noqa: E402
+import helpers  # noqa: E402  (tests/helpers.py)
+from qlora import attention, lora_fused, seeded_dropout  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data import IGNORE, Example  # noqa: E402
-from qlora.lora_fused import FixedMaskDropout, fixed_mask_dropout  # noqa: E402
+from helpers import FixedMaskDropout  # noqa: E402
 from qlora.loss import TokenLoss  # noqa: E402
 from qlora.model import describe_speedups, load_model  # noqa: E402
 from qlora.packing import Batches, to_device  # noqa: E402
@@ -42,12 +50,25 @@ from qlora.packing import Batches, to_device  # noqa: E402
 TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
 
 
-def run(args, dropout, fused, kernels, ckpt_layers, attn):
+class SeededMaskDropout(torch.nn.Module):
+    """peft's dropout module replaced by the seeded mask of the fused module it stands for."""
+
+    def __init__(self, seed, salt, p):
+        super().__init__()
+        self.seed, self.salt, self.p = seed, salt, p
+
+    def forward(self, x):
+        shape = x.shape
+        return seeded_dropout.apply(x.reshape(-1, shape[-1]).contiguous(), self.seed, self.salt, self.p).view(shape)
+
+
+def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False):
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
                       compute_dtype="bfloat16" if device.type == "cuda" else "float32",
                       lora_dropout=dropout, fused_lora=fused, kernels=kernels, checkpoint_layers=ckpt_layers,
-                      max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn)
+                      max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
+                      seeded_dropout=seeded and fused, offload_checkpoints=offload)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -55,7 +76,15 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn):
     with torch.no_grad():
         for p in lora.values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    if dropout and not fused:  # peft's dropout -> the fixed mask (the fused path draws it itself)
+    seed = lora_fused.dropout_seed(model)
+    if seeded and not fused:  # the plain side draws the masks the fused modules would: same seed and salts
+        seed = seeded_dropout.new_seed(cfg.seed, device)
+        salt = 0
+        for m in model.modules():
+            if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_dropout"):
+                salt += 1
+                m.lora_dropout["default"] = SeededMaskDropout(seed, salt, dropout)
+    elif dropout and not fused:  # peft's dropout -> the fixed mask (the fused path draws it itself)
         for m in model.modules():
             if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
                 m.lora_dropout["default"] = FixedMaskDropout(dropout)
@@ -67,19 +96,61 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn):
         ids = torch.randint(3, vocab, (n,), generator=rng).tolist()
         exs.append(Example(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
     batch = Batches(exs, args.seq, 2, 0, 0, True).next()
-    lm = TokenLoss(model)
+    ce = ce or ("liger" if kernels == "liger" else "plain")
+    lm = TokenLoss(model, ce, seed)
     lm.train()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss_sum = lm(**to_device(batch, device), **attention.packing_kwargs(batch["position_ids"], backend,
-                                                                             device=device))
+    if graphs:  # as train.py runs it: GraphedForwardBackward via train_step's fwd_bwd hook
+        from accelerate import Accelerator
+
+        from qlora.cuda_graphs import GraphedForwardBackward
+        acc = Accelerator(mixed_precision="bf16")
+        params = list(lora.values())
+        fb = GraphedForwardBackward(params, args.seq, 2, 0, torch.bfloat16)
+        scale = torch.tensor(1.0 / batch["n_supervised"], device=device)
+        for p in params:
+            p.grad = None
+        seed0 = seed.clone() if seed is not None else None
+        loss_sum = fb(acc, lm, batch, backend, scale)  # capture, then the first replay
+        first = {n: p.grad.detach().float().cpu().clone() for n, p in lora.items()}
+        for p in params:
+            p.grad = None
+        if seed is not None:
+            seed.copy_(seed0)
+        loss_sum = fb(acc, lm, batch, backend, scale)  # a plain replay
+        again = {n: p.grad.detach().float().cpu() for n, p in lora.items()}
+        assert all(torch.equal(first[n], again[n]) for n in first), "two replays of the same batch differ"
         loss = loss_sum / batch["n_supervised"]
-    loss.backward()
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss_sum = lm(**to_device(batch, device), **attention.packing_kwargs(batch["position_ids"], backend,
+                                                                                 device=device))
+            loss = loss_sum / batch["n_supervised"]
+        loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in lora.items()}
-    desc = describe_speedups(model)
+    desc = describe_speedups(model) + f", ce {ce}" + (", graphs" if graphs else "")
     del model, lm
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return loss.item(), grads, desc
+
+
+def check_triton_dropout() -> int:
+    """The Triton kernel against its torch reference: the same bits, several shapes and dtypes."""
+    if seeded_dropout._triton_kernel() is None:
+        print("seeded dropout: no Triton here, kernel not checked")
+        return 0
+    failed = 0
+    for shape, dtype in (((4096, 4096), torch.bfloat16), ((2048, 11008), torch.bfloat16), ((333, 77), torch.float32)):
+        x = torch.randn(shape, device="cuda").to(dtype)
+        seed = seeded_dropout.new_seed(7, "cuda")
+        got = seeded_dropout.apply(x, seed, 3, 0.05)
+        keep = seeded_dropout.keep_mask(x.shape, seed, 3, 0.05)
+        want = (x.float() * (1 / 0.95)).where(keep, 0.0).to(dtype)
+        ok = torch.equal(got, want)
+        failed += not ok
+        print(f"seeded dropout kernel {tuple(shape)} {dtype}: {'bit-identical' if ok else 'DIFFERS'}; "
+              f"dropped {1 - keep.float().mean().item():.4f} (p 0.05)", flush=True)
+    return failed
 
 
 def main():
@@ -89,18 +160,30 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     args = p.parse_args()
     cuda = args.device == "cuda"
-    lora_fused.dropout = fixed_mask_dropout  # the fused path draws the same fixed mask as FixedMaskDropout
+    lora_fused.dropout = helpers.fixed_mask_dropout  # torch-dropout variants: the fused path draws the fixed mask
+    failed = check_triton_dropout() if cuda else 0
     auto = "varlen" if cuda else "sdpa"
-    variants = [("fused", True, "none", -1, auto)]
+    # (name, fused, kernels, ckpt_layers, attn, options); seeded variants compare with a seeded plain side
+    variants = [("fused", True, "none", -1, auto, {})]
     if cuda:
-        variants += [("fused+liger", True, "liger", -1, auto), ("fused+liger+ckpt0", True, "liger", 0, auto)]
-    failed = 0
+        variants += [("fused+liger", True, "liger", -1, auto, {}), ("fused+liger+ckpt0", True, "liger", 0, auto, {}),
+                     ("fused+liger+ce fused", True, "liger", -1, auto, {"ce": "fused"}),
+                     ("fused+liger+offload", True, "liger", -1, auto, {"offload": True}),
+                     ("fused+liger+seeded", True, "liger", -1, auto, {"seeded": True}),
+                     ("fused+liger+seeded+graphs", True, "liger", -1, auto, {"seeded": True, "graphs": True, "ce": "fused"}),
+                     ("+graphs ckpt 1 of 2", True, "liger", 1, auto, {"seeded": True, "graphs": True, "ce": "fused"})]
+    else:
+        variants += [("fused+seeded", True, "none", -1, auto, {"seeded": True}),
+                     ("fused+offload", True, "none", -1, auto, {"offload": True})]
     for dropout in (0.0, 0.05):
-        ref_loss, ref_grads, ref_desc = run(args, dropout, False, "none", -1, auto)
-        print(f"dropout {dropout}: plain loss {ref_loss:.6f}  [{ref_desc}]", flush=True)
+        refs = {}
+        for kind in ("fixed", "seeded"):
+            refs[kind] = run(args, dropout, False, "none", -1, auto, seeded=kind == "seeded")
+            print(f"dropout {dropout}: plain loss ({kind} mask) {refs[kind][0]:.6f}  [{refs[kind][2]}]", flush=True)
         tol_loss, tol_grad = TOL_LOSS, TOL_GRAD
-        for name, fused, kernels, ck, attn in [("noise: attn sdpa", False, "none", -1, "sdpa")] + variants:
-            loss, grads, desc = run(args, dropout, fused, kernels, ck, attn)
+        for name, fused, kernels, ck, attn, opts in [("noise: attn sdpa", False, "none", -1, "sdpa", {})] + variants:
+            loss, grads, desc = run(args, dropout, fused, kernels, ck, attn, **opts)
+            ref_loss, ref_grads, _ = refs["seeded" if opts.get("seeded") else "fixed"]
             dl = abs(loss - ref_loss)
             worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads)
             if name.startswith("noise"):  # the bound: the larger of the fixed one and 1.5x this yardstick
@@ -110,7 +193,7 @@ def main():
                 ok = dl <= tol_loss and worst <= tol_grad
                 failed += not ok
                 verdict = "PASS" if ok else "FAIL"
-            print(f"  {name:<20} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  {verdict}  "
+            print(f"  {name:<26} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  {verdict}  "
                   f"[{desc}]", flush=True)
     print("all PASS" if not failed else f"{failed} FAIL")
     return 1 if failed else 0

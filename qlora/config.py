@@ -38,6 +38,11 @@ class Config:
     fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/lora_fused.py); off = peft's forward
     absmax_cache: bool = True  # fused path: keep double-quant scales dequantised (+0.5 bit/param: 0.4 GiB at 7B)
     kernels: str = "auto"  # fused RMSNorm/RoPE/SwiGLU: "auto" (liger-kernel on CUDA if installed), "liger", "none"
+    seeded_dropout: bool = False  # LoRA dropout mask recomputed from a seed (qlora/seeded_dropout.py): no stored
+    # mask (-36 KB/token/layer at 7B), no RNG state; needed by cuda_graphs when lora_dropout > 0
+    cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/cuda_graphs.py):
+    # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
+    offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned host memory (long rows)
     # --- LoRA ---
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 64.0  # scale = alpha / r

@@ -5,10 +5,12 @@ transformers' eager RMSNorm is ~6 kernels (upcast, square, mean, rsqrt, two mult
 intermediates for backward. Liger computes each as one kernel forward and one backward, and SwiGLU
 recomputes silu in backward instead of storing it. The maths is the same (RMSNorm in fp32 then cast,
 "llama" casting mode); benchmarks/check_fast_path_cuda.py compares losses and LoRA gradients.
-With liger in, `qlora.loss.TokenLoss` also uses its fused linear + cross-entropy.
+With liger in, train.py builds `qlora.loss.TokenLoss(..., ce="liger")`, its fused linear + cross-entropy.
 
-The patch is per module instance (RMSNorm and MLP forwards) plus transformers' llama
-`apply_rotary_pos_emb`, which falls back to the original for CPU tensors. CPU runs keep the plain path.
+The patch is per module instance: RMSNorm, MLP and attention forwards. RoPE is a module-level function
+in transformers' llama code, so each patched attention module routes it to liger while it runs (also
+when its layer recomputes under checkpointing) and puts the previous function back after it; no other
+model in the process is affected. CPU runs keep the plain path.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import torch
 
 from qlora.config import ConfigError
 
-_ROPE_PATCHED = False
-
+LIGER_ATTR = "_qlora_liger"  # set on each module whose forward liger's kernels run
 
 def liger_available() -> bool:
     try:
@@ -29,20 +30,26 @@ def liger_available() -> bool:
     return True
 
 
-def use_kernels(model, mode: str, device) -> str:
-    """Apply `mode` ("auto", "liger", "none") to a Llama-family model; returns what was applied."""
+def resolve_kernels(mode: str, device, fsdp: bool = False) -> str:
+    """"liger" or "none" for `mode` ("auto", "liger", "none") on `device`; errors for impossible asks.
+    `auto` is liger on CUDA when it is installed, except under FSDP (peft's own path there)."""
     on_cuda = torch.device(device).type == "cuda"
-    if mode == "none" or (mode == "auto" and not (on_cuda and liger_available())):
+    if mode == "none" or (mode == "auto" and not (on_cuda and liger_available() and not fsdp)):
         return "none"
     if not on_cuda:
         raise ConfigError("config key 'kernels' = 'liger' needs a CUDA device (use 'auto' or 'none' on CPU)")
     if not liger_available():
         raise ConfigError("config key 'kernels' = 'liger' needs: pip install liger-kernel (and triton)")
-    from qlora.loss import LIGER_FLAG
+    return "liger"
 
-    n = patch_llama(model)
-    setattr(model, LIGER_FLAG, True)  # TokenLoss then uses liger's fused linear + cross-entropy
-    return f"liger ({n} modules + fused linear cross-entropy)"
+
+def use_kernels(model, mode: str, device, fsdp: bool = False) -> str:
+    """Apply `mode` to a Llama-family model; returns what was applied ("liger" or "none"). The loss
+    side (liger's fused linear + cross-entropy) is `qlora.loss.TokenLoss(..., ce="liger")`."""
+    kind = resolve_kernels(mode, device, fsdp)
+    if kind == "liger":
+        patch_llama(model)
+    return kind
 
 
 def patch_llama(model) -> int:
@@ -64,20 +71,23 @@ def patch_llama(model) -> int:
         name = type(module).__name__
         if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(rms_forward, module)
+            setattr(module, LIGER_ATTR, True)
             n += 1
         elif name.endswith("MLP") and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
             if getattr(module.config, "hidden_act", "silu") not in ("silu", "swish"):
                 raise ConfigError(f"kernels 'liger': {name} uses {module.config.hidden_act}, not SiLU")
             module.forward = types.MethodType(mlp_forward, module)
+            setattr(module, LIGER_ATTR, True)
             n += 1
-    _patch_rope()
-    return n
+    return n + _patch_rope(model)
 
 
-def _patch_rope() -> None:
-    global _ROPE_PATCHED
-    if _ROPE_PATCHED:
-        return
+def _patch_rope(model) -> int:
+    """Liger's RoPE inside `model`'s attention modules only: each one's forward routes transformers'
+    llama `apply_rotary_pos_emb` to liger while it runs (also when a checkpointed layer recomputes)
+    and puts the previous function back after it."""
+    import types
+
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from transformers.models.llama import modeling_llama
 
@@ -88,5 +98,17 @@ def _patch_rope() -> None:
             return liger_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
-    modeling_llama.apply_rotary_pos_emb = rope
-    _ROPE_PATCHED = True
+    def attention_forward(self, *args, **kwargs):
+        previous, modeling_llama.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb, rope
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            modeling_llama.apply_rotary_pos_emb = previous
+
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "q_proj"):
+            module.forward = types.MethodType(attention_forward, module)
+            setattr(module, LIGER_ATTR, True)
+            n += 1
+    return n

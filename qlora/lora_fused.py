@@ -21,8 +21,12 @@ import types
 
 import torch
 
+from . import seeded_dropout
+
 FUSED_ATTR = "_qlora_fused"
 ABSMAX_ATTR = "_qlora_cache_absmax"
+SEED_ATTR = "_qlora_dropout_seed"
+SALT_ATTR = "_qlora_dropout_salt"
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,44 +58,60 @@ def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
 
 
 class NF4LoRAFunction(torch.autograd.Function):
-    """y = x dequant(W4)^T + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only."""
+    """y = x dequant(W4)^T + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only.
+
+    Dropout is torch's (a stored one-byte mask) or, when `seed` is given, `qlora.seeded_dropout`'s
+    (the mask recomputed from seed, salt and element index: nothing stored, no RNG state)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool):
+    def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
+                salt: int = 0):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
+        seeded = p > 0 and seed is not None
         with torch.autocast(x.device.type, enabled=False):
             y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
-            xd, keep = dropout(x2, p) if p > 0 else (x2, None)
+            if seeded:
+                xd, keep = seeded_dropout.apply(x2, seed, salt, p), None
+            else:
+                xd, keep = dropout(x2, p) if p > 0 else (x2, None)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             h = xd @ a.t()
             del xd
             y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, h, keep) if keep is not None else ctx.save_for_backward(x2, h)
-        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax = weight, scale, p, cache_absmax
+        # the seed is saved (not copied): TokenLoss advances it only at the next micro-batch's forward,
+        # after this backward; autograd's version check would catch any other order
+        ctx.save_for_backward(x2, h, keep if keep is not None else seed)
+        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt = \
+            weight, scale, p, cache_absmax, seeded, salt
         ctx.ab = (a, b)  # the compute-dtype copies (r x (in + out), small): no second cast in backward
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, *rest = ctx.saved_tensors
-        keep = rest[0] if rest else None
+        x2, h, keep_or_seed = ctx.saved_tensors
         a, b = ctx.ab
         dtype, scale, p = x2.dtype, ctx.scale, ctx.p
+        if ctx.seeded:
+            redrop = lambda t: seeded_dropout.apply(t, keep_or_seed, ctx.salt, p)  # noqa: E731
+        elif keep_or_seed is not None:
+            redrop = lambda t: undrop(t, keep_or_seed, p)  # noqa: E731
+        else:
+            redrop = None
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         with torch.autocast(x2.device.type, enabled=False):
             gh = (g @ b).mul_(scale)  # (T, r)
             d_b = (g.t() @ h).mul_(scale)  # (out, r)
-            d_a = gh.t() @ (undrop(x2, keep, p) if keep is not None else x2)  # (r, in)
+            d_a = gh.t() @ (redrop(x2) if redrop else x2)  # (r, in)
             dx = None
             if ctx.needs_input_grad[0]:
                 lora_dx = gh @ a
-                if keep is not None:
-                    lora_dx = undrop(lora_dx, keep, p)
+                if redrop:
+                    lora_dx = redrop(lora_dx)
                 dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -119,13 +139,16 @@ def _fused_forward(self, x, *args, **kwargs):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     y = NF4LoRAFunction.apply(x.to(dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                              float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False))
+                              float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
+                              getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0))
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
-def fuse_lora(model, cache_absmax: bool = False) -> int:
+def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
-    forward, so the module tree, state dict and saved adapters are untouched). Returns how many."""
+    forward, so the module tree, state dict and saved adapters are untouched). With `dropout_seed`
+    (`qlora.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt.
+    Returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes: nothing 4-bit to fuse
@@ -136,8 +159,15 @@ def fuse_lora(model, cache_absmax: bool = False) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             setattr(module, FUSED_ATTR, True)
             setattr(module, ABSMAX_ATTR, cache_absmax)
+            setattr(module, SEED_ATTR, dropout_seed)
+            setattr(module, SALT_ATTR, n + 1)
             n += 1
     return n
+
+
+def dropout_seed(model) -> torch.Tensor | None:
+    """The seed counter the fused modules of `model` share (None: torch's own dropout)."""
+    return next((getattr(m, SEED_ATTR) for m in model.modules() if getattr(m, SEED_ATTR, None) is not None), None)
 
 
 def unfuse_lora(model) -> None:
@@ -146,29 +176,3 @@ def unfuse_lora(model) -> None:
         if getattr(module, FUSED_ATTR, False):
             del module.forward
             setattr(module, FUSED_ATTR, False)
-
-
-# --- equivalence checks: one deterministic mask that both the fused node (via `dropout`) and peft's
-# dropout module (replaced by `FixedMaskDropout`) draw, so the two paths can be compared with dropout on
-
-def fixed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A fixed keep-mask dropping ~p of the elements, from the flat index (the same for any shape)."""
-    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
-    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
-
-
-def fixed_mask_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for `dropout` with `fixed_keep_mask`."""
-    keep = fixed_keep_mask(x, p)
-    return x * keep / (1 - p), keep
-
-
-class FixedMaskDropout(torch.nn.Module):
-    """Drop-in for peft's `lora_dropout` module with `fixed_keep_mask`."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return fixed_mask_dropout(x, self.p)[0]

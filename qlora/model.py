@@ -280,15 +280,22 @@ def untrained_adapters(model_or_tensors) -> list[str]:
     return frozen
 
 
-def enable_checkpointing(model, layers: int = -1) -> int:
+def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, offload: bool = False) -> int:
     """Non-reentrant activation checkpointing (no need for inputs that require grad; composes with DDP
     without the unused-parameter search) of the first `layers` decoder layers (-1: all). The others
-    keep their activations: faster (no recompute) at the cost of memory. Returns how many recompute."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep their activations: faster (no recompute) at the cost of memory. `preserve_rng` stashes and
+    restores the RNG state for the recompute (needed only when the layer draws random numbers: torch's
+    dropout); `offload` keeps the checkpointed inputs in host memory (qlora/offload.py). Returns how
+    many layers recompute."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "preserve_rng_state": preserve_rng})
     blocks = decoder_layers(model)
     keep = len(blocks) if layers < 0 else min(layers, len(blocks))
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < keep
+        if offload and i < keep:
+            from qlora.offload import offloaded_checkpoint
+            block._gradient_checkpointing_func = offloaded_checkpoint(preserve_rng)
     return keep
 
 
@@ -301,15 +308,16 @@ def decoder_layers(model) -> list:
 
 def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
-    from qlora.lora_fused import FUSED_ATTR
-    from qlora.loss import LIGER_FLAG
+    from qlora.kernels import LIGER_ATTR
+    from qlora.lora_fused import FUSED_ATTR, dropout_seed
 
     blocks = decoder_layers(model)
     ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
-    liger = getattr(model, LIGER_FLAG, False)
-    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}, "
-            f"liger kernels {'on' if liger else 'off'}")
+    liger = sum(bool(getattr(m, LIGER_ATTR, False)) for m in model.modules())
+    seeded = ", seeded LoRA dropout" if dropout_seed(model) is not None else ""
+    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{seeded}, "
+            f"liger kernels {f'on ({liger} modules)' if liger else 'off'}")
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -335,10 +343,16 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
     from qlora.kernels import use_kernels
     from qlora.lora_fused import fuse_lora
 
+    from qlora.seeded_dropout import new_seed
+
     model = add_lora(base, cfg)
+    fused = cfg.fused_lora and not fsdp
+    seeded = fused and cfg.lora_dropout > 0 and (cfg.seeded_dropout or cfg.cuda_graphs)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(model, cfg.checkpoint_layers)
-    if cfg.fused_lora and not fsdp:
-        fuse_lora(model, cfg.absmax_cache)
-    use_kernels(model, "none" if fsdp and cfg.kernels == "auto" else cfg.kernels, device)
+        # only torch's dropout draws random numbers in a layer; a seeded mask needs no RNG state
+        enable_checkpointing(model, cfg.checkpoint_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
+                             offload=cfg.offload_checkpoints)
+    if fused:
+        fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None)
+    use_kernels(model, cfg.kernels, device, fsdp)
     return model

@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from qlora import attention, lora_fused
-from qlora.lora_fused import FixedMaskDropout, fixed_mask_dropout
 from qlora.loss import TokenLoss
 from qlora.model import decoder_layers, describe_speedups, enable_checkpointing, load_model
 from qlora.packing import collate
 
 from conftest import tiny_cfg
-from test_train import grads_of, randomise_lora_
+from helpers import FixedMaskDropout, fixed_mask_dropout, grads_of, randomise_lora_
 
 
 def two_models(sql_examples, **kw):

@@ -1,6 +1,7 @@
 """The training step and the loop: exact accumulation, adapters that reload, the 4-bit path learning,
 and end-to-end runs of train.py and generate.py."""
 
+import functools
 import json
 import math
 import subprocess
@@ -18,24 +19,13 @@ from qlora.model import load_base_model, load_model
 from qlora.packing import collate
 
 from conftest import ROOT, tiny_cfg
+from helpers import lora_params, randomise_lora_
 
 
 @pytest.fixture(scope="module")
 def sql_examples(tok):
     train, _, _ = load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)
     return train
-
-
-def lora_params(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def randomise_lora_(model, seed=0):
-    """LoRA B starts at zero (so A gets no gradient); give every adapter weight a value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_params(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 class GradRecorder(torch.optim.Optimizer):
@@ -56,7 +46,8 @@ def step_grads(model, micro, loss_fn=train.micro_batch_loss):
     loss_model = TokenLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = GradRecorder(params)
-    res = train.train_step(Accelerator(cpu=True), loss_model, opt, params, micro, 0.0, 0.0, "sdpa", loss_fn=loss_fn)
+    fwd_bwd = functools.partial(train.forward_backward, loss_fn=loss_fn)
+    res = train.train_step(Accelerator(cpu=True), loss_model, opt, params, micro, 0.0, 0.0, "sdpa", fwd_bwd)
     assert res.stepped
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[i]: g for i, g in opt.seen[-1].items()}, res

@@ -1,0 +1,79 @@
+"""Checkpointed layers whose inputs wait for backward in pinned host memory (config key
+`offload_checkpoints`), for rows too long for the GPU.
+
+With activation checkpointing a decoder layer keeps only its input for backward, but over a very
+long row that is still hidden_size x 2 bytes per token per layer: 32 GiB for one 131,072-token row
+of Llama-2-7B. Here each checkpointed layer copies its input to pinned host memory in forward (on
+a side stream, overlapping the next layer's compute) and copies it back in backward just before
+recomputing the layer, so the GPU holds the inputs of one layer at a time. The recompute runs the
+layer again under the same RNG state (or none is needed: seeded dropout), as torch's checkpoint does.
+One process only (a reentrant-style backward: DDP would see its gradient hooks fire in the recompute).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, preserve_rng: bool, anchor, hidden, *rest):
+        ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
+        ctx.rng = None
+        if preserve_rng:  # as torch's checkpoint: the CPU state, and the device's
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+        if hidden.is_cuda:
+            stream = _copy_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(stream):
+                host.copy_(hidden, non_blocking=True)
+            hidden.record_stream(stream)  # its memory is not reused before the copy is done
+            ctx.copied = stream.record_event()
+        else:
+            host.copy_(hidden)
+            ctx.copied = None
+        ctx.host = host
+        with torch.no_grad():
+            return run(hidden, *rest)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.copied is not None:
+            ctx.copied.synchronize()  # the forward copy has landed in host memory
+        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        ctx.host = None
+        cuda = ctx.rng is not None and ctx.rng[1] is not None
+        with torch.random.fork_rng(devices=[ctx.device] if cuda else [], enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if cuda:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            with torch.enable_grad():
+                out = ctx.run(hidden, *ctx.rest)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, hidden.grad) + (None,) * len(ctx.rest)
+
+
+_STREAMS: dict = {}
+
+
+def _copy_stream(device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+def offloaded_checkpoint(preserve_rng: bool = True):
+    """A `_gradient_checkpointing_func` for transformers' checkpointed layers: `func(run, hidden, *rest)`,
+    where `run` is the layer's forward with its keyword arguments bound."""
+    # an input that requires grad, so backward reaches the layer (and its LoRA weights) even when the
+    # hidden states do not (the first layer's input comes from frozen embeddings)
+    anchor = torch.empty(0, requires_grad=True)
+
+    def func(run, hidden, *rest):
+        return _OffloadedLayer.apply(run, preserve_rng, anchor, hidden, *rest)
+
+    return func

@@ -1,0 +1,59 @@
+"""Test helpers shared by several test files (and benchmarks/check_fast_path_cuda.py): LoRA weights
+with values, the gradients a window of micro-batches gives, and a fixed dropout mask that the fused node
+and peft's dropout module can both draw, so the two paths compare with dropout on."""
+
+from __future__ import annotations
+
+import torch
+
+from qlora import attention
+
+
+def lora_params(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def randomise_lora_(model, seed: int = 0) -> None:
+    """LoRA B starts at zero (so A gets no gradient); give every adapter weight a value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_params(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def grads_of(loss_model, batches, backend) -> dict:
+    """LoRA gradients of the token-mean loss over `batches` (one accumulation window)."""
+    model = loss_model.model
+    model.zero_grad(set_to_none=True)
+    n_sup = sum(b["n_supervised"] for b in batches)
+    for b in batches:
+        kw = attention.packing_kwargs(b["position_ids"], backend)
+        loss_sum = loss_model(b["input_ids"], b["position_ids"], b["targets"], b["sup_index"], **kw)
+        (loss_sum / n_sup).backward()
+    return {n: p.grad.clone() for n, p in lora_params(model).items()}
+
+
+# --- dropout on both sides: one deterministic mask that both the fused node (via `dropout`) and peft's
+# dropout module (replaced by `FixedMaskDropout`) draw, so the two paths can be compared with dropout on
+
+def fixed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A fixed keep-mask dropping ~p of the elements, from the flat index (the same for any shape)."""
+    idx = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+    return (idx * 7919 + 13) % 97 >= int(round(97 * p))
+
+
+def fixed_mask_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for `dropout` with `fixed_keep_mask`."""
+    keep = fixed_keep_mask(x, p)
+    return x * keep / (1 - p), keep
+
+
+class FixedMaskDropout(torch.nn.Module):
+    """Drop-in for peft's `lora_dropout` module with `fixed_keep_mask`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return fixed_mask_dropout(x, self.p)[0]

@@ -1,0 +1,118 @@
+"""The speed levers behind config keys, checked on the CPU against the plain path they replace:
+seeded LoRA dropout, the fused linear + cross-entropy, offloaded checkpoints, and the static-shape
+inputs that the CUDA-graph step replays (the graph itself needs a GPU: benchmarks/check_fast_path_cuda.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora import attention, seeded_dropout
+from qlora.loss import LinearCrossEntropy, TokenLoss
+from qlora.model import load_model
+from qlora.packing import collate
+
+from conftest import tiny_cfg
+from helpers import grads_of, randomise_lora_
+
+
+@pytest.fixture(scope="module")
+def sql_examples(tok):
+    from qlora.data import load_datasets
+
+    return load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0]
+
+
+def test_seeded_mask_rate_and_determinism():
+    seed = seeded_dropout.new_seed(3, "cpu")
+    n = 1 << 20
+    keep = seeded_dropout.keep_mask((n,), seed, 1, 0.05)
+    # binomial: sd of the kept fraction is sqrt(p(1-p)/n) = 2.1e-4; 5 sd
+    assert abs(keep.float().mean().item() - 0.95) < 5 * (0.05 * 0.95 / n) ** 0.5
+    assert torch.equal(keep, seeded_dropout.keep_mask((n,), seed, 1, 0.05))  # a function of its arguments
+    assert not torch.equal(keep, seeded_dropout.keep_mask((n,), seed, 2, 0.05))  # salts differ
+    seed.add_(1)
+    other = seeded_dropout.keep_mask((n,), seed, 1, 0.05)
+    assert (keep != other).float().mean() > 0.05  # a new micro-batch: a new mask (~2p(1-p) differ)
+    x = torch.randn(64, 32)
+    y = seeded_dropout.apply(x, seed, 1, 0.25)
+    kept = seeded_dropout.keep_mask(x.shape, seed, 1, 0.25)
+    assert torch.equal(y, torch.where(kept, x * (1 / 0.75), torch.zeros(())))
+
+
+def _train_grads(examples, **kw):
+    model = load_model(tiny_cfg(quant="nf4", lora_dropout=0.2, **kw), torch.device("cpu"))
+    randomise_lora_(model)
+    from qlora.lora_fused import dropout_seed
+    lm = TokenLoss(model, "plain", dropout_seed(model))
+    backend = attention.use_packed_attention(model, "sdpa")
+    batches = [collate([[e] for e in examples[i:i + 2]], 0) for i in (0, 2)]
+    return grads_of(lm, batches, backend), dropout_seed(model)
+
+
+def test_seeded_dropout_recompute_and_advance(sql_examples):
+    """With checkpointing the recompute draws the very masks of the forward (no RNG state is kept):
+    gradients equal a run without checkpointing; the seed advances once per micro-batch."""
+    g_ckpt, seed = _train_grads(sql_examples, seeded_dropout=True, gradient_checkpointing=True)
+    g_full, _ = _train_grads(sql_examples, seeded_dropout=True, gradient_checkpointing=False)
+    assert int(seed) == 42 * 1_000_003 + 2  # two micro-batches
+    for n in g_full:
+        assert g_full[n].abs().max() > 0
+        torch.testing.assert_close(g_ckpt[n], g_full[n], rtol=1e-5, atol=1e-7, msg=n)
+    g_torch, none = _train_grads(sql_examples, seeded_dropout=False, gradient_checkpointing=False)
+    assert none is None
+    assert max((g_torch[n] - g_full[n]).abs().max() for n in g_full) > 1e-4  # other masks: the flag matters
+
+
+def test_linear_cross_entropy_matches_plain_ce():
+    torch.manual_seed(0)
+    h = torch.randn(5000, 48, requires_grad=True)
+    w = torch.randn(257, 48) * 0.3
+    y = torch.randint(0, 257, (5000,))
+    y[::5] = -100
+    got = LinearCrossEntropy.apply(h, w, y)
+    (2.5 * got).backward()
+    g = h.grad.clone()
+    h.grad = None
+    want = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    (2.5 * want).backward()
+    # fp32 sums over 4000 positions in another order: relative 1e-6
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(g, h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_offloaded_checkpoints_give_the_same_gradients(sql_examples):
+    plain, _ = _train_grads(sql_examples, gradient_checkpointing=True)
+    off, _ = _train_grads(sql_examples, gradient_checkpointing=True, offload_checkpoints=True)
+    assert plain.keys() == off.keys()
+    for n in plain:  # layer 0's adapters included: its input (frozen embeddings) does not require grad
+        assert off[n].abs().max() > 0, n
+        torch.testing.assert_close(off[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_examples):
+    """The CUDA-graph step feeds fixed-shape buffers: rows padded to max_seq_len, every position in the
+    supervised index (padding points at a -100 target), cu_seqlens padded. The same loss and gradients."""
+    from qlora.cuda_graphs import GraphedForwardBackward
+
+    model = load_model(tiny_cfg(quant="nf4"), torch.device("cpu"))
+    randomise_lora_(model)
+    backend = attention.use_packed_attention(model, "sdpa")
+    lm = TokenLoss(model)
+    batch = collate([[sql_examples[0]], [sql_examples[1], sql_examples[2]]], 0)
+    assert batch["input_ids"].shape[1] < 640
+    host = GraphedForwardBackward([], 640, 2, 0, torch.float32)._host_inputs(batch, backend)
+    assert host["input_ids"].shape == (2, 640) and host["sup_index"].numel() == 1280
+    kw = attention.packing_kwargs(batch["position_ids"], backend)
+    want = lm(batch["input_ids"], batch["position_ids"], batch["targets"], batch["sup_index"], **kw)
+    want.backward()
+    g_want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    got = lm(host["input_ids"], host["position_ids"], host["targets"], host["sup_index"], use_cache=False,
+             attention_mask=host["mask"])
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # fp32, other matmul shapes: other summation orders (measured ~1e-6 relative)
+            assert (p.grad - g_want[n]).norm() <= 1e-5 * g_want[n].norm(), n
+    cu = GraphedForwardBackward([], 640, 2, 0, torch.float32)._host_inputs(batch, "varlen")["cu"]
+    assert cu[0] == 0 and cu[-1] == 1280 and (cu[1:] >= cu[:-1]).all()
