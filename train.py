@@ -91,7 +91,7 @@ def setup(cfg: Config) -> Run:
 
     asked = cfg.compute_dtype
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
-    device, dtype = accelerator.device, getattr(torch, cfg.compute_dtype)
+    device = accelerator.device
     check_graphs(cfg, accelerator)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -123,15 +123,24 @@ def setup(cfg: Config) -> Run:
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    ce = "fused" if cfg.cuda_graphs else "liger" if resolve_kernels(cfg.kernels, device, accelerator.is_fsdp2) == "liger" \
-        else "plain"
+    loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer,
+                                                               tokenizer.pad_token_id, talk)
+    return Run(cfg, accelerator, tokenizer, batches, evals, eval_set, model, loss_model, optimizer, params,
+               backend, fwd_bwd, RunLog(out, enabled=accelerator.is_main_process), resume_from)
+
+
+def prepare_objective(cfg: Config, accelerator, model, optimizer, pad_id: int, talk=say):
+    """The loss module (`TokenLoss`) and optimizer prepared by accelerate, the trainable parameters as
+    clipping sees them, and the forward+backward to run (one CUDA graph with `cuda_graphs`).
+    benchmarks/bench.py uses it too."""
+    kernels = resolve_kernels(cfg.kernels, accelerator.device, accelerator.is_fsdp2)
+    ce = "fused" if cfg.cuda_graphs else "liger" if kernels == "liger" else "plain"
     loss_model, optimizer = accelerator.prepare(TokenLoss(model, ce, dropout_seed(model)), optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    fwd_bwd = GraphedForwardBackward(params, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, dtype,
-                                     talk) if cfg.cuda_graphs else forward_backward
-    return Run(cfg, accelerator, tokenizer, batches, evals, eval_set, model, loss_model, optimizer, params,
-               backend, fwd_bwd, RunLog(out, enabled=accelerator.is_main_process), resume_from)
+    fwd_bwd = GraphedForwardBackward(params, cfg.max_seq_len, cfg.micro_batch_size, pad_id,
+                                     getattr(torch, cfg.compute_dtype), talk) if cfg.cuda_graphs else forward_backward
+    return loss_model, optimizer, params, fwd_bwd
 
 
 def make_accelerator(cfg: Config, log_with=None) -> tuple[Any, Config]:

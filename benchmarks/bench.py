@@ -53,12 +53,14 @@ import common  # noqa: E402
 from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
 GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "ckpt_layers", "fused", "kernels",
-             "lora_r", "lora_dropout")
-OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels")  # the seed recipe has none of these
+             "seeded", "graphs", "offload", "lora_r", "lora_dropout")
+# the seed recipe has none of these
+OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
-              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "lora_r", "lora_dropout",
+              "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -75,11 +77,10 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora import attention
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
-    from qlora.loss import TokenLoss
     from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
     from qlora.optim import lr_at, make_optimizer
     from qlora.packing import Batches
-    from train import make_accelerator, train_step  # the very step train.py runs
+    from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
 
     total_steps = spec["warmup"] + spec["steps"]
     cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
@@ -87,6 +88,7 @@ def run_ours(spec: dict, rec: dict) -> None:
                       grad_accum=spec["accum"], packing=spec["packing"], attn_backend=spec["attn"],
                       gradient_checkpointing=spec["ckpt"], checkpoint_layers=spec["ckpt_layers"],
                       fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                      seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_checkpoints=spec["offload"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
@@ -102,9 +104,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     rec["speedups"] = describe_speedups(model)
     log(f"  ours: {rec['speedups']}")
     backend = attention.use_packed_attention(model, cfg.attn_backend)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    loss_model, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer, PAD_ID, log)
     trainable, total = count_parameters(model)
     shape = common.matmul_params(model.config)
     vocab = model.config.vocab_size
@@ -146,7 +147,7 @@ def run_ours(spec: dict, rec: dict) -> None:
         with common.profiler(profiling, device) as prof:
             micro = [batches.next() for _ in range(cfg.grad_accum)]
             res = train_step(accelerator, loss_model, optimizer, params, micro, lr_at(step, cfg), cfg.max_grad_norm,
-                             backend)
+                             backend, fwd_bwd)
             if not res.stepped:
                 raise FloatingPointError(f"non-finite loss {res.loss} or grad norm {res.grad_norm} at step {step + 1}")
             loss = res.loss
@@ -192,6 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt_layers", default="-1", help="decoder layers that recompute (-1 all), e.g. -1,16,8")
     p.add_argument("--fused", default="on", help="fused NF4+LoRA autograd node on,off (ours only)")
     p.add_argument("--kernels", default="auto", help="auto,liger,none (ours only)")
+    p.add_argument("--seeded", default="off", help="seeded LoRA dropout on,off (ours only)")
+    p.add_argument("--graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
+    p.add_argument("--offload", default="off", help="checkpointed inputs in host memory on,off (ours only)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
@@ -239,7 +243,8 @@ def settings(args) -> list[dict]:
             "micro_batch": _vals(args.micro_batch, int), "accum": _vals(args.accum, int),
             "packing": _vals(args.packing, bool), "attn": _vals(args.attn, str), "ckpt": _vals(args.ckpt, bool),
             "ckpt_layers": _vals(args.ckpt_layers, int), "fused": _vals(args.fused, bool),
-            "kernels": _vals(args.kernels, str),
+            "kernels": _vals(args.kernels, str), "seeded": _vals(args.seeded, bool), "graphs": _vals(args.graphs, bool),
+            "offload": _vals(args.offload, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}
