@@ -248,8 +248,8 @@ def read_yaml(path: Path, what: str = "config file"):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         why = " ".join(str(getattr(e, "problem", None) or e).split())
         if ctx and getattr(e, "context_mark", None):
-            why += f" ({ctx} from line {e.context_mark.line + 1})"
-        raise ConfigError(f"{what} {path} is not valid YAML: {why}{where}") from None
+            why += f" ({ctx} that starts on line {e.context_mark.line + 1})"
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {why}") from None
 
 
 def load_config(argv: list[str] | None = None, **overrides) -> Config:

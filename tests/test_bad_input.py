@@ -42,7 +42,7 @@ CASES = [
     ("duplicate-yaml-key", ["--config", "{d}/c.yaml"], {"c.yaml": b"lr: 1.0e-4\nmax_steps: 3\nlr: 2.0e-4\n"},
      ["c.yaml", "key 'lr' is set twice (again on line 3)"], "previous"),
     ("yaml-parse-error", ["--config", "{d}/c.yaml"], {"c.yaml": b"lr: 1.0e-4\nlora_targets: [q_proj\nseed: 1\n"},
-     ["c.yaml is not valid YAML", "line 3"], "previous"),
+     ["c.yaml is not valid YAML at line 3, column 5: expected ',' or ']'"], "previous"),
     ("unknown-key-cli", ["--learning_rate", "1e-4"], {}, ["unknown config key 'learning_rate'", "did you mean 'lr'"],
      "previous"),
     ("unknown-key-yaml", ["--config", "{d}/c.yaml"], {"c.yaml": b"batch_size: 4\n"},
