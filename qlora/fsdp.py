@@ -83,79 +83,54 @@ def local_shard_optimizer(cls: type) -> type:
 
 # --------------------------------------------------------------------------- fused NF4+LoRA on gathered weights
 
-class GatheredNF4:
-    """What `qlora.lora_fused.NF4LoRAFunction` reads of a 4-bit weight, fetched from its `Linear4bit`
-    at each use. Under FSDP2 `module.weight` is a sharded DTensor between uses and a plain gathered
-    tensor (the packed bytes, shape (n, 1)) during the layer's forward and backward; the `QuantState`
-    is no parameter, so FSDP never touches it and bitsandbytes keeps it on the module. `data` is read
-    in backward too, after FSDP gathered the weight again, and the dequantised double-quant scales
-    are cached here (on the module's lifetime, not on a per-forward tensor)."""
-
-    def __init__(self, module):
-        self.module = module
-        self._qlora_absmax = None  # filled by lora_fused.dequantize when the module caches it
-
-    @property
-    def data(self) -> torch.Tensor:
-        w = self.module.weight
-        if is_dtensor(w):
-            raise RuntimeError("a sharded 4-bit weight was used outside its FSDP unit's forward/backward")
-        return w.data
-
-    @property
-    def quant_state(self):
-        return self.module.quant_state
-
-
-def _gathered_adapter(module, x, args, kwargs):
-    """The one active adapter's name when this call can take the fused node on a gathered weight."""
-    if args or kwargs or module.disable_adapters or module.merged or not x.dtype.is_floating_point:
-        return None
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
-        return None
-    base = module.get_base_layer()
-    ok = base.bias is None and getattr(base, "quant_state", None) is not None and not is_dtensor(base.weight)
-    return active[0] if ok else None
+ABSMAX_CACHE = "_qlora_gathered_absmax"
 
 
 def fused_forward_gathered(self, x, *args, **kwargs):
-    """`qlora.lora_fused._fused_forward` for a peft `lora.Linear4bit` whose base weight FSDP2 shards:
-    the same `NF4LoRAFunction`, given a `GatheredNF4` instead of the `Params4bit` (which FSDP2
-    replaced by a DTensor, dropping its quant_state)."""
-    from .lora_fused import ABSMAX_ATTR, NF4LoRAFunction
+    """`qlora.lora_fused._fused_forward` for a peft `lora.Linear4bit` whose base weight FSDP2 shards.
 
-    name = _gathered_adapter(self, x, args, kwargs)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
+    fully_shard turns each `Params4bit` into a DTensor, which drops its `quant_state`. Around the layer's
+    forward (and backward) FSDP2 puts the gathered packed bytes on the module as a plain tensor (shape
+    (n, 1), the bytes exactly as quantised); the `QuantState` is no parameter, so FSDP never touches it,
+    and bitsandbytes keeps a reference on the module (`Linear4bit.quant_state`). bitsandbytes' own
+    forward rebuilds the `Params4bit` from the two (`fix_4bit_weight_quant_state_from_module`, a view:
+    no copy); so does this, then runs the fused node. The node keeps that `Params4bit` for backward,
+    which shares the gathered tensor's storage: FSDP2 refills it before the layer's backward. The
+    dequantised double-quant scales are cached on the module, since the `Params4bit` is new per forward."""
+    from .lora_fused import _fused_forward
+
     base = self.get_base_layer()
-    drop = self.lora_dropout[name]
-    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
-    dtype = base.compute_dtype or x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    y = NF4LoRAFunction.apply(x.to(dtype), self._qlora_gathered, self.lora_A[name].weight,
-                              self.lora_B[name].weight, float(self.scaling[name]), p,
-                              getattr(self, ABSMAX_ATTR, False))
-    return y.to(x.dtype)
+    w = base.weight
+    if not is_dtensor(w) and getattr(w, "quant_state", None) is None and getattr(base, "quant_state", None) is not None:
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
+        cached = getattr(base, ABSMAX_CACHE, None)
+        if cached is not None:
+            base.weight._qlora_absmax = cached
+    y = _fused_forward(self, x, *args, **kwargs)
+    absmax = getattr(base.weight, "_qlora_absmax", None)
+    if absmax is not None:
+        setattr(base, ABSMAX_CACHE, absmax)
+    return y
 
 
-def fuse_lora_sharded(model, cache_absmax: bool = False) -> int:
-    """`qlora.lora_fused.fuse_lora` for a model that FSDP2 will shard (call it before
-    `accelerator.prepare`, like `fuse_lora`): every peft `lora.Linear4bit` takes the fused node on
-    the gathered weight. Returns how many."""
+def fuse_on_gathered_weights(model) -> int:
+    """Let the fused NF4+LoRA linears of `model` (`qlora.lora_fused.fuse_lora`, already applied) run on
+    FSDP2-gathered 4-bit weights. Call it after `fuse_lora` and before `accelerator.prepare`. Returns
+    how many linears it covers."""
     import types
 
-    from .lora_fused import FUSED_ATTR, fuse_lora
+    from .lora_fused import FUSED_ATTR
 
-    n = fuse_lora(model, cache_absmax)
+    n = 0
     for module in model.modules():
         if getattr(module, FUSED_ATTR, False):
             base = module.get_base_layer()
-            if getattr(base, "quant_state", None) is None:  # bitsandbytes sets it when it quantises; keep it sure
+            if getattr(base, "quant_state", None) is None:  # bitsandbytes sets it when it quantises; make sure
                 base.quant_state = getattr(base.weight, "quant_state", None)
-            module._qlora_gathered = GatheredNF4(base)
             module.forward = types.MethodType(fused_forward_gathered, module)
+            n += 1
     return n
 
 

@@ -232,7 +232,7 @@ def grad_rel_err(got: dict, want: dict) -> float:
 
 
 def worker_fused(out: Path) -> dict:
-    """One-process fused path vs FSDP2 with `fuse_lora_sharded`, same batches on both ranks; then the
+    """One-process fused path vs FSDP2 with `fuse_on_gathered_weights`, same batches on both ranks; then the
     liger-style direct use of lm_head.weight under FSDP2 vs the module path."""
     force_fsdp2()
     import torch.nn.functional as F
@@ -240,7 +240,7 @@ def worker_fused(out: Path) -> dict:
 
     from qlora import lora_fused
     from qlora.config import load_config
-    from qlora.fsdp import GatheredNF4, fuse_lora_sharded, is_dtensor
+    from qlora.fsdp import fuse_on_gathered_weights, is_dtensor
     from qlora.loss import TokenLoss
 
     acc = Accelerator(cpu=True)
@@ -248,26 +248,27 @@ def worker_fused(out: Path) -> dict:
     apply = lora_fused.NF4LoRAFunction.apply
 
     def counted(*a):
-        calls[0] += isinstance(a[1], GatheredNF4)  # the FSDP model's calls only
+        calls[0] += getattr(a[1], "module", None) is None  # a Params4bit rebuilt from a gathered weight
         return apply(*a)
 
     lora_fused.NF4LoRAFunction.apply = counted
-    lora_fused.dropout = lora_fused.fixed_mask_dropout  # one mask for both paths, drawn from the index
     res = {"cases": []}
     # all layers recompute / layer 1 keeps its forward's tensors for backward; bf16 storage and compute (GPUs)
     for p, layers, dtype in ((0.0, -1, "float32"), (0.1, 1, "float32"), (0.1, -1, "bfloat16")):
         cfg = load_config([], model="random:tiny", quant="nf4", quant_storage=dtype, compute_dtype=dtype,
                           lora_dropout=p, checkpoint_layers=layers, kernels="none", absmax_cache=True)
         ref = TokenLoss(tiny_lora_model(cfg, fsdp=False)).train()
-        sharded = tiny_lora_model(cfg, fsdp=True)
-        n_fused = fuse_lora_sharded(sharded, cfg.absmax_cache)
+        sharded = tiny_lora_model(cfg, fsdp=False)  # fused as on one process, then made FSDP-aware
+        n_fused = fuse_on_gathered_weights(sharded)
         wrapped = prepare(acc, TokenLoss(sharded)).train()
         case = {"dropout": p, "checkpoint_layers": layers, "dtype": dtype, "fused_linears": n_fused, "losses": []}
         calls[0], errs = 0, []
         for seed in (1, 2):
             batch = token_batch(seed)
+            torch.manual_seed(seed)  # the same dropout masks on both paths
             want = ref(**batch)
             want.backward()
+            torch.manual_seed(seed)
             got = wrapped(**batch)
             got.backward()
             case["losses"].append([got.item(), want.item()])
@@ -304,9 +305,88 @@ def worker_fused(out: Path) -> dict:
     return res
 
 
+# =========================================================================== sharded checkpoints
+
+def test_sharded_checkpoint_restores_the_exact_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from qlora.fsdp import layout_problem
+
+    res = run_worker("ckpt", tmp_path)
+    for opt in ("adamw_8bit", "adamw"):
+        r = res[opt]
+        # continuing from the checkpoint after other steps moved the weights, the moments and the RNG
+        # (dropout 0.1, a different stream per rank) replays the same losses and adapter, bit for bit
+        assert r["replayed_losses"] == r["losses_after_save"] and r["adapter_equal"], r
+        assert r["perturbed_loss"] != r["losses_after_save"][0]
+        ckpt = tmp_path / opt / "checkpoint-2"
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"shard-0-of-2.pt", "shard-1-of-2.pt", "meta.json", "adapter_model.safetensors"} <= names
+        assert not list((tmp_path / opt).glob(".tmp-checkpoint-*"))
+        # the adapter beside the shards is the gathered, full peft adapter
+        full = load_file(str(ckpt / "adapter_model.safetensors"))
+        assert len(full) == 28 and all(t.shape[0] in (8, 64, 32, 128) for t in full.values())
+        shard = torch.load(ckpt / "shard-1-of-2.pt", weights_only=True)
+        assert shard["world_size"] == 2 and shard["rank"] == 1
+        assert sum(t.numel() for t in shard["adapter"].values()) * 2 == sum(t.numel() for t in full.values())
+        # a sharded checkpoint fits only the same layout: FSDP with 2 processes
+        assert layout_problem(ckpt, fsdp=True, world=2) is None
+        for fsdp, world in ((True, 1), (True, 4), (False, 2), (False, 1)):
+            why = layout_problem(ckpt, fsdp=fsdp, world=world)
+            assert "written under FSDP by 2 processes" in why and "with 2 processes" in why, why
+
+
+def worker_ckpt(out: Path) -> dict:
+    """Train 2 steps, save a sharded checkpoint, train 2 more (the reference), train 1 step that moves
+    everything, restore, train 2 again: for 8-bit AdamW on local shards and for torch AdamW."""
+    force_fsdp2()
+    import bitsandbytes as bnb
+    from accelerate import Accelerator
+
+    from qlora.config import load_config
+    from qlora.fsdp import local_shard_optimizer, restore_sharded_checkpoint, save_sharded_checkpoint
+    from qlora.loss import TokenLoss
+
+    acc = Accelerator(cpu=True)
+    res = {}
+    for opt_name in ("adamw_8bit", "adamw"):
+        cfg = load_config([], model="random:tiny", quant="nf4", quant_storage="float32", compute_dtype="float32",
+                          lora_dropout=0.1, lora_r=64, kernels="none", output_dir=str(out / opt_name))
+        model = tiny_lora_model(cfg, fsdp=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = (local_shard_optimizer(bnb.optim.AdamW8bit)(params, lr=1e-3) if opt_name == "adamw_8bit"
+               else torch.optim.AdamW(params, lr=1e-3))
+        wrapped, opt = acc.prepare(TokenLoss(model), opt)
+        wrapped.train()
+        torch.manual_seed(100 + acc.process_index)  # each rank its own dropout stream
+
+        def step(seed):
+            loss = wrapped(**token_batch(seed * 2 + acc.process_index))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        def adapter():
+            return {n: p.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        step(1), step(2)
+        save_sharded_checkpoint(acc, wrapped, opt, None, cfg, out / opt_name, {"step": 2, "data": {}})
+        path = out / opt_name / "checkpoint-2"
+        after = [step(3), step(4)]
+        want = adapter()
+        perturbed = step(5)
+        state = restore_sharded_checkpoint(path, cfg, acc, model, opt)
+        replay = [step(3), step(4)]
+        got = adapter()
+        res[opt_name] = {"losses_after_save": after, "replayed_losses": replay, "perturbed_loss": perturbed,
+                         "restored_step": state["step"], "adapter_equal": all(torch.equal(got[k], want[k]) for k in want)}
+    return res
+
+
 # =========================================================================== workers' main
 
-WORKERS = {"optimizer": worker_optimizer, "fused": worker_fused}
+WORKERS = {"optimizer": worker_optimizer, "fused": worker_fused, "ckpt": worker_ckpt}
 
 
 def worker_main(argv: list[str]) -> None:
