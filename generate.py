@@ -1,9 +1,13 @@
-"""Load a base model in 4-bit plus a LoRA adapter and generate answers with a KV cache.
+"""Answer prompts with a base model + LoRA adapter (or a merged or bare model), with a KV cache.
 
     python generate.py --adapter runs/default/final --prompt "How many employees are in Sales?"
-    python generate.py --adapter runs/default/final --prompts-file questions.txt --temperature 0.7
+    python generate.py --adapter runs/default/final --prompts_file questions.txt --temperature 0.7
+    python generate.py --model runs/default/merged --prompt "..." --max_new_tokens 64
 
-The base model and the chat format come from the adapter's saved config.yaml (override with --model).
+The base model and the chat format come from the adapter's saved config.yaml (override the base with
+--model); loading goes through qlora.inference.load_for_inference, which checks the adapter against
+the base model before reading any weights. On a CPU the 4-bit linears run dequantised by default
+(identical logits in fp32, several times faster; --dequantize false keeps the 4-bit matmuls).
 """
 
 from __future__ import annotations
@@ -12,59 +16,45 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from qlora.config import ConfigError
+from qlora.generation import generate_ids, prompt_ids
+from qlora.inference import ArgParser, add_model_args, count, dequantize_choice, load_for_inference
+from qlora.model import ModelLoadError
 
-from qlora.config import ConfigError, load_config
-from qlora.generation import generate_ids, prompt_ids  # noqa: F401  (re-exported: train.py imports generate_ids from here)
-from qlora.model import ModelLoadError, load_base_model, load_tokenizer
 
-
-def load_for_inference(adapter: str | None, model: str | None = None, quant: str | None = None, device=None):
-    """(peft model or base model, tokenizer, config) ready for generation."""
-    from peft import PeftModel
-
-    overrides = {}
-    preset = None
-    if adapter:
-        cfg_path = Path(adapter) / "config.yaml"
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-        preset = str(cfg_path) if cfg_path.is_file() else None
-    if model:
-        overrides["model"] = model
-    if quant:
-        overrides["quant"] = quant
-    cfg = load_config(["--config", preset] if preset else [], **overrides)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg)
-    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
-    base = load_base_model(cfg, device)
-    net = PeftModel.from_pretrained(base, adapter) if adapter else base
-    net.eval()
-    return net, tokenizer, cfg
+def read_prompts(args) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts_file; a ConfigError names what is wrong."""
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else \
+                "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "cannot be read"
+            raise ConfigError(f"--prompts_file {path} {why}: give a UTF-8 text file with one prompt per line") from None
+    if not prompts:
+        raise ConfigError("no prompts: give --prompt TEXT or --prompts_file FILE (one prompt per non-empty line)")
+    return prompts
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", help="adapter folder (e.g. runs/default/final); omit for the base model")
-    ap.add_argument("--model", help="base model (default: the adapter's config)")
-    ap.add_argument("--quant", choices=["nf4", "fp4", "none"], help="base weights (default: the adapter's config)")
+    ap = ArgParser(prog="python generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
-    ap.add_argument("--prompts-file", help="a text file with one prompt per line")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prompts_file", help="a text file with one prompt per line")
+    ap.add_argument("--max_new_tokens", type=count(1), default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--batch_size", type=count(1), default=8)
     args = ap.parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        ap.error("give --prompt TEXT or --prompts-file FILE")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1):
+        ap.error("--temperature must be >= 0 and --top_p in (0, 1]")
     try:
-        model, tokenizer, cfg = load_for_inference(args.adapter, args.model, args.quant)
+        prompts = read_prompts(args)
+        model, tokenizer, cfg = load_for_inference(args.adapter, args.model, quant=args.quant,
+                                                   compute_dtype=args.compute_dtype,
+                                                   dequantize=dequantize_choice(args.dequantize))
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,17 @@ def save_adapter(model, tokenizer, cfg: Config, path: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     save_config(cfg, path / "config.yaml")
+    umask_mode(Path(path).glob("*.safetensors"))
+
+
+def umask_mode(files) -> None:
+    """Give `files` the mode a new file gets under the user's umask. safetensors writes each file as a
+    private temporary file (mode 0600) and renames it into place, so without this a saved model is
+    unreadable to the user's group even where every other file of the run is not."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config,
@@ -114,56 +126,154 @@ def prune(output_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """`""`: none; `auto`: newest complete checkpoint in `output_dir` (or none); else a path."""
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from the header of a .safetensors file after checking that the file is
+    whole: the header parses and the file is exactly as long as the header says. Raises ValueError
+    with the reason (empty, truncated, not safetensors); reads only the header, never the tensors."""
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise ValueError("is empty (0 bytes)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ValueError(f"is not a safetensors file ({size} bytes, no valid header)")
+        try:
+            header = json.loads(f.read(n))
+            spans = {k: (v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"is not a safetensors file ({size} bytes, unreadable header)") from None
+    end = max((int(offsets[1]) for _, offsets in spans.values()), default=0)
+    if 8 + n + end != size:
+        raise ValueError(f"is {size} bytes but its header describes {8 + n + end}: the file is truncated or damaged")
+    return {k: list(shape) for k, (shape, _) in spans.items()}
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a `torch.save` file cannot be read (None if its zip structure and checksums are intact)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return "is truncated or not a torch.save file"
+    return f"fails its checksum (entry {bad}): the file is damaged" if bad else None
+
+
+_JSON_KEYS = {"meta.json": ("step", "resume_key"), "trainer_state.json": ("step", "data", "world_size")}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes checkpoint `path` unusable ("optimizer.pt is truncated ..."), or None: the first file
+    that is missing, empty, truncated or unreadable. Reads every file's structure, unpickles nothing."""
+    path = Path(path)
+    for name in ("meta.json", "trainer_state.json", "adapter_config.json", "adapter_model.safetensors",
+                 "optimizer.pt", "rng.pt"):
+        file = path / name
+        why = None
+        if not file.is_file():
+            why = "is missing"
+        elif file.stat().st_size == 0:
+            why = "is empty (0 bytes)"
+        elif name.endswith(".json"):
+            try:
+                data = json.loads(file.read_text())
+                lacking = [k for k in _JSON_KEYS.get(name, ()) if k not in data]
+                why = f"lacks the keys {lacking}" if lacking else None
+            except (ValueError, TypeError):  # TypeError: valid JSON that is not an object
+                why = "is not a JSON object"
+        elif name.endswith(".safetensors"):
+            try:
+                safetensors_shapes(file)
+            except ValueError as e:
+                why = str(e)
+        else:
+            why = _torch_file_problem(file)
+        if why:
+            return f"{name} {why}"
+    return None
+
+
+def resolve_resume(resume: str, output_dir: Path, warn=None) -> Path | None:
+    """`""`: none; `auto`: the newest complete *and readable* checkpoint in `output_dir` (or none), each
+    damaged newer one skipped with `warn(message)` (default: a `warning:` line on stderr); else a path,
+    checked by `load_checkpoint`."""
     if not resume:
         return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
-    return path
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        return Path(resume)
+    found = [p for _, p in reversed(list_checkpoints(output_dir))]
+    for k, path in enumerate(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if k == len(found) - 1:
+            raise CheckpointError(f"--resume auto: no readable checkpoint in {output_dir} (the oldest, {path}: "
+                                  f"{problem}): start a new output_dir")
+        (warn or _warn)(f"skipping damaged checkpoint {path} ({problem}); trying {found[k + 1].name}")
+    return None
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def load_checkpoint(path: Path, cfg: Config, force: bool = False) -> tuple[dict, dict, dict]:
     """Validate and read a checkpoint: (trainer_state, optimizer_state, rng_state). The adapter
-    weights are loaded by the caller with `load_adapter_weights`."""
+    weights are loaded by the caller with `load_adapter_weights`. Every problem is a CheckpointError
+    that names the file."""
     path = Path(path)
-    need = ["meta.json", "trainer_state.json", "optimizer.pt", "rng.pt", "adapter_model.safetensors"]
-    missing = [n for n in need if not (path / n).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (missing {', '.join(missing)}): "
-                              "resume from an earlier checkpoint or start a new output_dir")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        state = json.loads((path / "trainer_state.json").read_text())
-        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {first}): "
-                              "resume from an earlier checkpoint") from None
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}; resume from an earlier "
+                              "checkpoint (--resume PATH) or start a new output_dir")
+    meta = json.loads((path / "meta.json").read_text())
+    state = json.loads((path / "trainer_state.json").read_text())
+    loaded = {}
+    for name in ("optimizer.pt", "rng.pt"):
+        try:
+            loaded[name] = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors have many types; all mean the same to the user
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: {name} is unreadable "
+                                  f"({type(e).__name__}: {first}); resume from an earlier checkpoint") from None
+    rng = loaded["rng.pt"]
+    ranks = ([rng] if "torch" in rng else list(rng.values())) if isinstance(rng, dict) else []
+    if not ranks or not all(isinstance(r, dict) and "torch" in r for r in ranks):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: rng.pt holds no RNG state "
+                              "(python/numpy/torch); resume from an earlier checkpoint")
     mismatch = {k: (v, meta["resume_key"].get(k)) for k, v in config_hash_fields(cfg).items()
                 if meta["resume_key"].get(k) != v}
     if mismatch and not force:
         detail = "; ".join(f"{k}: checkpoint {b!r} vs now {a!r}" for k, (a, b) in mismatch.items())
         raise CheckpointError(f"checkpoint {path} was made by a different run ({detail}): use the same "
                               "config, a new output_dir, or --resume_force true")
-    return state, optim, rng
+    return state, loaded["optimizer.pt"], rng
 
 
 def load_adapter_weights(model, path: Path) -> None:
-    """Copy the saved adapter tensors into the live LoRA parameters (strict: every one must match)."""
-    from peft import set_peft_model_state_dict
+    """Copy the saved adapter tensors into the live LoRA parameters (strict: every saved tensor must
+    fit, and every LoRA parameter of the model must be saved)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(path) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path}: adapter tensors do not fit this model ({unexpected[:3]})")
+    file = Path(path) / "adapter_model.safetensors"
+    try:
+        safetensors_shapes(file)
+        weights = load_file(str(file))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: adapter_model.safetensors {e}; resume from an earlier "
+                              "checkpoint") from None
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(weights))
+    try:
+        unexpected = getattr(set_peft_model_state_dict(model, weights), "unexpected_keys", [])
+    except RuntimeError as e:  # shape mismatch (a different LoRA shape resumed with --resume_force)
+        unexpected = [str(e).strip().splitlines()[-1][:150]]
+    if unexpected or missing:
+        raise CheckpointError(f"checkpoint {path}: adapter_model.safetensors does not fit this model (unexpected "
+                              f"{unexpected[:3]}, missing {missing[:3]}): resume with the run's own LoRA config")
 
 
 # --------------------------------------------------------------------------- the training run's side

@@ -3,6 +3,7 @@
     python -m qlora.evaluate --adapter runs/default/final --limit 40
     python -m qlora.evaluate --model smollm2 --data /path/gretel.jsonl --out base.json
     python -m qlora.evaluate --model runs/default/merged          # written by python -m qlora.merge
+    python -m qlora.evaluate --adapter runs/default/final --max_new_tokens 96 --batch_size 4
 
 For every held-out row (gretel schema: sql_prompt, sql_context, sql) the model answers the *training*
 prompt (the `gretel_sql` formatter's user turn through the chat template, the run's system prompt)
@@ -10,8 +11,10 @@ greedily, batched and left-padded with a KV cache (qlora.generation.generate_ids
 executing them in sqlite (qlora.sqlscore.score_rows). The same rows also give the teacher-forced,
 response-only eval loss (the training loss: qlora.loss.TokenLoss over packed rows, sdpa attention).
 
-The base model and chat format come from the adapter's config.yaml (or the merged directory's); a
-merged directory is loaded in full precision (quant none) unless --quant says otherwise.
+The model is loaded by qlora.inference.load_for_inference: the base model and chat format come from the
+adapter's config.yaml (or the merged directory's); a merged directory is loaded in full precision (quant
+none) unless --quant says otherwise. On a CPU the 4-bit linears run dequantised by default (identical
+logits in fp32, several times faster generation; --dequantize false keeps bitsandbytes' 4-bit matmuls).
 """
 
 from __future__ import annotations
@@ -25,54 +28,17 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .data import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from .formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
-from .model import ModelLoadError, load_base_model, load_tokenizer
+from .inference import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag, load_for_inference
+from .model import ModelLoadError
 
-__all__ = ["load_eval_model", "load_eval_rows", "eval_prompts", "eval_loss", "evaluate", "main"]
-
-
-# --------------------------------------------------------------------------- loading
-
-def is_merged_dir(path: str | None) -> bool:
-    """A model directory written by qlora.merge (HF config.json next to the run's config.yaml)."""
-    return bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / "config.yaml").is_file()
+__all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]
 
 
-def load_eval_model(adapter: str | None = None, model: str | None = None, quant: str | None = None,
-                    compute_dtype: str | None = None, device=None):
-    """(model in eval mode, tokenizer, Config). Like generate.py's load_for_inference, plus merged dirs
-    (their config.yaml gives the chat format; weights load unquantised by default) and a dtype override."""
-    overrides, preset = {}, None
-    if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-        preset = Path(adapter) / "config.yaml"
-    elif is_merged_dir(model):
-        preset = Path(model) / "config.yaml"
-        quant = quant or "none"
-    if model:
-        overrides["model"] = model
-    if quant:
-        overrides["quant"] = quant
-    if compute_dtype:
-        overrides["compute_dtype"] = compute_dtype
-    cfg = load_config(["--config", str(preset)] if preset is not None and preset.is_file() else [], **overrides)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg)
-    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
-        tokenizer.padding_side = "right"
-    net = load_base_model(cfg, device)
-    if adapter:
-        from peft import PeftModel
-        net = PeftModel.from_pretrained(net, adapter)
-    net.eval()
-    return net, tokenizer, cfg
-
+# --------------------------------------------------------------------------- rows and prompts
 
 def load_eval_rows(data: str = "builtin:sql", limit: int | None = None) -> tuple[list[dict], str]:
     """Held-out rows (the first `limit`, file order) and the formatter name. `builtin:sql` -> its test split;
@@ -84,15 +50,23 @@ def load_eval_rows(data: str = "builtin:sql", limit: int | None = None) -> tuple
     if not rows:
         raise DataError(f"dataset {data}: no rows to evaluate")
     name = src.formatter or detect_formatter(rows, src.path)
+    for i, row in enumerate(rows):  # every row usable, before a model is loaded
+        FORMATTERS[name](row, where=_where(rows, i))
+        _gold(row, _where(rows, i))
     return rows, name
 
 
-def _gold(row: dict) -> tuple[str, str]:
+def _where(rows, i: int) -> str:
+    return rows.where(i) if hasattr(rows, "where") else f"row {i}"
+
+
+def _gold(row: dict, where: str = "row") -> tuple[str, str]:
     """(schema script, gold SQL) of a row of either text-to-SQL schema."""
     context = row.get("sql_context") if "sql_context" in row else row.get("schema")
     gold = row.get("sql") if "sql" in row else row.get("SQL")
-    if context is None or gold is None:
-        raise DataError(f"row {row.get('id', '?')}: needs sql_context/sql (gretel) or schema/SQL (bird) to be scored")
+    if not isinstance(context, str) or not isinstance(gold, str):
+        raise DataError(f"{where}: needs the text fields sql_context and sql (gretel) or schema and SQL (bird) "
+                        "to be scored")
     return context, gold
 
 
@@ -101,9 +75,9 @@ def eval_prompts(rows: list[dict], formatter: str, tokenizer, system_prompt: str
     fmt = FORMATTERS[formatter]
     out = []
     for i, row in enumerate(rows):
-        msgs = fmt(row, where=f"row {i}")
+        msgs = fmt(row, where=_where(rows, i))
         if [m["role"] for m in msgs] != ["user", "assistant"]:
-            raise DataError(f"row {i}: formatter {formatter} gave roles {[m['role'] for m in msgs]}; "
+            raise DataError(f"{_where(rows, i)}: formatter {formatter} gave roles {[m['role'] for m in msgs]}; "
                             "evaluation needs one user turn and its answer")
         out.append(prompt_ids(tokenizer, msgs[0]["content"], system_prompt))
     return out
@@ -111,30 +85,25 @@ def eval_prompts(rows: list[dict], formatter: str, tokenizer, system_prompt: str
 
 # --------------------------------------------------------------------------- metrics
 
-@torch.no_grad()
 def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, max_seq_len: int = 0,
               device=None) -> tuple[float, int]:
-    """(token-mean response-only cross-entropy, supervised tokens): the training loss with no dropout,
-    over rows packed as in training (capacity max(max_seq_len, longest example), so no row is dropped)."""
+    """(token-mean response-only cross-entropy, supervised tokens): the training loss with no dropout
+    (qlora.loss.mean_token_loss, as train.py's eval passes), over rows packed as in training (capacity
+    max(max_seq_len, longest example), so no row is dropped)."""
     from . import attention
-    from .loss import TokenLoss
-    from .packing import eval_batches, to_device
+    from .loss import TokenLoss, mean_token_loss
+    from .packing import eval_batches
 
     if not examples:
         return float("nan"), 0
     device = device or next(model.parameters()).device
     capacity = max(max_seq_len, max(len(e.input_ids) for e in examples))
     backend = attention.use_packed_attention(model, "sdpa")
-    loss_model = TokenLoss(model).eval()
-    total, count = 0.0, 0
     try:
-        for batch in eval_batches(examples, capacity, batch_size, pad_id, packing=True):
-            total += float(loss_model(**to_device(batch, device),
-                                      **attention.packing_kwargs(batch["position_ids"], backend, device=device)))
-            count += batch["n_supervised"]
+        batches = eval_batches(examples, capacity, batch_size, pad_id, packing=True)
+        return mean_token_loss(TokenLoss(model), batches, backend, device)
     finally:
         attention.use_default_attention(model, "sdpa")
-    return total / max(count, 1), count
 
 
 def loss_examples(rows: list[dict], formatter: str, tokenizer, cfg: Config) -> list[Example]:
@@ -216,32 +185,32 @@ def summary_line(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    who = ap.add_mutually_exclusive_group(required=True)
-    who.add_argument("--adapter", help="adapter folder (e.g. runs/default/final): its base model + the adapter")
-    who.add_argument("--model", help="a base model (smollm2, hub id, dir, .gguf, random:tiny) or a merged dir")
-    ap.add_argument("--base-model", help="with --adapter: override the adapter's base model")
+    ap = ArgParser(prog="python -m qlora.evaluate", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
     ap.add_argument("--data", default="builtin:sql", help="builtin:sql (its test split) or PATH.jsonl[:formatter]")
-    ap.add_argument("--limit", type=int, default=0, help="first N rows only (0 = all)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--quant", choices=["nf4", "fp4", "none"], help="base weights (default: the adapter's config; "
-                    "nf4 for a base model; none for a merged dir)")
-    ap.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    ap.add_argument("--limit", type=count(0), default=0, help="first N rows only (0 = all)")
+    ap.add_argument("--batch_size", type=count(1), default=8)
+    ap.add_argument("--max_new_tokens", type=count(1), default=128)
     ap.add_argument("--out", help="write the JSON report here")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--progress", type=flag, default=True, help="progress bar on stderr (true/false)")
     args = ap.parse_args(argv)
+    if not (args.adapter or args.model):
+        ap.error("give --adapter FOLDER or --model NAME")
     try:
-        model, tokenizer, cfg = load_eval_model(args.adapter, args.base_model if args.adapter else args.model,
-                                                args.quant, args.compute_dtype)
+        if args.out:
+            check_writable(args.out, "--out")
         rows, formatter = load_eval_rows(args.data, args.limit or None)
+        dequantize = dequantize_choice(args.dequantize)
+        model, tokenizer, cfg = load_for_inference(args.adapter, args.model, quant=args.quant,
+                                                   compute_dtype=args.compute_dtype, dequantize=dequantize)
+        report = evaluate(model, tokenizer, cfg, rows, formatter, args.batch_size, args.max_new_tokens,
+                          progress=args.progress)
     except (ConfigError, ModelLoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    report = evaluate(model, tokenizer, cfg, rows, formatter, args.batch_size, args.max_new_tokens,
-                      progress=not args.no_progress)
-    report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant,
+    report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant, "dequantize": dequantize,
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "formatter": formatter,
                          "limit": args.limit, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                          "system_prompt": cfg.system_prompt, "decoding": "greedy"}, **report}

@@ -2,16 +2,20 @@
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from badinput import assert_one_error, snapshot
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, tiny_cfg
+from qlora.checkpoint import CheckpointError, load_adapter_weights, load_checkpoint, resolve_resume
 
 TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2",
         "--max_steps", "6", "--save_every", "1", "--keep_last", "3", "--eval_every", "3", "--eval_batches", "1",
@@ -83,14 +87,24 @@ def test_sigterm_saves_at_step_boundary_and_resumes(tmp_path):
     assert r.returncode == 0 and f"at step {step}" in r.stderr
 
 
+# every checkpoint write pauses 2 s before meta.json (save_checkpoint's before_commit), so a kill can land there
+SLOW_COMMIT = """
+import runpy, sys, time
+import qlora.checkpoint as c
+orig = c.save_checkpoint
+c.save_checkpoint = lambda *a, **k: orig(*a[:8], before_commit=lambda: time.sleep(2))
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_kill_during_checkpoint_write_keeps_previous_usable(tmp_path):
     out = tmp_path / "w"
-    # every checkpoint write pauses 2 s before meta.json; checkpoint-2's write is killed in that pause
-    proc = subprocess.Popen(train_cmd(out, "fp32"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "QLORA_TEST_SAVE_DELAY": "2"})
+    cmd = [sys.executable, "-c", SLOW_COMMIT, *train_cmd(out, "fp32")[2:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(out.glob(".tmp-checkpoint-2-*/trainer_state.json")):
-        assert proc.poll() is None and time.time() < deadline
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
         time.sleep(0.05)
     proc.kill()
     proc.wait()
@@ -105,23 +119,113 @@ def test_resume_errors_are_clear_and_lose_nothing(tmp_path):
     out = tmp_path / "e"
     r = run(train_cmd(out, "fp32", "--max_steps", "2"))
     assert r.returncode == 0, r.stderr[-2000:]
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    before = snapshot(out)
 
     def error_of(*extra):
-        res = run(train_cmd(out, "fp32", *extra))
-        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-        return res.stderr.strip().splitlines()[-1]
+        return assert_one_error(run(train_cmd(out, "fp32", *extra)))
 
-    assert "already holds checkpoints of another run" in error_of()
+    assert "already holds another run" in error_of()
     assert "was made by a different run (lora_r" in error_of("--resume", "auto", "--lora_r", "4")
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "meta.json").write_text("{}")
-    assert "incomplete or corrupt (missing trainer_state.json" in error_of("--resume", str(bad))
-    ck = out / "checkpoint-2"
+    (bad / "meta.json").write_text('{"step": 1, "resume_key": {}}')
+    assert f"checkpoint {bad} cannot be resumed: trainer_state.json is missing" in error_of("--resume", str(bad))
     corrupt = tmp_path / "corrupt"
-    import shutil
-    shutil.copytree(ck, corrupt)
+    shutil.copytree(out / "checkpoint-2", corrupt)
     (corrupt / "optimizer.pt").write_bytes(b"not a checkpoint")
-    assert f"checkpoint {corrupt} is corrupt" in error_of("--resume", str(corrupt))
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing in output_dir was lost
+    line = error_of("--resume", str(corrupt))
+    assert f"checkpoint {corrupt} cannot be resumed: optimizer.pt is truncated or not a torch.save file" in line
+    assert snapshot(out) == before  # nothing in output_dir was changed
+
+
+# --------------------------------------------------------------------------- damaged files, in process
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A real 2-step tiny run with checkpoint-1 and checkpoint-2 (fp32, plain AdamW)."""
+    import train
+
+    out = tmp_path_factory.mktemp("ck") / "run"
+    cfg = tiny_cfg(output_dir=str(out), max_steps=2, save_every=1, keep_last=3, eval_every=0)
+    train.main(cfg)
+    assert (out / "checkpoint-1" / "meta.json").is_file() and (out / "checkpoint-2" / "meta.json").is_file()
+    return out, cfg
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_middle_byte(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+DAMAGE = {  # file -> (how it is damaged, the words the error must contain)
+    "adapter_model.safetensors": (_truncate, "adapter_model.safetensors is"),
+    "optimizer.pt": (_truncate, "optimizer.pt is truncated or not a torch.save file"),
+    "rng.pt": (lambda f: f.write_bytes(b""), "rng.pt is empty (0 bytes)"),
+    "trainer_state.json": (lambda f: f.write_text("{}"), "trainer_state.json lacks the keys ['step', 'data', 'world_size']"),
+    "meta.json": (lambda f: f.write_text('{"step": 2'), "meta.json is not a JSON object"),
+    "adapter_config.json": (lambda f: f.unlink(), "adapter_config.json is missing"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_damaged_file_is_named(two_checkpoints, tmp_path, name):
+    """Each damaged file gives a CheckpointError that names the checkpoint, the file and what to do."""
+    out, cfg = two_checkpoints
+    ck = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", ck)
+    damage, words = DAMAGE[name]
+    damage(ck / name)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ck, cfg)
+    assert f"checkpoint {ck} cannot be resumed: {words}" in str(e.value) and "earlier checkpoint" in str(e.value)
+
+
+def test_corrupt_byte_in_optimizer_state_is_caught(two_checkpoints, tmp_path):
+    """A flipped byte inside optimizer.pt (same length, zip structure intact) fails its CRC check."""
+    out, cfg = two_checkpoints
+    ck = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", ck)
+    assert load_checkpoint(ck, cfg)[0]["step"] == 2  # intact first
+    _flip_middle_byte(ck / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt (fails its checksum|is truncated)"):
+        load_checkpoint(ck, cfg)
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_path):
+    out, _ = two_checkpoints
+    run_dir = tmp_path / "run"
+    shutil.copytree(out, run_dir)
+    assert resolve_resume("auto", run_dir) == run_dir / "checkpoint-2"
+    _truncate(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    warnings = []
+    assert resolve_resume("auto", run_dir, warn=warnings.append) == run_dir / "checkpoint-1"
+    assert len(warnings) == 1 and str(run_dir / "checkpoint-2") in warnings[0]
+    assert "adapter_model.safetensors" in warnings[0] and "checkpoint-1" in warnings[0]
+    (run_dir / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no readable checkpoint .* trainer_state.json lacks"):
+        resolve_resume("auto", run_dir, warn=warnings.append)
+
+
+def test_adapter_of_another_shape_is_refused(two_checkpoints, tmp_path):
+    """load_adapter_weights on a model of another LoRA rank (as --resume_force would allow) is a
+    CheckpointError naming the file, not a size-mismatch traceback."""
+    from qlora.model import load_model
+
+    out, cfg = two_checkpoints
+    model = load_model(tiny_cfg(lora_r=4), torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors does not fit this model"):
+        load_adapter_weights(model, out / "checkpoint-2")
+
+
+def test_saved_safetensors_get_the_umask_mode(two_checkpoints):
+    """safetensors writes a private temp file (0600) and renames it; saved files get the umask's mode."""
+    out, _ = two_checkpoints
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in [out / "final" / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, (f, oct(f.stat().st_mode))

@@ -8,6 +8,8 @@ the adapter was trained against), which the last test checks is caught.
 """
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +37,12 @@ def merged(tmp_path_factory, tok):
         for p in (p for p in model.parameters() if p.requires_grad):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     save_adapter(model, tok, cfg, root / "adapter")
-    assert main(["--adapter", str(root / "adapter"), "--out", str(root / "merged"), "--dtype", "float32",
-                 "--check-rows", "4"]) == 0
+    assert main(["--adapter", str(root / "adapter"), "--out", str(root / "merged"), "--check_rows", "4"]) == 0
     return root, model, cfg
 
 
 def test_report(merged):
+    """The default precision (float32 on every device) keeps the stated merge error on any CPU."""
     root, _, _ = merged
     rep = json.loads((root / "merged" / "merge_report.json").read_text())
     assert rep["check_rows"] == 4 and rep["base_quant"] == "nf4" and rep["merged_dtype"] == "float32"
@@ -89,3 +91,40 @@ def test_merging_into_full_precision_weights_would_be_caught(merged, tok):
     with torch.no_grad():
         err = (wrong(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
     assert err > 100 * TOL, err
+
+
+def test_half_precision_warns_and_reports_its_error(merged, tmp_path, capsys):
+    """--dtype bfloat16 is allowed, says in one warning line that it does not keep the fp32 merge
+    error, and its report measures the larger error (bf16 rounding of weights and compute: measured
+    ~1e-2 on random:tiny, far above the fp32 merge's ~1e-6)."""
+    root, _, _ = merged
+    assert main(["--adapter", str(root / "adapter"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                 "--check_rows", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--dtype bfloat16" in warnings[0] and "float32" in warnings[0]
+    rep = json.loads((tmp_path / "bf16" / "merge_report.json").read_text())
+    assert rep["merged_dtype"] == "bfloat16" and rep["max_abs_logit_error"] > 10 * TOL
+
+
+def test_merged_files_have_the_umask_mode(merged):
+    """model.safetensors is written by safetensors through a private (0600) temp file; merge gives it
+    the mode any new file gets under the user's umask, like the rest of the folder."""
+    root, _, _ = merged
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in (root / "merged").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_out_folder_of_something_else_is_refused(merged, tmp_path):
+    """--out may name a new folder or an earlier merge's (replaced); one holding anything else is
+    refused before any work and left as it was."""
+    from badinput import assert_one_error, run_cli, snapshot
+
+    root, _, _ = merged
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    r = run_cli(["-m", "qlora.merge", "--adapter", str(root / "adapter"), "--out", str(other)])
+    assert_one_error(r, "already exists and is not a merged model")
+    assert snapshot(other) == {"keep.txt": b"mine"}
