@@ -93,6 +93,7 @@ def setup(cfg: Config) -> Run:
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
     device = accelerator.device
     check_graphs(cfg, accelerator)
+    attention.check_training_backend(cfg.attn_backend, device)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, out)

@@ -96,7 +96,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
         n = int(torch.randint(args.seq // 20, args.seq * 3 // 4, (1,), generator=rng))
         ids = torch.randint(3, vocab, (n,), generator=rng).tolist()
         exs.append(Example(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
-    batch = Batches(exs, args.seq, 2, 0, 0, True).next()
+    batch = full_rows(Batches(exs, args.seq, 2, 0, 0, True).next(), args.seq)
     ce = ce or ("liger" if kernels == "liger" else "plain")
     lm = TokenLoss(model, ce, seed)
     lm.train()
@@ -135,6 +135,17 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return loss.item(), grads, desc
+
+
+def full_rows(batch: dict, seq: int) -> dict:
+    """The batch padded to `seq`-token rows, as the CUDA-graph step feeds it: the seeded dropout mask
+    is a function of each element's flat index, so every variant must see the same row length."""
+    from qlora.cuda_graphs import GraphedForwardBackward
+
+    host = GraphedForwardBackward([], seq, batch["input_ids"].shape[0], 0, torch.float32)._host_inputs(batch, "sdpa")
+    n = batch["n_supervised"]
+    return {**batch, "input_ids": host["input_ids"], "position_ids": host["position_ids"],
+            "targets": host["targets"], "sup_index": host["sup_index"][:n].clone()}
 
 
 def check_triton_dropout() -> int:

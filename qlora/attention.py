@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .config import ConfigError
+
 BACKENDS = ("auto", "sdpa", "varlen", "flex")
 # Registry names. Not "flash..." nor "...flex_attention": transformers keys special checks off those.
 _IMPL = {"sdpa": "qlora_packed_sdpa", "varlen": "qlora_packed_varlen", "flex": "qlora_packed_flex"}
@@ -125,7 +127,8 @@ def _varlen_call():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as e:  # torch < 2.10
-        raise ValueError(f"backend 'varlen' needs torch.nn.attention.varlen (torch>=2.10): {e}") from None
+        raise ConfigError(f"config key 'attn_backend' = 'varlen' needs torch.nn.attention.varlen (torch>=2.10): {e}; "
+                          "use sdpa or flex") from None
     return _adapt_varlen(varlen_attn)
 
 
@@ -215,13 +218,15 @@ def _unwrap(model):
 
 def _resolve(backend: str, device: torch.device | None) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown packed-attention backend {backend!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"config key 'attn_backend': unknown packed-attention backend {backend!r}; choose one of "
+                          f"{', '.join(BACKENDS)}")
     on_cuda = device is not None and device.type == "cuda"
     if backend == "auto":
         return "varlen" if on_cuda and _varlen_available() else "sdpa"
     if backend == "varlen":
         if not on_cuda:
-            raise ValueError(f"backend 'varlen' needs the model on a CUDA device (it is on {device})")
+            raise ConfigError(f"config key 'attn_backend' = 'varlen' needs a CUDA device (the model is on {device}): "
+                              "use auto or sdpa")
         _varlen_call()  # raises a clear error if torch lacks it or its signature is unknown
     return backend
 
@@ -234,6 +239,14 @@ def _varlen_available() -> bool:
         return False
 
 
+def check_training_backend(backend: str, device) -> None:
+    """Refuse, before any model is loaded, a backend that cannot train on `device`."""
+    if backend == "flex" and torch.device(device).type != "cuda":
+        raise ConfigError("config key 'attn_backend' = 'flex' trains on CUDA only (FlexAttention has no CPU "
+                          "backward): use auto or sdpa")
+    _resolve(backend, torch.device(device))
+
+
 def use_packed_attention(model, backend: str) -> str:
     """Register the packed attention functions and switch ``model`` (peft-wrapped or not) to one.
 
@@ -244,7 +257,8 @@ def use_packed_attention(model, backend: str) -> str:
     device = next(base.parameters()).device
     resolved = _resolve(backend, device)
     if getattr(base.config, "attention_dropout", 0.0):
-        raise ValueError("packed attention needs config.attention_dropout == 0")
+        raise ConfigError("packed attention needs the model's config.attention_dropout == 0 (this model has "
+                          f"{base.config.attention_dropout}): set it to 0 in its config.json")
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(_IMPL[name], fn)
     base.set_attn_implementation(_IMPL[resolved])

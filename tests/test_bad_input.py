@@ -80,6 +80,11 @@ CASES = [
     ("lora-target-not-in-model", ["--lora_targets", "q_proj,qkv_proj"], {}, ["qkv_proj"], "resume"),
     ("random-model-vocab-mismatch", ["--model", "random:llama2-7b"], {}, ["has only 32000 embeddings", "--tokenizer"],
      "resume"),
+    # --- the device: GPU-only choices on a CPU
+    ("varlen-on-cpu", ["--attn_backend", "varlen"], {}, ["'attn_backend' = 'varlen' needs a CUDA device"], "resume"),
+    ("flex-training-on-cpu", ["--attn_backend", "flex"], {}, ["'attn_backend' = 'flex' trains on CUDA only"], "resume"),
+    ("cuda-graphs-on-cpu", ["--cuda_graphs", "true"], {}, ["'cuda_graphs' needs a CUDA device"], "resume"),
+    ("liger-on-cpu", ["--kernels", "liger"], {}, ["'kernels' = 'liger' needs a CUDA device"], "resume"),
 ]
 
 
