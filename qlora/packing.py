@@ -59,13 +59,12 @@ def unpacked_rows(n: int, seed: int) -> list[list[int]]:
 
 
 def collate(rows: list[list[Example]], pad_id: int, length: int | None = None) -> dict:
-    """Micro-batch tensors: input_ids, labels, targets, position_ids [B, T], seq_lens, and
+    """Micro-batch tensors: input_ids, targets, position_ids [B, T], seq_lens, and
     `sup_index` (flat indices of supervised positions, so the loss gathers them without a host sync)."""
     used = [sum(len(e.input_ids) for e in row) for row in rows]
     T = length or -(-max(used) // PAD_MULTIPLE) * PAD_MULTIPLE
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     seq_lens = []
@@ -74,7 +73,6 @@ def collate(rows: list[list[Example]], pad_id: int, length: int | None = None) -
         for ex in row:
             n = len(ex.input_ids)
             input_ids[b, t:t + n] = torch.tensor(ex.input_ids)
-            labels[b, t:t + n] = torch.tensor(ex.labels)
             targets[b, t:t + n - 1] = torch.tensor(ex.labels[1:])
             position_ids[b, t:t + n] = torch.arange(n)
             lens.append(n)
@@ -84,7 +82,7 @@ def collate(rows: list[list[Example]], pad_id: int, length: int | None = None) -
             lens.append(T - t)
         seq_lens.append(lens)
     sup_index = (targets.view(-1) != IGNORE).nonzero().squeeze(1)
-    return {"input_ids": input_ids, "labels": labels, "targets": targets, "position_ids": position_ids,
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
             "seq_lens": seq_lens, "sup_index": sup_index, "n_tokens": sum(used), "capacity": B * T,
             "n_supervised": int(sup_index.numel())}
 
@@ -153,9 +151,7 @@ class Batches:
         start = self.state.index * g + self.rank * self.mbs
         mine = [[self.examples[i] for i in row] for row in rows[start:start + self.mbs]]
         self.state = DataState(self.state.epoch, self.state.index + 1)
-        batch = collate(mine, self.pad_id)
-        batch["epoch"] = self.state.epoch
-        return batch
+        return collate(mine, self.pad_id)
 
 
 def eval_batches(examples: list[Example], max_seq_len: int, micro_batch_size: int, pad_id: int,
