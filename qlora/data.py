@@ -10,10 +10,11 @@ Each row becomes a list of chat messages; `encode` renders them with the tokeniz
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 
-from .formatters import FORMATTERS, DataError, detect_formatter
+from .formatters import FORMATTERS, DataError, SkipRow, detect_formatter
 from .sources import BUILTIN, LOCAL_EXT, Rows, Source, load_rows, parse_source  # noqa: F401 (re-exported)
 
 IGNORE = -100
@@ -37,11 +38,13 @@ class DataStats:
     dropped_no_supervised: int = 0
     dropped_overlong: int = 0
     truncated: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> rows the formatter could not use (SkipRow)
     per_source: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        skipped = "".join(f"; skipped {n} ({why})" for why, n in sorted(self.skipped.items()))
         return (f"{self.rows} rows -> {self.kept} examples; dropped {self.dropped_overlong} over-long, "
-                f"{self.dropped_no_supervised} with no supervised token; truncated {self.truncated}")
+                f"{self.dropped_no_supervised} with no supervised token; truncated {self.truncated}{skipped}")
 
 
 # --------------------------------------------------------------------------- rendering and labels
@@ -131,9 +134,16 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
     """Format, render and tokenise the rows of one source, counting what is dropped and why."""
     name = src.formatter or detect_formatter(rows, src.path)
     fmt = FORMATTERS[name]
+    if getattr(fmt, "needs_source", False):  # reads files beside the data (spider: its databases)
+        fmt = functools.partial(fmt, source=src.path)
     out = []
     for i, row in enumerate(rows):
-        messages = fmt(row, where=rows.where(i) if isinstance(rows, Rows) else f"{src.path} row {i}")
+        try:
+            messages = fmt(row, where=rows.where(i) if isinstance(rows, Rows) else f"{src.path} row {i}")
+        except SkipRow as e:
+            stats.rows += 1
+            stats.skipped[str(e)] = stats.skipped.get(str(e), 0) + 1
+            continue
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
         ex, why = encode(messages, tok, max_len, overlong)

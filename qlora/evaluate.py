@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
+    if parse_source(args.data).formatter == "spider":  # real databases, own report (qlora.spider_eval)
+        from .spider_eval import main_spider
+        return main_spider(args)
     try:
         if args.out:
             check_writable(args.out, "--out")

@@ -14,6 +14,10 @@ class DataError(ValueError):
     """Bad data: the message names the file, row or field and what to do."""
 
 
+class SkipRow(Exception):
+    """A row the formatter cannot use (e.g. its Spider database file is absent): skipped and counted by reason."""
+
+
 class MappedRow(dict):
     """A row whose file columns were renamed to a formatter's fields (`columns`: field -> column), so
     that errors can name the column as it is in the file."""
@@ -142,6 +146,16 @@ def messages(row: dict, where: str = "row") -> list[dict]:
     return out
 
 
+def spider(row: dict, where: str = "row", source: str = "") -> list[dict]:
+    """Spider 1.0 (`question`, `query`, `db_id`): the schema of `<source dir>/database/<db_id>/<db_id>.sqlite`
+    + the question -> the gold SQL (qlora.spider)."""
+    from .spider import spider_messages  # imported here: qlora.spider imports this module
+
+    return spider_messages(row, where, source)
+
+
+spider.needs_source = True  # build_examples passes the data file's path (the databases sit beside it)
+
 FORMATTERS = {
     "guanaco": guanaco,
     "gretel_sql": gretel_sql,
@@ -149,6 +163,7 @@ FORMATTERS = {
     "prompt_response": prompt_response,
     "input_output": input_output,
     "messages": messages,
+    "spider": spider,
 }
 
 # the fields each formatter reads: (required, optional); `columns` in a source maps them to a file's columns
@@ -159,12 +174,14 @@ FIELDS = {
     "prompt_response": (("prompt", "response"), ("system",)),
     "input_output": (("input", "output"), ("instruction",)),
     "messages": (("messages",), ()),
+    "spider": (("question", "query", "db_id"), ()),
 }
 
 # (formatter, columns that identify it), most specific first
 _SIGNATURES = [
     ("gretel_sql", {"sql_prompt", "sql_context", "sql"}),
     ("bird_reasoning", {"schema", "question", "SQL"}),
+    ("spider", {"question", "query", "db_id"}),
     ("messages", {"messages"}),
     ("prompt_response", {"prompt", "response"}),
     ("input_output", {"input", "output"}),

@@ -9,6 +9,7 @@ Two metrics per row, the usual pair for text-to-SQL:
 
 Rows whose *gold* query does not run in sqlite (MySQL-only functions, ``CREATE SCHEMA``, broken context)
 are skipped rather than counted as wrong: we cannot tell what the right answer is.
+``execute_db``/``score_db_row`` do the same against a database *file* (Spider), opened read-only.
 Pure Python and stdlib only, so it runs anywhere the evaluation does.
 """
 
@@ -19,7 +20,8 @@ import re
 import sqlite3
 import time
 
-__all__ = ["extract_sql", "normalize_sql", "execute", "score_row", "score_rows"]
+__all__ = ["extract_sql", "normalize_sql", "collapse_whitespace", "sql_tokens", "execute", "execute_db", "results_equal",
+           "score_row", "score_db_row", "score_rows"]
 
 # One regex tokenizer shared by normalize_sql, the ORDER BY check and the ';' cut, so string literals and
 # comments are recognised the same way everywhere (a ';' or 'ORDER BY' inside a literal means nothing).
@@ -36,7 +38,7 @@ _TOKEN_RE = re.compile(
 )
 
 
-def _tokens(sql: str) -> list[tuple[str, str, int]]:
+def sql_tokens(sql: str) -> list[tuple[str, str, int]]:
     """(kind, text, start offset) for every token, whitespace and comments dropped."""
     return [(m.lastgroup, m.group(), m.start()) for m in _TOKEN_RE.finditer(sql)
             if m.lastgroup not in ("ws", "comment")]
@@ -78,7 +80,7 @@ def extract_sql(text: str) -> str:
             if m:
                 text = text[m.start():]
                 break
-    for kind, tok, pos in _tokens(text):
+    for kind, tok, pos in sql_tokens(text):
         if tok == ";":
             return text[:pos + 1].strip()
     return re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].strip()
@@ -92,7 +94,7 @@ def normalize_sql(sql: str) -> str:
     """Canonical form for exact match: lowercase outside literals, one space between tokens except none
     before ``, ) ( .`` and after ``( .``, comments and trailing ';' dropped. String literals and quoted
     identifiers are kept verbatim ('Paris' and 'paris' are different queries)."""
-    toks = [(k, t if k in ("str", "qid") else t.lower()) for k, t, _ in _tokens(sql or "")]
+    toks = [(k, t if k in ("str", "qid") else t.lower()) for k, t, _ in sql_tokens(sql or "")]
     while toks and toks[-1][1] == ";":
         toks.pop()
     out: list[str] = []
@@ -103,10 +105,16 @@ def normalize_sql(sql: str) -> str:
     return "".join(out)
 
 
+def collapse_whitespace(sql: str) -> str:
+    """``sql`` with every run of whitespace outside literals and comments made one space, ends trimmed
+    (Spider's gold queries space operators with two blanks: ``age  >  56``)."""
+    return "".join(" " if m.lastgroup == "ws" else m.group() for m in _TOKEN_RE.finditer(sql or "")).strip()
+
+
 def _has_top_level_order_by(sql: str) -> bool:
     """ORDER BY outside any parentheses, i.e. not in a subquery, CTE body or window's OVER (...)."""
     depth, prev = 0, None
-    for kind, tok, _ in _tokens(sql):
+    for kind, tok, _ in sql_tokens(sql):
         low = tok.lower() if kind == "word" else tok
         depth += (low == "(") - (low == ")")
         if depth == 0 and prev == "order" and low == "by":
@@ -133,33 +141,76 @@ def _snapshot(conn: sqlite3.Connection) -> list[tuple]:
     return out
 
 
+def _guard(conn: sqlite3.Connection, timeout_s: float):
+    """Arm a progress handler on ``conn``; returns ``restart()``, which gives the next phase ``timeout_s``.
+
+    sqlite calls the handler every 1000 VM instructions and a non-zero return makes it raise "interrupted":
+    without it a recursive CTE with no stop condition, or a many-way cross join, hangs the evaluation."""
+    deadline = [0.0]
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 1000)
+
+    def restart():
+        deadline[0] = time.monotonic() + timeout_s
+    return restart
+
+
+def _error(phase: str, e: Exception, timeout_s: float) -> str:
+    if "interrupted" in str(e):
+        return f"{phase}: timeout after {timeout_s:g}s"
+    return f"{phase}: {type(e).__name__}: {e}"
+
+
+_DB_ERRORS = (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError)
+
+
 def execute(context: str, sql: str, timeout_s: float = 2.0) -> tuple[list[tuple] | None, str | None]:
     """Run ``context`` (a script) then ``sql`` in a fresh in-memory sqlite db: (rows, None) or (None, error).
 
-    A progress handler aborts any phase that runs longer than ``timeout_s`` (a recursive CTE without a
-    stop condition would otherwise hang the evaluation forever). For a statement that returns no result
-    set, ``rows`` is a snapshot of the database afterwards (see _snapshot), so DML is scored by effect.
+    Each phase gets ``timeout_s`` (see _guard). For a statement that returns no result set, ``rows`` is a
+    snapshot of the database afterwards (see _snapshot), so DML is scored by effect.
     """
     if not (sql or "").strip():
         return None, "empty query"
     conn = sqlite3.connect(":memory:")
-    deadline = [0.0]
-    # Called every 1000 VM instructions; a non-zero return makes sqlite raise "interrupted".
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 1000)
+    restart = _guard(conn, timeout_s)
     phase = "context"
     try:
-        deadline[0] = time.monotonic() + timeout_s
+        restart()
         conn.executescript(context or "")
-        phase, deadline[0] = "query", time.monotonic() + timeout_s
+        phase = "query"
+        restart()
         cur = conn.execute(sql)
         if cur.description is None:
-            deadline[0] = time.monotonic() + timeout_s
+            restart()
             return _snapshot(conn), None
         return cur.fetchall(), None
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
-        if "interrupted" in str(e):
-            return None, f"{phase}: timeout after {timeout_s:g}s"
-        return None, f"{phase}: {type(e).__name__}: {e}"
+    except _DB_ERRORS as e:
+        return None, _error(phase, e, timeout_s)
+    finally:
+        conn.close()
+
+
+def execute_db(db_path, sql: str, timeout_s: float = 5.0) -> tuple[list[tuple] | None, str | None]:
+    """Run ``sql`` on the sqlite file ``db_path`` opened read-only: (rows, None) or (None, error).
+
+    Read-only (``mode=ro``), so a predicted INSERT/DROP fails instead of changing the benchmark's files;
+    a statement without a result set is an error. Fetching counts towards ``timeout_s``.
+    """
+    if not (sql or "").strip():
+        return None, "empty query"
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        return None, f"database {db_path}: {e}"
+    restart = _guard(conn, timeout_s)
+    try:
+        restart()
+        cur = conn.execute(sql)
+        if cur.description is None:
+            return None, "query: statement returns no rows"
+        return cur.fetchall(), None
+    except _DB_ERRORS as e:
+        return None, _error("query", e, timeout_s)
     finally:
         conn.close()
 
@@ -191,7 +242,7 @@ def _row_key(row: tuple) -> tuple:
     return tuple(_value_key(v) for v in row)
 
 
-def _results_equal(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
+def results_equal(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
     """Values only (column names never reach here), column order matters, row order only if ``ordered``."""
     g = [tuple(_canon(v) for v in r) for r in gold]
     p = [tuple(_canon(v) for v in r) for r in pred]
@@ -200,25 +251,29 @@ def _results_equal(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
     return g == p
 
 
+def _verdict(gold_sql: str, pred_sql: str, gold: tuple, pred: tuple) -> dict:
+    """score_row's dict from the (rows, error) pairs of the gold and the predicted query."""
+    ordered = _has_top_level_order_by(gold_sql or "")
+    return {"gold_ok": gold[1] is None, "pred_ok": pred[1] is None,
+            "exec_match": gold[0] is not None and pred[0] is not None and results_equal(gold[0], pred[0], ordered),
+            "exact_match": normalize_sql(gold_sql) == normalize_sql(pred_sql),
+            "error": pred[1], "gold_error": gold[1], "order_sensitive": ordered}
+
+
 def score_row(context: str, gold_sql: str, pred_sql: str, timeout_s: float = 2.0) -> dict:
     """Score one already-extracted prediction against the gold query; each runs on its own fresh db.
 
     Order-sensitive only when the gold query has a top-level ORDER BY. Known limit: ties under that
     ORDER BY may legitimately come back in another order and are then counted wrong.
     """
-    gold_rows, gold_err = execute(context, gold_sql, timeout_s)
-    pred_rows, pred_err = execute(context, pred_sql, timeout_s)
-    ordered = _has_top_level_order_by(gold_sql or "")
-    match = gold_rows is not None and pred_rows is not None and _results_equal(gold_rows, pred_rows, ordered)
-    return {
-        "gold_ok": gold_err is None,
-        "pred_ok": pred_err is None,
-        "exec_match": match,
-        "exact_match": normalize_sql(gold_sql) == normalize_sql(pred_sql),
-        "error": pred_err,
-        "gold_error": gold_err,
-        "order_sensitive": ordered,
-    }
+    return _verdict(gold_sql, pred_sql, execute(context, gold_sql, timeout_s), execute(context, pred_sql, timeout_s))
+
+
+def score_db_row(db_path, gold_sql: str, pred_sql: str, timeout_s: float = 5.0, gold_rows=None) -> dict:
+    """score_row against the sqlite file ``db_path`` (read-only). ``gold_rows``: the gold result when the
+    caller already has it (it is then not run again)."""
+    gold = (gold_rows, None) if gold_rows is not None else execute_db(db_path, gold_sql, timeout_s)
+    return _verdict(gold_sql, pred_sql, gold, execute_db(db_path, pred_sql, timeout_s))
 
 
 def score_rows(rows: list[dict], timeout_s: float = 2.0) -> dict:
