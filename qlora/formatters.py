@@ -151,10 +151,17 @@ def spider(row: dict, where: str = "row", source: str = "") -> list[dict]:
     + the question -> the gold SQL (qlora.spider)."""
     from .spider import spider_messages  # imported here: qlora.spider imports this module
 
-    return spider_messages(row, where, source)
+    return spider_messages(row, where, source, sample_rows=0)
 
 
-spider.needs_source = True  # build_examples passes the data file's path (the databases sit beside it)
+def spider_rows(row: dict, where: str = "row", source: str = "") -> list[dict]:
+    """`spider`, with one sample row of each table under its CREATE TABLE line."""
+    from .spider import spider_messages
+
+    return spider_messages(row, where, source, sample_rows=1)
+
+
+spider.needs_source = spider_rows.needs_source = True  # build_examples passes the data file's path
 
 FORMATTERS = {
     "guanaco": guanaco,
@@ -164,6 +171,7 @@ FORMATTERS = {
     "input_output": input_output,
     "messages": messages,
     "spider": spider,
+    "spider_rows": spider_rows,
 }
 
 # the fields each formatter reads: (required, optional); `columns` in a source maps them to a file's columns
@@ -175,6 +183,7 @@ FIELDS = {
     "input_output": (("input", "output"), ("instruction",)),
     "messages": (("messages",), ()),
     "spider": (("question", "query", "db_id"), ()),
+    "spider_rows": (("question", "query", "db_id"), ()),
 }
 
 # (formatter, columns that identify it), most specific first

@@ -149,15 +149,17 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
 
 
 def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_size: int = 8,
-                    max_new_tokens: int = 128, timeout_s: float = 5.0, generate_fn=None, progress=True) -> dict:
-    """Generate for and score every scorable row of a Spider json file; returns the report (module doc)."""
+                    max_new_tokens: int = 128, sample_rows: int = 0, timeout_s: float = 5.0, generate_fn=None,
+                    progress=True) -> dict:
+    """Generate for and score every scorable row of a Spider json file; returns the report (module doc).
+    `sample_rows`: as the formatter the model was trained with (`spider` 0, `spider_rows` 1)."""
     from .generation import prompt_ids
 
     rows = load_spider(source, limit)
     t0 = time.perf_counter()
     recs, gold = prepare_rows(rows, source, timeout_s)
     prompts = {i: prompt_ids(tokenizer, spider_prompt(schema_text(str(database_path(source, recs[i]["db_id"])),
-                                                                  SAMPLE_ROWS), recs[i]["question"]),
+                                                                  sample_rows), recs[i]["question"]),
                              cfg.system_prompt) for i in gold}
     t1 = time.perf_counter()
     texts = generate_all(model, tokenizer, recs, prompts, batch_size, max_new_tokens, generate_fn, progress)
@@ -190,7 +192,8 @@ def main_spider(args) -> int:
     from .inference import check_writable, dequantize_choice, load_for_inference
     from .model import ModelLoadError
 
-    source = parse_source(args.data).path
+    src = parse_source(args.data)
+    source, sample_rows = src.path, SAMPLE_ROWS[src.formatter]
     try:
         if args.out:
             check_writable(args.out, "--out")
@@ -203,12 +206,12 @@ def main_spider(args) -> int:
         return 2
     t0 = time.perf_counter()
     report = evaluate_spider(model, tokenizer, cfg, source, args.limit, args.batch_size, args.max_new_tokens,
-                             progress=args.progress)
+                             sample_rows, progress=args.progress)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant, "dequantize": dequantize,
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "limit": args.limit,
                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                         "sample_rows": SAMPLE_ROWS, "system_prompt": cfg.system_prompt, "decoding": "greedy",
+                         "sample_rows": sample_rows, "system_prompt": cfg.system_prompt, "decoding": "greedy",
                          "machine": _machine(model)},
               "wall_seconds": round(time.perf_counter() - t0, 1), **report}
     print(summary_line(report), flush=True)

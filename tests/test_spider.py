@@ -87,6 +87,22 @@ def test_formatter_on_real_rows(tok):
         assert ex.input_ids.count(tok.bos_token_id) == ex.input_ids.count(tok.eos_token_id) == 3
 
 
+def test_spider_rows_adds_one_sample_row_per_table():
+    from qlora.formatters import FORMATTERS
+
+    path = spider_file("dev.json")
+    row = json.loads(path.read_text())[0]
+    plain = FORMATTERS["spider"](row, source=str(path))[0]["content"]
+    with_rows = FORMATTERS["spider_rows"](row, source=str(path))[0]["content"]
+    lines = [line for line in with_rows.splitlines() if line.startswith("-- ")]
+    conn = connect_ro(database_path(path, row["db_id"]))
+    tables = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert len(lines) == sum(1 for t in tables if conn.execute(f'SELECT 1 FROM "{t}" LIMIT 1').fetchone())
+    singer = conn.execute("SELECT * FROM singer LIMIT 1").fetchone()  # (1, 'Joe Sharp', 'Netherlands', ...)
+    assert f"-- {singer[0]}, '{singer[1]}', '{singer[2]}'" in with_rows
+    assert [x for x in with_rows.splitlines() if not x.startswith("-- ")] == plain.splitlines()
+
+
 def test_overlong_prompts_are_dropped_and_counted(tok):
     path = spider_file("train_spider.json")
     rows = json.loads(path.read_text())[:40]
