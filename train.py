@@ -33,6 +33,8 @@ from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoint
 from qlora.config import Config, ConfigError, load_config, save_config
 from qlora.cuda_graphs import GraphedForwardBackward, check_graphs
 from qlora.data import DataError, load_datasets
+from qlora.fsdp import check_fsdp_config
+from qlora.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint
 from qlora.kernels import resolve_kernels
 from qlora.lora_fused import dropout_seed
 from qlora.generation import generate_ids
@@ -94,6 +96,8 @@ def setup(cfg: Config) -> Run:
     device = accelerator.device
     check_graphs(cfg, accelerator)
     attention.check_training_backend(cfg.attn_backend, device)
+    if accelerator.is_fsdp2:
+        check_fsdp_config(cfg)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, out)
@@ -123,7 +127,7 @@ def setup(cfg: Config) -> Run:
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, accelerator.is_fsdp2)
     loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer,
                                                                tokenizer.pad_token_id, talk)
     return Run(cfg, accelerator, tokenizer, batches, evals, eval_set, model, loss_model, optimizer, params,
@@ -158,21 +162,23 @@ def make_accelerator(cfg: Config, log_with=None) -> tuple[Any, Config]:
 
 
 def restore(run: Run, path: Path) -> None:
-    """Continue the run saved in checkpoint `path`: adapter, optimizer, RNG, step and data position."""
+    """Continue the run saved in checkpoint `path`: adapter, optimizer, RNG, step and data position
+    (under FSDP2 each rank its own shard of them)."""
     acc = run.accelerator
+    problem = layout_problem(path, acc.is_fsdp2, acc.num_processes)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
     if acc.is_fsdp2:
-        raise CheckpointError(f"--resume {path}: resuming under FSDP is not supported yet; its "
-                              "adapter_model.safetensors is a normal peft adapter (start a new run from it)")
-    state, optim_state, rng = load_checkpoint(path, run.cfg, run.cfg.resume_force)
-    if state.get("fsdp"):  # its optimizer.pt holds rank 0's shard only
-        raise CheckpointError(f"checkpoint {path} was written under FSDP, which cannot be resumed yet; "
-                              "its adapter_model.safetensors is a normal peft adapter")
-    if state["world_size"] != acc.num_processes:
-        raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, "
-                              f"this run has {acc.num_processes}: resume with the same number")
-    load_adapter_weights(run.model, path)
-    run.optimizer.load_state_dict(optim_state)
-    set_rng_state(rng.get(f"rank{acc.process_index}", rng))
+        state = restore_sharded_checkpoint(path, run.cfg, acc, acc.unwrap_model(run.loss_model).model,
+                                           run.optimizer, run.cfg.resume_force)
+    else:
+        state, optim_state, rng = load_checkpoint(path, run.cfg, run.cfg.resume_force)
+        if state["world_size"] != acc.num_processes:
+            raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, "
+                                  f"this run has {acc.num_processes}: resume with the same number")
+        load_adapter_weights(run.model, path)
+        run.optimizer.load_state_dict(optim_state)
+        set_rng_state(rng.get(f"rank{acc.process_index}", rng))
     run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
     run.batches.state = DataState(**state["data"])
     run.say(f"resume: from {path} at step {run.step} (epoch {run.batches.state.epoch}, "

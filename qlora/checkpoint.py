@@ -167,8 +167,9 @@ def checkpoint_problem(path: Path) -> str | None:
     """What makes checkpoint `path` unusable ("optimizer.pt is truncated ..."), or None: the first file
     that is missing, empty, truncated or unreadable. Reads every file's structure, unpickles nothing."""
     path = Path(path)
+    sharded = _is_sharded(path)  # an FSDP2 checkpoint: per-rank shard files instead of optimizer.pt, rng.pt
     for name in ("meta.json", "trainer_state.json", "adapter_config.json", "adapter_model.safetensors",
-                 "optimizer.pt", "rng.pt"):
+                 *(() if sharded else ("optimizer.pt", "rng.pt"))):
         file = path / name
         why = None
         if not file.is_file():
@@ -191,7 +192,17 @@ def checkpoint_problem(path: Path) -> str | None:
             why = _torch_file_problem(file)
         if why:
             return f"{name} {why}"
+    if sharded:
+        from .fsdp_checkpoint import sharded_checkpoint_problem
+        return sharded_checkpoint_problem(path)
     return None
+
+
+def _is_sharded(path: Path) -> bool:
+    try:
+        return bool(json.loads((Path(path) / "meta.json").read_text()).get("fsdp"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resolve_resume(resume: str, output_dir: Path, warn=None) -> Path | None:
@@ -320,6 +331,10 @@ def save_training_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg:
     """checkpoint-<step> of a training run: the adapter, optimizer, every rank's RNG state and
     `trainer_state` (step, data position, counters). A collective: every rank calls it; the main
     process writes; returns the path there (None on other ranks)."""
+    if accelerator.is_fsdp2:  # each rank writes its own shard of the adapter, optimizer state and RNG
+        from .fsdp_checkpoint import save_sharded_checkpoint
+        return save_sharded_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg, output_dir, trainer_state,
+                                       before_commit)
     world = accelerator.num_processes
     rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
     adapter = savable_adapter(accelerator, loss_model)

@@ -32,9 +32,10 @@ def liger_available() -> bool:
 
 def resolve_kernels(mode: str, device, fsdp: bool = False) -> str:
     """"liger" or "none" for `mode` ("auto", "liger", "none") on `device`; errors for impossible asks.
-    `auto` is liger on CUDA when it is installed, except under FSDP (peft's own path there)."""
+    `auto` is liger on CUDA when it is installed (under FSDP2 too: its kernels are per module, and the
+    fused linear + cross-entropy reads lm_head's weight inside the root unit's forward, gathered)."""
     on_cuda = torch.device(device).type == "cuda"
-    if mode == "none" or (mode == "auto" and not (on_cuda and liger_available() and not fsdp)):
+    if mode == "none" or (mode == "auto" and not (on_cuda and liger_available())):
         return "none"
     if not on_cuda:
         raise ConfigError("config key 'kernels' = 'liger' needs a CUDA device (use 'auto' or 'none' on CPU)")

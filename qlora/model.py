@@ -339,14 +339,14 @@ def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
 
 def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
     """LoRA, checkpointing of `cfg.checkpoint_layers`, fused NF4+LoRA linears and kernels on a loaded
-    base. Under FSDP the sharded 4-bit weights keep peft's and transformers' own forward."""
+    base. Under FSDP2 the fused node runs on each layer's gathered 4-bit weights (qlora/fsdp.py)."""
     from qlora.kernels import use_kernels
     from qlora.lora_fused import fuse_lora
 
     from qlora.seeded_dropout import new_seed
 
     model = add_lora(base, cfg)
-    fused = cfg.fused_lora and not fsdp
+    fused = cfg.fused_lora
     seeded = fused and cfg.lora_dropout > 0 and (cfg.seeded_dropout or cfg.cuda_graphs)
     if cfg.gradient_checkpointing:
         # only torch's dropout draws random numbers in a layer; a seeded mask needs no RNG state
@@ -354,5 +354,8 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
                              offload=cfg.offload_checkpoints)
     if fused:
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None)
+        if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
+            from qlora.fsdp import fuse_on_gathered_weights
+            fuse_on_gathered_weights(model)
     use_kernels(model, cfg.kernels, device, fsdp)
     return model

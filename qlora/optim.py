@@ -10,8 +10,9 @@ import torch
 from .config import Config
 
 
-def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    """Paged 8-bit AdamW (bitsandbytes) by default; `adamw_8bit` unpaged; `adamw` plain torch."""
+def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optimizer:
+    """Paged 8-bit AdamW (bitsandbytes) by default; `adamw_8bit` unpaged; `adamw` plain torch. Under
+    FSDP2 the bitsandbytes ones step each sharded parameter on its local shard (qlora/fsdp.py)."""
     params = [p for p in params if p.requires_grad]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -19,6 +20,9 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    if fsdp:
+        from .fsdp import local_shard_optimizer
+        cls = local_shard_optimizer(cls)
     with warnings.catch_warnings():
         # on CPU bitsandbytes falls back from paged to unpaged memory; say it once, in our words
         warnings.simplefilter("ignore")
