@@ -76,9 +76,10 @@ def save_sharded_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg, 
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}-{_main_pid(accelerator)}"
     adapter = savable_adapter(accelerator, loss_model)  # all-gathers the LoRA weights: every rank
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of an interrupted save of this step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    tmp.mkdir(parents=True, exist_ok=True)  # a network filesystem may not show another node's new folder yet
     peft_model = accelerator.unwrap_model(loss_model).model
     _save_fsynced({"rank": rank, "world_size": world, **local_training_state(peft_model, optimizer)},
                   tmp / shard_name(rank, world))
