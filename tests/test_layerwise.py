@@ -108,6 +108,26 @@ def test_random_layerwise_model_is_deterministic_per_layer_and_complete():
         assert torch.isfinite(three(input_ids=ids).logits).all()
 
 
+def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora.layerwise import ModelFilesError, load_safetensors_layerwise
+
+    folder = save_random_checkpoint(tmp_path / "ckpt", {**SMALL, "tie_word_embeddings": False})
+    cfg, cpu = cfg_for(str(folder)), torch.device("cpu")
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFilesError, match=f"no tensor '{name}'"):
+        load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
+    save_file({**tensors, name: tensors[name][:-1]}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFilesError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(351, 128\)"):
+        load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match="has no model.safetensors"):
+        load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
+
+
 # =========================================================================== peak memory
 
 def measure(mode: str, folder: Path | None = None) -> dict:
@@ -155,7 +175,7 @@ def _measure_main(mode: str, folder: str | None = None) -> None:
 
     cfg, dev, dtype = cfg_for(folder or "random:tiny", "bfloat16"), torch.device("cpu"), torch.bfloat16
     base = rss_mib()
-    if mode == "build_whole":  # qlora.model.build_random_model's way: the whole model, then quantise
+    if mode == "build_whole":  # the whole full-precision model first, then quantise its linears
         from transformers import LlamaForCausalLM
 
         torch.set_default_dtype(dtype)
