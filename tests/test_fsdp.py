@@ -56,6 +56,7 @@ def run_worker(name: str, out: Path, *args, n: int = 2) -> dict:
 SHAPES = {"aligned": (16, 256),  # 8 x 256 per rank: every shard starts on a block boundary
           "misaligned": (688, 16),  # 344 x 16 = 5504 = 21.5 blocks: rank 1's blocks are shifted
           "uneven": (3, 4096),  # 2 rows on rank 0, 1 on rank 1
+          "one_row": (1, 4096),  # rank 1's shard is empty (LoRA A's r rows over more than r ranks)
           "small": (8, 64)}  # 512 elements: bitsandbytes keeps 32-bit state below 4096
 
 
@@ -70,7 +71,7 @@ def test_8bit_adamw_steps_dtensor_parameters_on_their_local_shards(tmp_path):
         r = res[variant]
         # elementwise AdamW on a shard that starts on a block boundary computes exactly what the whole
         # tensor does: bit-identical, 32-bit state too
-        for name in ("aligned", "uneven", "small"):
+        for name in ("aligned", "uneven", "one_row", "small"):
             assert r[name]["max_abs_diff"] == 0.0, (variant, name, r[name])
         # a shifted block grid re-draws the 8-bit rounding of the moments (rank 1's blocks here). Yardstick:
         # the 8-bit state's own rounding, 8-bit vs 32-bit AdamW on the same gradients. Two independent
@@ -81,7 +82,7 @@ def test_8bit_adamw_steps_dtensor_parameters_on_their_local_shards(tmp_path):
         assert 0 < m["rel_diff"] <= 2 * m["rel_8bit_vs_32bit"] < 0.1, m
         # the state is sharded like the parameter: each rank holds its shard's moments only
         assert r["state_numel_per_rank"] == r["param_numel_per_rank"]
-        assert r["state_bits"] == {"aligned": 8, "misaligned": 8, "uneven": 8, "small": 32}
+        assert r["state_bits"] == {"aligned": 8, "misaligned": 8, "uneven": 8, "one_row": 8, "small": 32}
 
 
 def worker_optimizer(out: Path) -> dict:
