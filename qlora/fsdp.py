@@ -3,9 +3,11 @@
 
 Under FSDP2 every parameter is a `DTensor` whose local part is this rank's shard (a slice of dim 0).
 bitsandbytes' optimizers call their own torch ops (`bitsandbytes::optimizer_update_8bit_blockwise`,
-`..._32bit`) on the parameter, its gradient and its state; those ops have no DTensor sharding rule,
-so the first `step()` fails ("Operator bitsandbytes.optimizer_update_32bit.default does not have a
-sharding strategy registered"). AdamW is element-wise, so it needs no rule: `local_shard_optimizer`
+`..._32bit`) on the parameter, its gradient and its state (made by `zeros_like(param)`: DTensors too);
+those ops have no DTensor sharding rule, so the first `step()` fails: "got mixed torch.Tensor and
+DTensor" (8-bit state, whose quantisation maps and block maxima are plain tensors) or "does not have
+a sharding strategy registered" (the 32-bit state of tensors under 4096 elements). AdamW is
+element-wise, so it needs no rule: `local_shard_optimizer`
 steps each parameter on its local shard, with state of the shard's size (sharded like the
 parameters, 1/N per rank). The 8-bit state is quantised in blocks of 256 elements of the flattened
 local shard; where a shard does not start on a block boundary of the whole tensor the blocks (and so
