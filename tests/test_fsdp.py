@@ -388,16 +388,6 @@ def worker_ckpt(out: Path) -> dict:
 
 # =========================================================================== the training CLI under FSDP2
 
-def wired(*names: str) -> bool:
-    """Whether the training run calls these `qlora.fsdp` functions yet."""
-    src = "".join((ROOT / f).read_text() for f in ("train.py", "qlora/checkpoint.py", "qlora/optim.py", "qlora/model.py"))
-    return all(n in src for n in names)
-
-
-def needs(*names: str):
-    return pytest.mark.skipif(not wired(*names), reason=f"waits for the training run to call qlora.fsdp.{', '.join(names)}")
-
-
 # random:tiny with LoRA r=64, so that most adapters hold >= 4096 elements and get 8-bit AdamW state;
 # every shard of these shapes starts on a 256-element block boundary over 2 ranks
 TINY = ["--model", "random:tiny", "--quant", "nf4", "--quant_storage", "float32", "--compute_dtype", "float32",
@@ -419,7 +409,6 @@ def train_log(out: Path, kind: str = "train") -> dict:
     return {r["step"]: r for r in recs if r["kind"] == kind}
 
 
-@needs("local_shard_optimizer")
 def test_fsdp2_8bit_adamw_trains_like_one_process(tmp_path):
     from safetensors.torch import load_file
 
@@ -442,7 +431,6 @@ def test_fsdp2_8bit_adamw_trains_like_one_process(tmp_path):
         assert (a[k] - b[k]).norm() <= 5e-3 * b[k].norm(), k
 
 
-@needs("check_fsdp_config")
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
 def test_fsdp2_refuses_4bit_storage_it_would_replicate_or_corrupt(tmp_path, storage):
     from badinput import FAST_TRAIN, assert_one_error, run_cli, snapshot
@@ -485,7 +473,6 @@ def start_and_wait_for(out: Path, marker: str, *args) -> tuple[subprocess.Popen,
     return proc, pids
 
 
-@needs("save_sharded_checkpoint", "restore_sharded_checkpoint", "layout_problem", "local_shard_optimizer")
 def test_fsdp2_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
