@@ -32,6 +32,8 @@ RANDOM_SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama2-7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000),  # two Llama-2-7B layers, for kernel checks
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                        num_key_value_heads=40, vocab_size=32000),
     "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
@@ -187,23 +189,26 @@ def random_shape(name: str) -> dict:
 
 
 def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
-    """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`."""
+    """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`; 4-bit
+    models one decoder layer at a time (qlora/layerwise.py), so even a 70B shape never exists in bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = random_shape(shape)
     shape = shape.partition(":")[0]
     config = LlamaConfig(**fields, max_position_embeddings=max(4096, cfg.max_seq_len),
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
-    torch.manual_seed(cfg.seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(compute_dtype)  # built straight in the compute dtype: no fp32 copy (28 GB at 7B)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    if cfg.quant != "none":
-        quantize_linears_(model, cfg, compute_dtype, device)
+    if cfg.quant != "none":  # one decoder layer at a time: the full-precision model is never whole
+        from .layerwise import build_random_layerwise
+        model = build_random_layerwise(config, cfg, device, compute_dtype)
+    else:
+        torch.manual_seed(cfg.seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(compute_dtype)  # built straight in the compute dtype: no fp32 copy
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the full-precision weights' blocks back before training
     return model
