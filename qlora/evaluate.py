@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
-    if parse_source(args.data).formatter in ("spider", "spider_rows"):  # real databases: qlora.spider_eval
+    if parse_source(args.data).formatter == "spider":  # real databases, own report (qlora.spider_eval)
         from .spider_eval import main_spider
         return main_spider(args)
     try:

@@ -151,17 +151,10 @@ def spider(row: dict, where: str = "row", source: str = "") -> list[dict]:
     + the question -> the gold SQL (qlora.spider)."""
     from .spider import spider_messages  # imported here: qlora.spider imports this module
 
-    return spider_messages(row, where, source, sample_rows=0)
+    return spider_messages(row, where, source)
 
 
-def spider_rows(row: dict, where: str = "row", source: str = "") -> list[dict]:
-    """`spider`, with one sample row of each table under its CREATE TABLE line."""
-    from .spider import spider_messages
-
-    return spider_messages(row, where, source, sample_rows=1)
-
-
-spider.needs_source = spider_rows.needs_source = True  # build_examples passes the data file's path
+spider.needs_source = True  # build_examples passes the data file's path (the databases sit beside it)
 
 FORMATTERS = {
     "guanaco": guanaco,
@@ -171,7 +164,6 @@ FORMATTERS = {
     "input_output": input_output,
     "messages": messages,
     "spider": spider,
-    "spider_rows": spider_rows,
 }
 
 # the fields each formatter reads: (required, optional); `columns` in a source maps them to a file's columns
@@ -183,7 +175,6 @@ FIELDS = {
     "input_output": (("input", "output"), ("instruction",)),
     "messages": (("messages",), ()),
     "spider": (("question", "query", "db_id"), ()),
-    "spider_rows": (("question", "query", "db_id"), ()),
 }
 
 # (formatter, columns that identify it), most specific first

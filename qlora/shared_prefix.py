@@ -17,8 +17,6 @@ answer costs, not max_new_tokens.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 __all__ = ["common_prefix_len", "generate_grouped"]
@@ -36,41 +34,49 @@ def common_prefix_len(prompts: list[list[int]]) -> int:
 
 @torch.no_grad()
 def _prefix_cache(model, prefix: list[int], device):
+    """The prefix's keys and values, one (1, heads, len, dim) pair per layer ([] for an empty prefix)."""
     from transformers import DynamicCache
 
+    if not prefix:
+        return []
     cache = DynamicCache()
-    if prefix:
-        ids = torch.tensor([prefix], device=device)
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True,
-              logits_to_keep=1)
-    return cache
+    ids = torch.tensor([prefix], device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @torch.no_grad()
-def _generate_batch(model, cache, plen: int, suffixes: list[list[int]], max_new_tokens: int, pad: int, eos: int,
+def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_tokens: int, pad: int, eos: int,
                     device) -> list[list[int]]:
-    """Greedy tokens for each suffix after the cached prefix of length `plen` (batch-1 cache, copied)."""
+    """Greedy tokens for each suffix after the cached prefix of length `plen`.
+
+    The cache is static (written in place): a growing cache re-copies every layer's keys and values at
+    each step, which measured as half of a decode step on a CPU."""
+    from transformers import StaticCache
+
     n, width = len(suffixes), max(len(s) for s in suffixes)
-    cache = copy.deepcopy(cache)
-    if plen:
-        cache.batch_repeat_interleave(n)
+    total = plen + width + max_new_tokens
+    cache = StaticCache(config=getattr(model, "config"), max_cache_len=total)
+    for i, (k, v) in enumerate(prefix_kv):
+        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), i)
     ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
-    mask = torch.tensor([[1] * plen + [0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+    # the mask spans the whole static cache: prefix, padding (0), question, then each answer token as it comes
+    mask = torch.zeros(n, total, dtype=torch.long, device=device)
+    mask[:, :plen] = 1
+    for row, s in enumerate(suffixes):
+        mask[row, plen + width - len(s):plen + width] = 1
     # positions continue from the prefix as if there were no padding (the pads' own positions are unused)
     pos = torch.tensor([[plen] * (width - len(s)) + list(range(plen, plen + len(s))) for s in suffixes],
                        device=device)
     live = list(range(n))  # row of the running batch -> index into suffixes
     out: list[list[int]] = [[] for _ in suffixes]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         nxt = logits.argmax(-1).tolist()
-        keep = []
-        for row, tok in enumerate(nxt):
-            if tok == eos:
-                continue
-            out[live[row]].append(tok)
-            keep.append(row)
+        keep = [row for row, tok in enumerate(nxt) if tok != eos]
+        for row in keep:
+            out[live[row]].append(nxt[row])
         if not keep:
             break
         if len(keep) < len(live):  # finished sequences leave the batch
@@ -80,7 +86,7 @@ def _generate_batch(model, cache, plen: int, suffixes: list[list[int]], max_new_
             live = [live[r] for r in keep]
             nxt = [nxt[r] for r in keep]
         ids = torch.tensor(nxt, device=device)[:, None]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        mask[:, plen + width + step] = 1
         pos = pos[:, -1:] + 1
     return out
 
@@ -101,12 +107,12 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
     try:
         for key, prompts in groups.items():
             plen = common_prefix_len(prompts)
-            cache = _prefix_cache(model, prompts[0][:plen], device)
+            prefix_kv = _prefix_cache(model, prompts[0][:plen], device)
             order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
             texts: list[str | None] = [None] * len(prompts)
             for k in range(0, len(order), batch_size):
                 idx = order[k:k + batch_size]
-                toks = _generate_batch(model, cache, plen, [prompts[i][plen:] for i in idx], max_new_tokens,
+                toks = _generate_batch(model, prefix_kv, plen, [prompts[i][plen:] for i in idx], max_new_tokens,
                                        pad, eos, device)
                 for i, t in zip(idx, toks):
                     texts[i] = tokenizer.decode(t, skip_special_tokens=True).strip()

@@ -26,8 +26,8 @@ from .sqlscore import collapse_whitespace, sql_tokens
 
 __all__ = ["database_path", "connect_ro", "schema_text", "spider_messages", "hardness", "HARDNESS_LEVELS"]
 
-# Sample rows per table under its CREATE TABLE line, by formatter name.
-SAMPLE_ROWS = {"spider": 0, "spider_rows": 1}
+# Sample rows of each table under its CREATE TABLE line, in training and evaluation prompts alike.
+SAMPLE_ROWS = 0
 _SAMPLE_CHARS = 30  # longer text values are cut in sample rows
 
 # SQLite keywords: an identifier spelt like one keeps its quotes in the compact schema (unquoted it would
@@ -115,11 +115,11 @@ def spider_prompt(schema: str, question: str) -> str:
     return sql_instruction(schema, question)
 
 
-def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows: int = 0) -> list[dict]:
+def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows: int | None = None) -> list[dict]:
     """One Spider row (`question`, `query`, `db_id`) -> [user: schema + question, assistant: gold SQL].
 
     `source` is the json file the row came from; its `database/` folder holds the SQLite files;
-    `sample_rows` rows of each table follow its CREATE TABLE line. Raises
+    `sample_rows` (default SAMPLE_ROWS) rows of each table follow its CREATE TABLE line. Raises
     SkipRow when the row's database file is absent (the data pipeline counts those)."""
     for key in ("question", "query", "db_id"):
         if row.get(key) is None:
@@ -127,7 +127,7 @@ def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows
     path = database_path(source, row["db_id"])
     if not path.is_file():
         raise SkipRow("Spider database missing")
-    schema = schema_text(str(path), sample_rows)
+    schema = schema_text(str(path), SAMPLE_ROWS if sample_rows is None else sample_rows)
     return [{"role": "user", "content": spider_prompt(schema, row["question"])},
             {"role": "assistant", "content": collapse_whitespace(row["query"])}]
 

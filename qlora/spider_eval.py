@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from .formatters import DataError
-from .spider import HARDNESS_LEVELS, SAMPLE_ROWS, database_path, hardness, schema_text, spider_prompt
+from . import spider
+from .spider import HARDNESS_LEVELS, database_path, hardness, schema_text, spider_prompt
 from .sqlscore import execute_db, extract_sql, score_db_row
 
 __all__ = ["load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
@@ -149,13 +150,14 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
 
 
 def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_size: int = 8,
-                    max_new_tokens: int = 128, sample_rows: int = 0, timeout_s: float = 5.0, generate_fn=None,
-                    progress=True) -> dict:
+                    max_new_tokens: int = 128, sample_rows: int | None = None, timeout_s: float = 5.0,
+                    generate_fn=None, progress=True) -> dict:
     """Generate for and score every scorable row of a Spider json file; returns the report (module doc).
-    `sample_rows`: as the formatter the model was trained with (`spider` 0, `spider_rows` 1)."""
+    `sample_rows`: as in training (default qlora.spider.SAMPLE_ROWS)."""
     from .generation import prompt_ids
 
     rows = load_spider(source, limit)
+    sample_rows = spider.SAMPLE_ROWS if sample_rows is None else sample_rows
     t0 = time.perf_counter()
     recs, gold = prepare_rows(rows, source, timeout_s)
     prompts = {i: prompt_ids(tokenizer, spider_prompt(schema_text(str(database_path(source, recs[i]["db_id"])),
@@ -192,8 +194,7 @@ def main_spider(args) -> int:
     from .inference import check_writable, dequantize_choice, load_for_inference
     from .model import ModelLoadError
 
-    src = parse_source(args.data)
-    source, sample_rows = src.path, SAMPLE_ROWS[src.formatter]
+    source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
     try:
         if args.out:
             check_writable(args.out, "--out")

@@ -87,13 +87,13 @@ def test_formatter_on_real_rows(tok):
         assert ex.input_ids.count(tok.bos_token_id) == ex.input_ids.count(tok.eos_token_id) == 3
 
 
-def test_spider_rows_adds_one_sample_row_per_table():
-    from qlora.formatters import FORMATTERS
+def test_sample_rows_add_one_row_per_table():
+    from qlora.spider import spider_messages
 
     path = spider_file("dev.json")
     row = json.loads(path.read_text())[0]
-    plain = FORMATTERS["spider"](row, source=str(path))[0]["content"]
-    with_rows = FORMATTERS["spider_rows"](row, source=str(path))[0]["content"]
+    plain = spider_messages(row, source=str(path), sample_rows=0)[0]["content"]
+    with_rows = spider_messages(row, source=str(path), sample_rows=1)[0]["content"]
     lines = [line for line in with_rows.splitlines() if line.startswith("-- ")]
     conn = connect_ro(database_path(path, row["db_id"]))
     tables = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
