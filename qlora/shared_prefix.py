@@ -81,7 +81,8 @@ def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_
             break
         if len(keep) < len(live):  # finished sequences leave the batch
             sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
+            for layer in cache.layers:  # (a static layer has no batch_select_indices)
+                layer.keys, layer.values = layer.keys[sel], layer.values[sel]
             mask, pos = mask[sel], pos[sel]
             live = [live[r] for r in keep]
             nxt = [nxt[r] for r in keep]
