@@ -144,7 +144,7 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
             raise ValueError(f"is not a safetensors file ({size} bytes, unreadable header)") from None
     end = max((int(offsets[1]) for _, offsets in spans.values()), default=0)
     if 8 + n + end != size:
-        raise ValueError(f"is {size} bytes but its header describes {8 + n + end}: the file is truncated or damaged")
+        raise ValueError(f"is {size} bytes but its header describes {8 + n + end} (truncated or damaged)")
     return {k: list(shape) for k, (shape, _) in spans.items()}
 
 
@@ -221,7 +221,7 @@ def resolve_resume(resume: str, output_dir: Path, warn=None) -> Path | None:
         if problem is None:
             return path
         if k == len(found) - 1:
-            raise CheckpointError(f"--resume auto: no readable checkpoint in {output_dir} (the oldest, {path}: "
+            raise CheckpointError(f"--resume auto: no readable checkpoint in {output_dir} (last tried {path.name}: "
                                   f"{problem}): start a new output_dir")
         (warn or _warn)(f"skipping damaged checkpoint {path} ({problem}); trying {found[k + 1].name}")
     return None

@@ -94,6 +94,9 @@ def inference_config(adapter: str | None, model: str | None = None, quant: str |
         if not folder.is_dir():
             raise ModelLoadError(f"adapter folder {adapter} {'is a file' if folder.exists() else 'does not exist'}: "
                                  "pass the folder train.py wrote (e.g. runs/default/final or a checkpoint-N)")
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{folder / 'adapter_config.json'} is missing: {adapter} is not an adapter folder "
+                                 "(train.py writes them to <output_dir>/final and <output_dir>/checkpoint-N)")
         adapter_cfg = _read_json(folder / "adapter_config.json", "re-save the adapter with peft's save_pretrained")
         for key in ("r", "target_modules"):
             if key not in adapter_cfg:
