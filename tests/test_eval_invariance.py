@@ -49,12 +49,12 @@ def data(tmp_path_factory):
 
 
 def run(data, out, evals: bool, targets, fused: bool, ckpt: bool):
-    """(train log records, eval log records, final adapter tensors) of a 3-step run."""
+    """(train log records, eval log records, final adapter tensors) of a 2-step run."""
     held_out = dict(eval_datasets=[str(data / "eval.jsonl")], eval_every=1, eval_batches=1) if evals \
         else dict(eval_fraction=0.0)
     cfg = tiny_cfg(output_dir=str(out), quant="nf4", compute_dtype="float32", datasets=[str(data / "train.jsonl")],
                    lora_targets=targets, fused_lora=fused, gradient_checkpointing=ckpt, lora_dropout=0.05,
-                   max_seq_len=128, micro_batch_size=2, max_steps=3, lr=2e-3, save_every=0, **held_out)
+                   max_seq_len=128, micro_batch_size=2, max_steps=2, lr=2e-3, save_every=0, **held_out)
     train.main(cfg)
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return ([r for r in recs if r["kind"] == "train"], [r for r in recs if r["kind"] == "eval"],
@@ -67,8 +67,8 @@ def run(data, out, evals: bool, targets, fused: bool, ckpt: bool):
 def test_eval_passes_do_not_change_training(data, tmp_path, targets, fused, ckpt):
     with_train, with_eval, with_adapter = run(data, tmp_path / "on", True, targets, fused, ckpt)
     off_train, off_eval, off_adapter = run(data, tmp_path / "off", False, targets, fused, ckpt)
-    assert [r["step"] for r in with_eval] == [0, 1, 2, 3] and off_eval == []
-    assert [r["step"] for r in with_train] == [r["step"] for r in off_train] == [1, 2, 3]
+    assert [r["step"] for r in with_eval] == [0, 1, 2] and off_eval == []
+    assert [r["step"] for r in with_train] == [r["step"] for r in off_train] == [1, 2]
     for a, b in zip(with_train, off_train):
         assert a["supervised_tokens"] == b["supervised_tokens"]  # the same rows
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]  # bitwise
