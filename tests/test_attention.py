@@ -59,6 +59,8 @@ def make_model(quant_dtype=None):
                         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
                         setattr(parent, name, q.to("cpu"))  # .to() quantizes
     # init_lora_weights=False: B is random too, so LoRA changes the outputs and every A gets a gradient.
+    from qlora.quant import guard_cpu_4bit_repack
+    guard_cpu_4bit_repack(model)  # eval passes keep the fp32 4-bit path on CPUs with AVX512-BF16 too
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     return model.eval()
 

