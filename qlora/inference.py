@@ -125,7 +125,10 @@ def base_shapes(cfg: Config) -> dict[str, list[int]]:
     if cfg.model.startswith("random:"):
         config = LlamaConfig(**random_shape(cfg.model.split(":", 1)[1]))
     else:
-        config = AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read the config of model '{cfg.model}': {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     shapes, seen = {}, set()
