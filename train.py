@@ -100,9 +100,9 @@ def setup(cfg: Config) -> Run:
         check_fsdp_config(cfg)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, out)
-    check_output_dir(out, resume_from)
     talk = say if accelerator.is_main_process else (lambda *_: None)
+    resume_from = resolve_resume(cfg.resume, out, warn=lambda msg: talk(f"warning: {msg}"))
+    check_output_dir(out, resume_from)
     talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
 
     # --- data

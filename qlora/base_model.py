@@ -106,6 +106,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        from .checkpoint import umask_mode  # a shared QLORA_CACHE stays readable to the user's group
+        umask_mode([tmp, *tmp.glob("*.safetensors")])
         try:
             tmp.rename(out_dir)
         except OSError:  # another process won the race; its copy is complete

@@ -63,14 +63,14 @@ def save_adapter(model, tokenizer, cfg: Config, path: Path) -> None:
     umask_mode(Path(path).glob("*.safetensors"))
 
 
-def umask_mode(files) -> None:
-    """Give `files` the mode a new file gets under the user's umask. safetensors writes each file as a
-    private temporary file (mode 0600) and renames it into place, so without this a saved model is
-    unreadable to the user's group even where every other file of the run is not."""
+def umask_mode(paths) -> None:
+    """Give `paths` the mode a new file (or folder) gets under the user's umask. safetensors writes each
+    file as a private temporary file (mode 0600) and renames it into place, and tempfile makes private
+    folders, so without this a saved model is unreadable to the user's group where nothing else is."""
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
-    for f in files:
-        os.chmod(f, 0o666 & ~mask)
+    for p in paths:
+        os.chmod(p, (0o777 if Path(p).is_dir() else 0o666) & ~mask)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config,
