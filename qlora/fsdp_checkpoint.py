@@ -128,7 +128,7 @@ def _layout(fsdp: bool, world: int, by: str) -> str:
 def sharded_checkpoint_problem(path) -> str | None:
     """What makes a sharded checkpoint unusable (a shard file missing, empty or not a whole torch.save
     file), or None. Reads the files' structure only, unpickles nothing."""
-    import zipfile
+    from .filecheck import torch_file_problem
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
@@ -136,13 +136,9 @@ def sharded_checkpoint_problem(path) -> str | None:
         file = path / name
         if not file.is_file() or file.stat().st_size == 0:
             return f"{name} is {'empty (0 bytes)' if file.is_file() else 'missing'}"
-        try:
-            with zipfile.ZipFile(file) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return f"{name} is truncated or not a torch.save file"
-        if bad:
-            return f"{name} fails its checksum (entry {bad}): the file is damaged"
+        why = torch_file_problem(file)
+        if why:
+            return f"{name} {why}"
     return None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import safetensors_shapes
+from .filecheck import safetensors_shapes
 from .config import Config, ConfigError, load_config
 from .model import ModelLoadError, load_base_model, load_tokenizer, random_shape, resolve_source
 from .quant import linears_4bit, resolve_compute_dtype
