@@ -170,11 +170,21 @@ def _measure_main(mode: str, folder: str | None = None) -> None:
 
     from qlora import layerwise, quant
 
-    def rss_mib() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    def status_mib(key: str) -> float:
+        import re
+        return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    def rss_mib() -> float:  # the peak resident set since the reset below (or since the process started)
+        return status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     cfg, dev, dtype = cfg_for(folder or "random:tiny", "bfloat16"), torch.device("cpu"), torch.bfloat16
-    base = rss_mib()
+    try:  # reset the peak to the current size: the imports' own transient peak must not hide the build's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = status_mib("VmRSS") if reset else rss_mib()
     if mode == "build_whole":  # the whole full-precision model first, then quantise its linears
         from transformers import LlamaForCausalLM
 

@@ -206,7 +206,7 @@ def test_recipe_optimizer_comes_from_make_optimizer(tmp_path, monkeypatch):
             self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"]}
             return super().step(closure)
 
-    def make(params, cfg):
+    def make(params, cfg, fsdp=False):
         made.append(SGDSpy(list(params), lr=cfg.lr))
         return made[-1]
 
