@@ -222,13 +222,19 @@ def load_checkpoint(path: Path, cfg: Config, force: bool = False) -> tuple[dict,
     if not ranks or not all(isinstance(r, dict) and "torch" in r for r in ranks):
         raise CheckpointError(f"checkpoint {path} cannot be resumed: rng.pt holds no RNG state "
                               "(python/numpy/torch); resume from an earlier checkpoint")
+    check_same_run(path, meta, cfg, force)
+    return state, loaded["optimizer.pt"], rng
+
+
+def check_same_run(path: Path, meta: dict, cfg: Config, force: bool = False) -> None:
+    """Refuse to resume checkpoint `path` (its meta.json `meta`) with another model, LoRA shape, data,
+    row length, packing or seed, unless `force`."""
     mismatch = {k: (v, meta["resume_key"].get(k)) for k, v in config_hash_fields(cfg).items()
                 if meta["resume_key"].get(k) != v}
     if mismatch and not force:
         detail = "; ".join(f"{k}: checkpoint {b!r} vs now {a!r}" for k, (a, b) in mismatch.items())
         raise CheckpointError(f"checkpoint {path} was made by a different run ({detail}): use the same "
                               "config, a new output_dir, or --resume_force true")
-    return state, loaded["optimizer.pt"], rng
 
 
 def load_adapter_weights(model, path: Path) -> None:

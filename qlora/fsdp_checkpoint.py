@@ -146,20 +146,13 @@ def restore_sharded_checkpoint(path, cfg, accelerator, peft_model, optimizer, fo
     """Load this rank's shard of checkpoint `path` into the prepared (sharded) `peft_model` and
     `optimizer` and set this rank's RNG state; returns `trainer_state` (step, data position,
     counters). Every problem is a `CheckpointError` that names the file and what to do."""
-    from .checkpoint import CheckpointError, set_rng_state
-    from .config import config_hash_fields
+    from .checkpoint import CheckpointError, check_same_run, set_rng_state
 
     path, world, rank = Path(path), accelerator.num_processes, accelerator.process_index
     problem = layout_problem(path, True, world) or sharded_checkpoint_problem(path)
     if problem:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
-    meta = json.loads((path / "meta.json").read_text())
-    mismatch = {k: (v, meta["resume_key"].get(k)) for k, v in config_hash_fields(cfg).items()
-                if meta["resume_key"].get(k) != v}
-    if mismatch and not force:
-        detail = "; ".join(f"{k}: checkpoint {b!r} vs now {a!r}" for k, (a, b) in mismatch.items())
-        raise CheckpointError(f"checkpoint {path} was made by a different run ({detail}): use the same "
-                              "config, a new output_dir, or --resume_force true")
+    check_same_run(path, json.loads((path / "meta.json").read_text()), cfg, force)
     name = shard_name(rank, world)
     try:
         shard = torch.load(path / name, map_location="cpu", weights_only=True)

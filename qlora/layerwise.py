@@ -123,11 +123,16 @@ def build_random_layerwise(config, cfg: Config, device: torch.device, compute_dt
             return torch.randn(meta.shape, generator=gen, device=device, dtype=compute_dtype).mul_(std)
         return source
 
-    model = meta_model(config, compute_dtype)
+    return _fill_layer_by_layer(meta_model(config, compute_dtype), config, cfg, device, compute_dtype, random_source)
+
+
+def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, source_of):
+    """Materialise `model` (a meta skeleton) from `source_of(layer index)` (-1: the parts outside the
+    layers), quantising each decoder layer before the next is touched."""
     layers = layer_prefixes(model)
-    materialise(model, "", device, compute_dtype, random_source(-1), skip=_skipped(model, config, layers))
+    materialise(model, "", device, compute_dtype, source_of(-1), skip=_skipped(model, config, layers))
     for i, (prefix, layer) in enumerate(layers):
-        materialise(layer, prefix, device, compute_dtype, random_source(i))
+        materialise(layer, prefix, device, compute_dtype, source_of(i))
         if cfg.quant != "none":
             quantize_layer(layer, cfg, compute_dtype, device)
     finish_skeleton(model, config, device)
@@ -187,14 +192,5 @@ def load_safetensors_layerwise(folder, cfg: Config, device: torch.device, comput
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     read = SafetensorsReader(Path(folder))
-    model = meta_model(config, compute_dtype, cfg.trust_remote_code)
-    layers = layer_prefixes(model)
-    materialise(model, "", device, compute_dtype, read, skip=_skipped(model, config, layers))
-    for prefix, layer in layers:
-        materialise(layer, prefix, device, compute_dtype, read)
-        if cfg.quant != "none":
-            quantize_layer(layer, cfg, compute_dtype, device)
-    finish_skeleton(model, config, device)
-    if cfg.quant != "none":
-        model.is_loaded_in_4bit = True
-    return model
+    return _fill_layer_by_layer(meta_model(config, compute_dtype, cfg.trust_remote_code), config, cfg, device,
+                                compute_dtype, lambda i: read)
