@@ -209,7 +209,8 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="also run the seed recipe (HF Trainer) per setting")
     p.add_argument("--baseline_only", action="store_true", help="run only the seed recipe")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: random:tiny, short rows, 2+1 steps, fp32")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default="", help="folder for bench.jsonl/csv/png (default: a new folder in /tmp, so a "
+                   "run never appends to the records committed under benchmarks/results/)")
     p.add_argument("--tag", default="", help="free text stored with every record")
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess before it is recorded as timeout")
     p.add_argument("--no_plot", action="store_true")
@@ -365,8 +366,14 @@ def main(argv=None) -> int:
         data = common.make_guanaco_lengths(args.make_guanaco_lengths)
         log(f"{len(data['lengths'])} examples written to {common.LENGTHS_FILE}")
         return 0
+    if args.plot_only and not args.out:
+        raise SystemExit("error: --plot_only needs --out FOLDER (the folder that holds bench.jsonl)")
+    if not args.out:
+        import tempfile
+        args.out = tempfile.mkdtemp(prefix="qlora-bench-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    log(f"[bench] records go to {out}")
     jsonl = out / "bench.jsonl"
     if args.plot_only:
         records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
