@@ -18,7 +18,8 @@ from pathlib import Path
 
 from qlora.config import ConfigError
 from qlora.generation import generate_ids, prompt_ids
-from qlora.inference import ArgParser, add_model_args, count, dequantize_choice, load_for_inference
+from qlora.cli import ArgParser, add_model_args, count, dequantize_choice
+from qlora.inference import load_for_inference
 from qlora.model import ModelLoadError
 
 

@@ -32,7 +32,8 @@ from .config import Config, ConfigError
 from .data import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from .formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
-from .inference import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag, load_for_inference
+from .cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag
+from .inference import load_for_inference
 from .model import ModelLoadError
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]

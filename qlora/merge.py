@@ -33,7 +33,8 @@ import torch
 from .checkpoint import umask_mode
 from .config import ConfigError, load_config, save_config
 from .data import DataError
-from .inference import ArgParser, count, inference_config, load_for_inference
+from .cli import ArgParser, count
+from .inference import inference_config, load_for_inference
 from .model import ModelLoadError
 
 EXACT_DTYPE = "float32"  # the precision whose merge error the docs state

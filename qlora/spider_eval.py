@@ -191,7 +191,8 @@ def main_spider(args) -> int:
     `args` is qlora.evaluate's parsed command line."""
     from .config import ConfigError
     from .data import parse_source
-    from .inference import check_writable, dequantize_choice, load_for_inference
+    from .cli import check_writable, dequantize_choice
+    from .inference import load_for_inference
     from .model import ModelLoadError
 
     source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
