@@ -198,7 +198,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
-    if parse_source(args.data).formatter == "spider":  # real databases, own report (qlora.spider_eval)
+    try:
+        spider = parse_source(args.data).formatter == "spider"
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if spider:  # real databases, own report (qlora.spider_eval)
         from .spider_eval import main_spider
         return main_spider(args)
     try:
