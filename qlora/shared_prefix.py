@@ -19,7 +19,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["common_prefix_len", "generate_grouped"]
+__all__ = ["cache_kwarg", "common_prefix_len", "generate_grouped"]
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this model's forward takes a KV cache: `cache` from transformers 5.2x on,
+    `past_key_values` before. The old name given to a new model (or the reverse) lands in **kwargs and is
+    ignored without an error: every decode step would then see one token and no context."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:
@@ -41,7 +52,8 @@ def _prefix_cache(model, prefix: list[int], device):
         return []
     cache = DynamicCache()
     ids = torch.tensor([prefix], device=device)
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+          **{cache_kwarg(model): cache})
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -70,9 +82,10 @@ def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_
                        device=device)
     live = list(range(n))  # row of the running batch -> index into suffixes
     out: list[list[int]] = [[] for _ in suffixes]
+    kw = {cache_kwarg(model): cache}
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                       **kw).logits[:, -1]
         nxt = logits.argmax(-1).tolist()
         keep = [row for row, tok in enumerate(nxt) if tok != eos]
         for row in keep:

@@ -270,3 +270,41 @@ def test_grouped_generation_equals_one_prompt_at_a_time():
     want = {k: [generate_ids(model, Tokenizer(), [p], 12, torch.device("cpu"))[0] for p in v] for k, v in groups.items()}
     assert got == want
     assert 12 in lengths and any(n < 12 for n in lengths), lengths  # some run to the end, some leave early
+
+
+def test_grouped_generation_under_the_older_cache_argument_name():
+    """transformers before 5.2x takes the KV cache as `past_key_values` and silently ignores `cache` (GPU
+    image: 5.17). A model with the older forward must get its cache under that name: without it, every
+    decode step sees one token and no context (that produced 'SELECT----...' for every Spider dev row)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from qlora.inference import load_for_inference
+    from qlora.shared_prefix import cache_kwarg, generate_grouped
+
+    torch.manual_seed(0)
+    model, tok, _ = load_for_inference(model="random:tiny", quant="none", compute_dtype="float32")
+    assert cache_kwarg(model) in ("cache", "past_key_values")
+    new_name = cache_kwarg(model)
+
+    class OlderApi(LlamaForCausalLM):  # the older signature; anything else lands in **kwargs and is dropped
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **ignored):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                   **{new_name: past_key_values})
+
+    old = OlderApi(model.config).eval()
+    old.load_state_dict(model.state_dict())
+    assert cache_kwarg(old) == "past_key_values"
+
+    class Tokenizer:
+        pad_token_id, eos_token_id = tok.pad_token_id, -1
+
+        def decode(self, ids, **kw):
+            return " ".join(str(int(i)) for i in ids)
+
+    shared = list(range(300, 360))
+    groups = {"a": [shared + [5, 6, 7], shared + [8], shared + [9, 10, 11]], "b": [[7, 8, 9, 10]]}
+    want = generate_grouped(model, Tokenizer(), groups, max_new_tokens=10, batch_size=2)
+    assert generate_grouped(old, Tokenizer(), groups, max_new_tokens=10, batch_size=2) == want
