@@ -133,8 +133,16 @@ def _avx512_bf16() -> bool:
 def test_importing_qlora_hides_exactly_the_dependency_noise():
     loud, quiet = run_cli(["-c", _NOISY, "loud"]), run_cli(["-c", _NOISY, "quiet"])
     assert loud.returncode == 0 and quiet.returncode == 0, (loud.stderr[-2000:], quiet.stderr[-2000:])
-    # without qlora the messages are there (the kernels line only where bitsandbytes takes that path)
-    for message in HIDDEN[1:] + HIDDEN[:1] * _avx512_bf16():
+    # without qlora the messages are there: the paged-optimizer line always, the kernels line where
+    # bitsandbytes takes that path; the two deprecations only from the transformers versions that emit them
+    # (5.24 does, 5.17 does not: pyproject allows both)
+    import transformers
+    from packaging.version import Version
+
+    expected = HIDDEN[3:] + HIDDEN[:1] * _avx512_bf16()
+    if Version(transformers.__version__) >= Version("5.24"):
+        expected += HIDDEN[1:3]
+    for message in expected:
         assert message in loud.stderr, (message, loud.stderr[-2000:])
     for message in HIDDEN:
         assert message not in quiet.stderr, (message, quiet.stderr[-2000:])
