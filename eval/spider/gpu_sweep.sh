@@ -13,6 +13,10 @@ OUT=${OUT:-/tmp/spider}
 T=${T:-420}            # seconds per lane (training + evaluations)
 BS=${BS:-64}           # generation batch size
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+for f in dev.json train_spider.json database; do
+  [[ -e "$SPIDER/$f" ]] || { echo "error: $SPIDER/$f not found: set SPIDER to the Spider 1.0 folder (dev.json, train_spider.json, database/)" >&2; exit 2; }
+done
+(( NGPU > 0 )) || { echo "error: no GPU found (nvidia-smi -L lists none): this sweep runs one lane per GPU" >&2; exit 2; }
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/spider_sweep.XXXX)
 DEV="$SPIDER/dev.json:spider"
