@@ -127,6 +127,9 @@ def setup(cfg: Config) -> Run:
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
+    if accelerator.is_fsdp2 and cfg.fsdp_low_memory_load:
+        talk("model: read one decoder layer at a time" + ("" if device.type == "cpu" else
+             ", each held in host memory until FSDP2 moves this rank's shard to the GPU"))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, accelerator.is_fsdp2)
     loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer,
                                                                tokenizer.pad_token_id, talk)

@@ -134,6 +134,20 @@ def resolve_source(name: str) -> str:
     return name  # a hub id: from_pretrained resolves it (cache first; offline raises, caught by the caller)
 
 
+def local_folder(source: str) -> Path:
+    """The folder holding `source`'s files: the directory itself, or a hub id's snapshot (the local cache
+    first; downloaded if missing and the hub is reachable, config and safetensors files only)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # offline without a cached copy, unknown id, no access
+        raise ModelLoadError(f"cannot get the files of model '{source}': {(str(e).splitlines() or [type(e).__name__])[0]} -- download it "
+                             "first (huggingface-cli download) or pass a local directory") from None
+
+
 def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -190,9 +204,10 @@ def random_shape(name: str) -> dict:
     return {**RANDOM_SHAPES[shape], **({"vocab_size": int(vocab)} if vocab else {})}
 
 
-def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype, park=None):
     """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`; 4-bit
-    models one decoder layer at a time (qlora/layerwise.py), so even a 70B shape never exists in bf16."""
+    models one decoder layer at a time (qlora/layerwise.py), so even a 70B shape never exists in bf16,
+    each finished layer moved to `park` if given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = random_shape(shape)
@@ -201,7 +216,7 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
     if cfg.quant != "none":  # one decoder layer at a time: the full-precision model is never whole
         from .layerwise import build_random_layerwise
-        model = build_random_layerwise(config, cfg, device, compute_dtype)
+        model = build_random_layerwise(config, cfg, device, compute_dtype, park)
     else:
         torch.manual_seed(cfg.seed)
         default = torch.get_default_dtype()
@@ -225,13 +240,25 @@ def model_vocab_size(cfg: Config) -> int:
     return AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code).vocab_size
 
 
-def load_base_model(cfg: Config, device: torch.device):
-    """The frozen base model on `device` (the whole model on this process's own device, never `auto`)."""
+def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, park=None):
+    """The frozen base model on `device` (the whole model on this process's own device, never `auto`).
+    `layerwise`: checkpoints are read one decoder layer at a time too (qlora/layerwise.py; random shapes
+    always are), and with `park` each finished layer moves there (FSDP2: the CPU, see `qlora.model`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     if cfg.model.startswith("random:"):
-        model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype)
+        model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype, park)
+    elif layerwise:
+        from .layerwise import ModelFilesError, load_safetensors_layerwise
+
+        source = resolve_source(cfg.model)
+        _check_causal_lm(source, cfg.trust_remote_code)
+        try:
+            model = load_safetensors_layerwise(local_folder(source), cfg, device, compute_dtype, park)
+        except ModelFilesError as e:
+            raise ModelLoadError(f"cannot load model '{cfg.model}' one layer at a time: {e}") from None
+        model.config._name_or_path = source  # what an adapter records as its base, as from_pretrained does
     else:
         source = resolve_source(cfg.model)
         _check_causal_lm(source, cfg.trust_remote_code)

@@ -32,6 +32,9 @@ class Config:
     # ("bfloat16") for FSDP, which can only shard floating-point parameters (configs/accelerate/fsdp.yaml)
     compute_dtype: str = "auto"  # "auto" (bf16 where fast: CUDA with bf16, and CPU), "bfloat16", "float16", "float32"
     trust_remote_code: bool = False  # never run model code from a hub unless you ask for it
+    fsdp_low_memory_load: bool = True  # FSDP2: read (or build) the base one decoder layer at a time and park each
+    # in host memory until FSDP moves its shard to the GPU, so no GPU holds the whole model (host RAM: one 4-bit
+    # model per rank). false: from_pretrained, the whole 4-bit model on every GPU before sharding
     gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
     checkpoint_layers: int = -1  # how many decoder layers (from the first) recompute; -1 = all. Fewer = faster,
     # more memory: on a big GPU checkpoint only what does not fit (benchmarks/NOTES.md)

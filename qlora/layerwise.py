@@ -8,6 +8,10 @@ or the checkpoint's tensors read one at a time with safetensors' `safe_open`), a
 quantised to NF4 before the next layer is touched. A Llama-2-70B shape (140 GB in bf16) thus needs
 ~37 GB on one GPU, and every rank of an FSDP job can build it itself before sharding.
 
+With `park` (train.py passes the CPU under FSDP2 on GPUs, config key `fsdp_low_memory_load`) each finished
+layer moves to host memory; FSDP2's `fully_shard` later moves one layer at a time back to the GPU and keeps
+only this rank's shard there, so no GPU ever holds the whole 4-bit model, only its shard plus one layer.
+
 - `build_random_layerwise`: `random:<shape>` models for benchmarks. Each layer draws its values from
   its own generator (seed, layer index), so every rank builds the same model whatever the world size;
   the values differ from `qlora.model.build_random_model`'s (another draw order), the shapes do not.
@@ -107,11 +111,12 @@ def quantize_layer(layer: nn.Module, cfg: Config, compute_dtype: torch.dtype, de
 
 # --------------------------------------------------------------------------- random shapes
 
-def build_random_layerwise(config, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+def build_random_layerwise(config, cfg: Config, device: torch.device, compute_dtype: torch.dtype, park=None):
     """A random model of `config` (a transformers config), 4-bit unless `cfg.quant == "none"`, built
-    one decoder layer at a time on `device`. Linear and embedding weights ~ N(0, initializer_range)
-    (transformers' own init), norms 1; the values of layer i come from a generator on `device` seeded
-    with (cfg.seed, i): the same on every rank, whatever the world size."""
+    one decoder layer at a time on `device` (each finished layer moved to `park` if given). Linear and
+    embedding weights ~ N(0, initializer_range) (transformers' own init), norms 1; the values of layer
+    i come from a generator on `device` seeded with (cfg.seed, i): the same on every rank, whatever the
+    world size."""
     std = getattr(config, "initializer_range", 0.02)
 
     def random_source(index: int):
@@ -123,18 +128,24 @@ def build_random_layerwise(config, cfg: Config, device: torch.device, compute_dt
             return torch.randn(meta.shape, generator=gen, device=device, dtype=compute_dtype).mul_(std)
         return source
 
-    return _fill_layer_by_layer(meta_model(config, compute_dtype), config, cfg, device, compute_dtype, random_source)
+    return _fill_layer_by_layer(meta_model(config, compute_dtype), config, cfg, device, compute_dtype, random_source,
+                                park)
 
 
-def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, source_of):
+def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, source_of, park=None):
     """Materialise `model` (a meta skeleton) from `source_of(layer index)` (-1: the parts outside the
-    layers), quantising each decoder layer before the next is touched."""
+    layers), quantising each decoder layer before the next is touched; a finished layer moves to `park`
+    (e.g. the CPU) if given, the parts outside the layers stay on `device`."""
     layers = layer_prefixes(model)
     materialise(model, "", device, compute_dtype, source_of(-1), skip=_skipped(model, config, layers))
     for i, (prefix, layer) in enumerate(layers):
         materialise(layer, prefix, device, compute_dtype, source_of(i))
         if cfg.quant != "none":
             quantize_layer(layer, cfg, compute_dtype, device)
+        if park is not None and torch.device(park) != device:
+            layer.to(park)  # bitsandbytes moves each 4-bit weight's quant_state with it
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finish_skeleton(model, config, device)
     if cfg.quant != "none":
         model.is_loaded_in_4bit = True
@@ -184,13 +195,13 @@ class SafetensorsReader:
         return t
 
 
-def load_safetensors_layerwise(folder, cfg: Config, device: torch.device, compute_dtype: torch.dtype):
+def load_safetensors_layerwise(folder, cfg: Config, device: torch.device, compute_dtype: torch.dtype, park=None):
     """The checkpoint in `folder`, 4-bit unless `cfg.quant == "none"`, loaded one decoder layer at a
     time: each tensor is read from the safetensors file, cast to `compute_dtype` on `device`, and a
-    layer's linears are quantised before the next layer is read."""
+    layer's linears are quantised before the next layer is read (then moved to `park` if given)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     read = SafetensorsReader(Path(folder))
     return _fill_layer_by_layer(meta_model(config, compute_dtype, cfg.trust_remote_code), config, cfg, device,
-                                compute_dtype, lambda i: read)
+                                compute_dtype, lambda i: read, park)

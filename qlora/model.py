@@ -106,8 +106,13 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
-    """Base (4-bit unless `quant=none`) + LoRA + checkpointing + the fused paths, ready to train."""
-    return finish_model(load_base_model(cfg, device), cfg, device, fsdp)
+    """Base (4-bit unless `quant=none`) + LoRA + checkpointing + the fused paths, ready to train. Under
+    FSDP2 with `fsdp_low_memory_load` the base is read one decoder layer at a time and, on an accelerator,
+    each layer waits in host memory: `fully_shard` (in `accelerator.prepare`) then moves one layer at a
+    time to the GPU and keeps this rank's shard, so the GPU never holds the whole model."""
+    low = fsdp and cfg.fsdp_low_memory_load
+    park = torch.device("cpu") if low and device.type != "cpu" else None
+    return finish_model(load_base_model(cfg, device, layerwise=low, park=park), cfg, device, fsdp)
 
 
 def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):

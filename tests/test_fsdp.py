@@ -431,6 +431,37 @@ def test_fsdp2_8bit_adamw_trains_like_one_process(tmp_path):
         assert (a[k] - b[k]).norm() <= 5e-3 * b[k].norm(), k
 
 
+def test_fsdp2_reads_a_checkpoint_one_layer_at_a_time_as_from_pretrained_does(tmp_path):
+    """Under FSDP2 a safetensors checkpoint is read one decoder layer at a time (`fsdp_low_memory_load`,
+    qlora/layerwise.py) instead of whole by from_pretrained: the same 4-bit model, so the same run."""
+    from test_layerwise import save_random_checkpoint
+
+    from qlora.base_model import RANDOM_SHAPES
+
+    # untied lm_head and three safetensors shards: the index and every tensor kind are read
+    folder = save_random_checkpoint(tmp_path / "ckpt", {**RANDOM_SHAPES["tiny"], "tie_word_embeddings": False,
+                                                        "max_position_embeddings": 512}, shard_size="10MB")
+    assert len(list(folder.glob("*.safetensors"))) >= 2
+    run = ["--model", folder, "--tokenizer", "smollm2", *TINY[2:], "--lora_dropout", "0", "--max_steps", "3",
+           "--eval_every", "0", "--save_every", "0"]
+    layerwise = train_fsdp2(*run, "--micro_batch_size", "1", "--output_dir", tmp_path / "layerwise")
+    assert layerwise.returncode == 0, layerwise.stderr[-3000:]
+    whole = train_fsdp2(*run, "--micro_batch_size", "1", "--fsdp_low_memory_load", "false", "--output_dir",
+                        tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    one = train_one(*map(str, run), "--micro_batch_size", "2", "--output_dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "read one decoder layer at a time" in layerwise.stderr
+    assert "read one decoder layer at a time" not in whole.stderr + one.stderr
+    got, want, ref = (train_log(tmp_path / d) for d in ("layerwise", "whole", "one"))
+    assert sorted(got) == sorted(want) == sorted(ref) == [1, 2, 3]
+    for step in ref:  # bit-identical 4-bit weights (tests/test_layerwise.py); only rank sums may reorder
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6, abs=0), step
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=0), step
+    adapter = json.loads((tmp_path / "layerwise" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder)  # as from_pretrained records it
+
+
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
 def test_fsdp2_refuses_4bit_storage_it_would_replicate_or_corrupt(tmp_path, storage):
     from badinput import FAST_TRAIN, assert_one_error, run_cli, snapshot
