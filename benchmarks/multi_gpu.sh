@@ -6,11 +6,14 @@
 # Runs (a run needing more GPUs than the host has is skipped and listed as such):
 #   ddp2, fsdp2     2 GPUs, Llama-2-7B shape, paged 8-bit AdamW, 4 x 2048-token rows per rank, 8 global
 #                   rows, STEPS (20) steps: tokens/s and the loss curve of FSDP2 against DDP (same rows)
-#   gpu1, ddp4, fsdp4   1 -> 4 GPUs at the same global batch (16 rows: 1 GPU 4 x accum 4, 4 GPUs 4 x 1),
+#   gpu1, ddp4, fsdp4   1 -> 4 GPUs at the same global batch: 4 GPUs 4 rows x accum SCALE_ACCUM (4) each,
+#                   1 GPU 4 rows x accum 4*SCALE_ACCUM (16 x 4 = 64 rows with the default),
 #                   SCALE_STEPS (8) steps: speed-up and loss curve against 1 GPU
 #   fsdp4-70b       Llama-2-70B shape under FSDP2 on 4 GPUs, 1 x 2048 per rank, every layer recomputed,
 #                   BIG_STEPS (6) steps: per-GPU peak memory, tokens/s, load time
 #   fsdp2-70b       the same on 2 GPUs (stretch; not in the default list)
+#   fsdp4-70b-whole fsdp4-70b with --fsdp_low_memory_load false: every rank holds the whole 4-bit model on
+#                   its GPU before sharding (the peak the low-memory load removes; not in the default list)
 # Models are random Llama shapes with SmolLM2's 49,152-token vocab, trained on the built-in SQL data
 # tokenised by SmolLM2's tokenizer; nothing is downloaded. Every run has its own timeout (T, BIG_T
 # seconds), so one failure does not take the rest down. Logs go to $OUT/runs.tgz (refreshed after each
@@ -22,6 +25,7 @@ set -u
 OUT=${OUT:-/tmp/multi_gpu}
 STEPS=${STEPS:-20}
 SCALE_STEPS=${SCALE_STEPS:-8}
+SCALE_ACCUM=${SCALE_ACCUM:-4}
 BIG_STEPS=${BIG_STEPS:-6}
 T=${T:-170}
 BIG_T=${BIG_T:-420}
@@ -73,10 +77,11 @@ run() {  # run NAME GPUS TIMEOUT command...
 
 run ddp2 2 "$T" $(launch 2 ddp $COMMON $M7B --grad_accum 1 --max_steps $STEPS)
 run fsdp2 2 "$T" $(launch 2 fsdp $COMMON $M7B $FSDP --grad_accum 1 --max_steps $STEPS)
-run gpu1 1 "$T" $(launch 1 one $COMMON $M7B --grad_accum 4 --max_steps $SCALE_STEPS)
-run ddp4 4 "$T" $(launch 4 ddp $COMMON $M7B --grad_accum 1 --max_steps $SCALE_STEPS)
-run fsdp4 4 "$T" $(launch 4 fsdp $COMMON $M7B $FSDP --grad_accum 1 --max_steps $SCALE_STEPS)
+run gpu1 1 "$T" $(launch 1 one $COMMON $M7B --grad_accum $((4 * SCALE_ACCUM)) --max_steps $SCALE_STEPS)
+run ddp4 4 "$T" $(launch 4 ddp $COMMON $M7B --grad_accum $SCALE_ACCUM --max_steps $SCALE_STEPS)
+run fsdp4 4 "$T" $(launch 4 fsdp $COMMON $M7B $FSDP --grad_accum $SCALE_ACCUM --max_steps $SCALE_STEPS)
 run fsdp4-70b 4 "$BIG_T" $(launch 4 fsdp $COMMON $M70B $FSDP --grad_accum 1)
+run fsdp4-70b-whole 4 "$BIG_T" $(launch 4 fsdp $COMMON $M70B $FSDP --grad_accum 1 --fsdp_low_memory_load false)
 run fsdp2-70b 2 "$BIG_T" $(launch 2 fsdp $COMMON $M70B $FSDP --grad_accum 1)
 
 python3 benchmarks/multi_gpu_summary.py "$W" "$OUT"
