@@ -5,9 +5,11 @@
 
 Cases: one row of 32,768 and 16,384 tokens (issue 12's long-row target), 8 rows of 2,048 with one
 example each, the same packed with examples of 64-1,500 tokens, and GQA (8 K/V heads).
-Kernels: `varlen` (torch.nn.attention.varlen, train.py's default on CUDA), `cudnn_ragged` (train.py's
-`attn_backend: cudnn`), and for unpacked rows SDPA restricted to one backend each: FLASH_ATTENTION,
-CUDNN_ATTENTION, EFFICIENT_ATTENTION. Each is checked against `varlen` on the same inputs (output and the three input gradients, max abs difference relative to the
+Kernels: `varlen` (torch.nn.attention.varlen, train.py's default on CUDA), for unpacked rows SDPA
+restricted to one backend each (FLASH_ATTENTION, CUDNN_ATTENTION, EFFICIENT_ATTENTION), and last
+`cudnn_ragged` (cuDNN's ragged path through aten::_cudnn_attention_forward; under torch 2.11 it faults on
+a 32,768-token row and poisons the CUDA context, so that case runs last). Each is checked against
+`varlen` on the same inputs (output and the three input gradients, max abs difference relative to the
 reference's max abs value). Time: median of 10 timed fwd+bwd after 3 warm-ups (CUDA events).
 """
 
@@ -24,14 +26,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.attention import _cudnn_call, _varlen_call  # noqa: E402
+from qlora.attention import _varlen_call  # noqa: E402
 
 H, D = 32, 128
 
 
 def ragged(kernel):
-    """q, k, v [B, H, T, D] -> [B, H, T, D] through a ragged kernel (qlora.attention's `varlen` or `cudnn`
-    call), each row split into the examples `lens` (one per row if None)."""
+    """q, k, v [B, H, T, D] -> [B, H, T, D] through a ragged kernel (torch's varlen or cuDNN's ragged
+    path), each row split into the examples `lens` (one per row if None)."""
     def run(q, k, v, lens=None):
         B, Hq, T, _ = q.shape
         lens = lens or [[T]] * B
@@ -44,6 +46,18 @@ def ragged(kernel):
         return kernel()(*flat, cu, cu, max(max(r) for r in lens), max(max(r) for r in lens)).view(
             B, T, Hq, D).transpose(1, 2)
     return run
+
+
+def _cudnn_ragged_call():
+    """aten::_cudnn_attention_forward given cumulative sequence lengths: cuDNN's ragged (THD) path, the one
+    torch takes for nested tensors; torch's autograd formula gives the backward. Under torch 2.11 its
+    gradients are wrong (benchmarks/NOTES.md, "cuDNN attention"), so train.py does not offer it."""
+    def call(q, k, v, cu_q, cu_k, max_q, max_k):
+        if q.shape[1] != k.shape[1]:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, max_q, max_k, True, 0.0, True,
+                                                       False)[0]
+    return call
 
 
 def cudnn_native_gqa(q, k, v, lens=None):
@@ -63,9 +77,9 @@ def sdpa(backend):
     return run
 
 
-KERNELS = {"varlen": ragged(_varlen_call), "cudnn_ragged": ragged(_cudnn_call),
-           "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-           "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+KERNELS = {"varlen": ragged(_varlen_call), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+           "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+           "cudnn_ragged": ragged(_cudnn_ragged_call)}
 
 
 def guanaco_like(B: int, T: int, seed: int = 0) -> list[list[int]]:
@@ -110,8 +124,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    cases = [("one row", 1, 32768, H, None), ("one row", 1, 16384, H, None), ("one example per row", 8, 2048, H, None),
-             ("packed", 8, 2048, H, guanaco_like(8, 2048)), ("GQA 32/8, one example per row", 8, 2048, 8, None)]
+    cases = [("one row", 1, 16384, H, None), ("one example per row", 8, 2048, H, None),
+             ("packed", 8, 2048, H, guanaco_like(8, 2048)), ("GQA 32/8, one example per row", 8, 2048, 8, None),
+             ("one row", 1, 32768, H, None)]
     for case, B, T, Hkv, lens in cases:
         q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

@@ -14,8 +14,8 @@
 #   fsdp2-70b       the same on 2 GPUs (stretch; not in the default list)
 #   fsdp4-70b-whole fsdp4-70b with --fsdp_low_memory_load false: every rank holds the whole 4-bit model on
 #                   its GPU before sharding (the peak the low-memory load removes; not in the default list)
-# Models are random Llama shapes with SmolLM2's 49,152-token vocab, trained on the built-in SQL data
-# tokenised by SmolLM2's tokenizer; nothing is downloaded. Every run has its own timeout (T, BIG_T
+# Models are random Llama shapes with SmolLM2's 49,152-token vocab, trained on the built-in SQL data (or
+# DATA) tokenised by SmolLM2's tokenizer; nothing is downloaded. Every run has its own timeout (T, BIG_T
 # seconds), so one failure does not take the rest down. Logs go to $OUT/runs.tgz (refreshed after each
 # run, so a call cut short still returns what finished), the table to $OUT/summary.md (+ summary.json).
 # Load time = seconds from the launch to the "model:" line (data + model built) and to the "memory:"
@@ -26,6 +26,7 @@ OUT=${OUT:-/tmp/multi_gpu}
 STEPS=${STEPS:-20}
 SCALE_STEPS=${SCALE_STEPS:-8}
 SCALE_ACCUM=${SCALE_ACCUM:-4}
+DATA=${DATA:-builtin:sql}  # e.g. .gpudata/guanaco-llama2-1k.parquet:guanaco (220 rows of 2048: 64-row steps stay in one epoch longer)
 BIG_STEPS=${BIG_STEPS:-6}
 T=${T:-170}
 BIG_T=${BIG_T:-420}
@@ -37,7 +38,7 @@ W=$(mktemp -d /tmp/multi_gpu.XXXX)   # output_dirs and logs; $OUT gets a tarball
 mkdir -p "$OUT"
 echo "host: $NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
 
-COMMON="train.py --tokenizer .tok/smollm2 --datasets builtin:sql --max_seq_len 2048 --lora_dropout 0 --lr 2e-4
+COMMON="train.py --tokenizer .tok/smollm2 --datasets $DATA --max_seq_len 2048 --lora_dropout 0 --lr 2e-4
  --warmup_steps 2 --eval_every 0 --eval_batches 1 --sample_prompts 0 --save_every 0 --log_every 1 --tracker none
  --optimizer paged_adamw_8bit"
 M7B="--model random:llama2-7b:49152 --checkpoint_layers 21 --micro_batch_size 4"

@@ -18,9 +18,8 @@ checkpointing, which binds them with ``functools.partial``). Kwarg names are tra
 
 * ``sdpa``/``flex``: ``attention_mask`` = a 4D bool mask [B,1,T,T] / a FlexAttention ``BlockMask``;
   ``create_causal_mask`` hands a 4D mask through untouched.
-* ``varlen`` (torch's flash kernel) and ``cudnn`` (cuDNN's fused attention, the kernel behind SDPA's
-  CUDNN_ATTENTION backend, through its ragged path): ``cu_seq_lens_q``, ``cu_seq_lens_k``,
-  ``max_length_q``, ``max_length_k`` (``FlashAttentionKwargs``) over the flattened B*T tokens.
+* ``varlen``: ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``
+  (``FlashAttentionKwargs``) over the flattened B*T tokens.
 
 Usage::
 
@@ -47,11 +46,9 @@ from transformers import AttentionInterface
 
 from .config import ConfigError
 
-BACKENDS = ("auto", "sdpa", "varlen", "cudnn", "flex")
-RAGGED = ("varlen", "cudnn")  # backends that take the flattened tokens and cumulative sequence lengths
+BACKENDS = ("auto", "sdpa", "varlen", "flex")
 # Registry names. Not "flash..." nor "...flex_attention": transformers keys special checks off those.
-_IMPL = {"sdpa": "qlora_packed_sdpa", "varlen": "qlora_packed_varlen", "cudnn": "qlora_packed_cudnn",
-         "flex": "qlora_packed_flex"}
+_IMPL = {"sdpa": "qlora_packed_sdpa", "varlen": "qlora_packed_varlen", "flex": "qlora_packed_flex"}
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -135,32 +132,6 @@ def _varlen_call():
     return _adapt_varlen(varlen_attn)
 
 
-def _adapt_cudnn(op):
-    """Wrap ``aten::_cudnn_attention_forward`` (its schema since torch 2.7: ``(query, key, value, attn_bias,
-    cum_seq_q, cum_seq_k, max_q, max_k, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *,
-    scale)``) into the call ``_adapt_varlen`` makes. Given cumulative sequence lengths it runs cuDNN's
-    ragged (THD: [tokens, heads, dim]) attention, the path torch takes for nested tensors; torch's own
-    autograd formula gives the backward (``_cudnn_attention_backward``). K/V heads are repeated for GQA
-    (the ragged path was checked with equal head counts only, benchmarks/attn_probe.py)."""
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
-        if q.shape[1] != k.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        lse = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # backward needs it
-        return op(q, k, v, None, cu_q, cu_k, max_q, max_k, lse, 0.0, True, False, scale=scale)[0]
-
-    return call
-
-
-@lru_cache(maxsize=None)
-def _cudnn_call():
-    op = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
-    if op is None or not torch.backends.cudnn.is_available():
-        raise ConfigError("config key 'attn_backend' = 'cudnn' needs cuDNN and aten::_cudnn_attention_forward "
-                          "(torch>=2.7 built with cuDNN >= 9): use auto or varlen")
-    return _adapt_cudnn(op)
-
-
 # --------------------------------------------------------------------------- attention functions
 def _missing(backend: str, what: str):
     return ValueError(
@@ -215,11 +186,10 @@ def _flex_forward(module, query, key, value, attention_mask, dropout=0.0, scalin
     return out.transpose(1, 2).contiguous(), None
 
 
-def _ragged_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, backend="varlen",
-                    **kwargs):
-    """torch varlen (flash) or cuDNN attention over the flattened B*T tokens, split by cu_seq_lens."""
+def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """torch varlen (flash) attention over the flattened B*T tokens, split by cu_seq_lens."""
     if any(kwargs.get(k) is None for k in _VARLEN_KEYS):
-        raise _missing(backend, "`" + "`, `".join(_VARLEN_KEYS) + "`")
+        raise _missing("varlen", "`" + "`, `".join(_VARLEN_KEYS) + "`")
     _check(query, key, dropout)
     B, Hq, T, D = query.shape
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
@@ -228,21 +198,14 @@ def _ragged_forward(module, query, key, value, attention_mask, dropout=0.0, scal
         # prepare_model_for_kbit_training) are cast for the kernel only, as transformers' FA2 does.
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
-    kernel = _varlen_call() if backend == "varlen" else _cudnn_call()
-    out = kernel(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
-                 kwargs["max_length_k"], scale=scaling)
+    out = _varlen_call()(
+        q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
+        kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling,
+    )
     return out.view(B, T, Hq, D).to(query.dtype), None
 
 
-def _varlen_forward(*args, **kwargs):
-    return _ragged_forward(*args, backend="varlen", **kwargs)
-
-
-def _cudnn_forward(*args, **kwargs):
-    return _ragged_forward(*args, backend="cudnn", **kwargs)
-
-
-_FUNCTIONS = {"sdpa": _sdpa_forward, "varlen": _varlen_forward, "cudnn": _cudnn_forward, "flex": _flex_forward}
+_FUNCTIONS = {"sdpa": _sdpa_forward, "varlen": _varlen_forward, "flex": _flex_forward}
 
 
 # --------------------------------------------------------------------------- public API
@@ -260,11 +223,11 @@ def _resolve(backend: str, device: torch.device | None) -> str:
     on_cuda = device is not None and device.type == "cuda"
     if backend == "auto":
         return "varlen" if on_cuda and _varlen_available() else "sdpa"
-    if backend in RAGGED:
+    if backend == "varlen":
         if not on_cuda:
-            raise ConfigError(f"config key 'attn_backend' = '{backend}' needs a CUDA device (the model is on "
-                              f"{device}): use auto or sdpa")
-        _varlen_call() if backend == "varlen" else _cudnn_call()  # a clear error if torch lacks the kernel
+            raise ConfigError(f"config key 'attn_backend' = 'varlen' needs a CUDA device (the model is on {device}): "
+                              "use auto or sdpa")
+        _varlen_call()  # raises a clear error if torch lacks it or its signature is unknown
     return backend
 
 
@@ -324,7 +287,7 @@ def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None)
     starts = _starts(position_ids)
     B, T = starts.shape
     kwargs = {"use_cache": False}
-    if backend in RAGGED:
+    if backend == "varlen":
         flat = starts.flatten().nonzero().flatten()
         cu = torch.cat([flat, flat.new_tensor([B * T])]).to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())  # the one host sync (none if position_ids are on CPU)

@@ -39,7 +39,7 @@ def check_graphs(cfg, accelerator) -> None:
     elif cfg.lora_dropout > 0 and not cfg.fused_lora:
         why = "fused_lora true when lora_dropout > 0 (the seeded dropout lives in the fused node)"
     elif cfg.attn_backend == "flex":
-        why = "attn_backend varlen, cudnn, sdpa or auto (flex builds its block mask per micro-batch)"
+        why = "attn_backend varlen, sdpa or auto (flex builds its block mask per micro-batch)"
     elif cfg.offload_checkpoints:
         why = "offload_checkpoints false (host copies cannot be captured)"
     if why:
@@ -70,21 +70,21 @@ class GraphedForwardBackward:
         full_sup = torch.full((B * T,), B * T - 1, dtype=torch.long)  # the last position's target is -100
         full_sup[: sup.numel()] = sup
         out = {"input_ids": ids, "position_ids": pos, "targets": tgt, "sup_index": full_sup}
-        if backend in attention.RAGGED:
-            cu = attention.packing_kwargs(pos, backend)["cu_seq_lens_q"]  # CPU: no device sync
+        if backend == "varlen":
+            cu = attention.packing_kwargs(pos, "varlen")["cu_seq_lens_q"]  # CPU: no device sync
             out["n_seqs"] = cu.numel() - 1
             out["cu"] = cu
         elif backend == "sdpa":
             out["mask"] = attention.packing_kwargs(pos, "sdpa")["attention_mask"]
         else:
-            raise ValueError(f"cuda_graphs needs attn_backend varlen, cudnn or sdpa, not {backend!r}")
+            raise ValueError(f"cuda_graphs needs attn_backend varlen or sdpa, not {backend!r}")
         return out
 
     def _allocate(self, host: dict, backend: str, device) -> None:
         self.static = {k: torch.empty_like(host[k], device=device)
                        for k in ("input_ids", "position_ids", "targets", "sup_index")}
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        if backend in attention.RAGGED:
+        if backend == "varlen":
             self.cap = max(16, 1 << (2 * host["n_seqs"] - 1).bit_length())  # room to grow before a recapture
             self.cu = torch.full((self.cap + 1,), self.B * self.T, dtype=torch.int32, device=device)
             self.attn = {"use_cache": False, "cu_seq_lens_q": self.cu, "cu_seq_lens_k": self.cu,

@@ -281,21 +281,6 @@ def test_varlen_path_in_model_with_fake_kernel(fake, monkeypatch):
     assert_close(errors(make_model(), "varlen"), 1e-5)
 
 
-def fake_cudnn_op(q, k, v, bias, cu_q, cu_k, max_q, max_k, lse, dropout, causal, debug, *, scale=None):
-    """aten::_cudnn_attention_forward's contract on CPU: ragged [tokens, heads, dim] in, output first."""
-    assert bias is None and dropout == 0.0 and causal and not debug and q.shape[1] == k.shape[1]
-    assert cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
-    assert lse == (torch.is_grad_enabled() and q.requires_grad)  # the backward needs the log-sum-exp
-    return _segment_attention(q, k, v, cu_q, scale), None
-
-
-def test_cudnn_path_in_model_with_fake_kernel(monkeypatch):
-    """The cuDNN backend's path (flatten, cu_seq_lens, GQA heads repeated, reshape back) on CPU."""
-    monkeypatch.setattr(qa, "_cudnn_call", lambda: qa._adapt_cudnn(fake_cudnn_op))
-    monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
-    assert_close(errors(make_model(), "cudnn"), 1e-5)
-
-
 # ----------------------------------------------------------------------------- 4-bit NF4 (bitsandbytes)
 # Measured on CPU (torch 2.13, bnb 0.50.2), packed vs unpacked, max over 5 model/data seeds:
 #                       logits   token loss  LoRA grad (rel. to max |grad|)
