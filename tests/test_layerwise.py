@@ -128,6 +128,39 @@ def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
         load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
 
 
+HUB_PROBE = """
+import sys
+from qlora.base_model import ModelLoadError, load_base_model, local_folder
+from qlora.config import load_config
+import torch
+try:
+    local_folder("acme/not-downloaded")
+except ModelLoadError as e:
+    print("error:", e)
+print("folder:", local_folder(sys.argv[1]))
+cfg = load_config([], model=sys.argv[1], quant="nf4", compute_dtype="float32")
+m = load_base_model(cfg, torch.device("cpu"), layerwise=True)
+print("layers:", len(m.model.layers), "4bit:", type(m.model.layers[0].mlp.up_proj).__name__, m.config._name_or_path)
+"""
+
+
+def test_a_hub_id_is_read_layer_by_layer_from_its_cached_snapshot_offline(tmp_path):
+    """FSDP2's low-memory load takes hub ids too: the folder is the hub cache's snapshot (offline here)."""
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acme--tiny-llama"
+    save_random_checkpoint(repo / "snapshots" / commit, {**SMALL, "tie_word_embeddings": False})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", HUB_PROBE, "acme/tiny-llama"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    assert out["folder"] == str(repo / "snapshots" / commit)
+    assert "acme/not-downloaded" in out["error"] and "download it first" in out["error"]
+    assert out["layers"].split() == ["3", "4bit:", "Linear4bit", "acme/tiny-llama"]
+
+
 # =========================================================================== peak memory
 
 def measure(mode: str, folder: Path | None = None) -> dict:
