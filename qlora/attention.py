@@ -20,6 +20,9 @@ checkpointing, which binds them with ``functools.partial``). Kwarg names are tra
   ``create_causal_mask`` hands a 4D mask through untouched.
 * ``varlen``: ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``
   (``FlashAttentionKwargs``) over the flattened B*T tokens.
+* ``cudnn``: the same, plus ``whole_rows`` (every row one example, e.g. one long document): then cuDNN's
+  fused attention on the dense [B, H, T, D] tensors (1.7x faster than flash on Hopper), else ``varlen``.
+  Packed rows stay on flash: torch 2.11's ragged cuDNN path gives wrong gradients (benchmarks/NOTES.md, 10).
 
 Usage::
 
@@ -46,9 +49,11 @@ from transformers import AttentionInterface
 
 from .config import ConfigError
 
-BACKENDS = ("auto", "sdpa", "varlen", "flex")
+BACKENDS = ("auto", "sdpa", "varlen", "cudnn", "flex")
+RAGGED = ("varlen", "cudnn")  # backends that take the flattened tokens and cumulative sequence lengths
 # Registry names. Not "flash..." nor "...flex_attention": transformers keys special checks off those.
-_IMPL = {"sdpa": "qlora_packed_sdpa", "varlen": "qlora_packed_varlen", "flex": "qlora_packed_flex"}
+_IMPL = {"sdpa": "qlora_packed_sdpa", "varlen": "qlora_packed_varlen", "cudnn": "qlora_packed_cudnn",
+         "flex": "qlora_packed_flex"}
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -205,7 +210,31 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     return out.view(B, T, Hq, D).to(query.dtype), None
 
 
-_FUNCTIONS = {"sdpa": _sdpa_forward, "varlen": _varlen_forward, "flex": _flex_forward}
+def _dense_cudnn(query, key, value, scale=None):
+    """Causal attention on [B, H, T, D] through SDPA restricted to its cuDNN kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+
+
+def _cudnn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """cuDNN attention when every row is one example (`whole_rows`), else the varlen (flash) path."""
+    if not kwargs.get("whole_rows"):
+        return _varlen_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    _check(query, key, dropout)
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:  # the cuDNN kernel is only selected without enable_gqa here: repeat K/V
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    q, k, v = query, key, value
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):  # as in _varlen_forward
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    out = _dense_cudnn(q, k, v, scaling)
+    return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+_FUNCTIONS = {"sdpa": _sdpa_forward, "varlen": _varlen_forward, "cudnn": _cudnn_forward, "flex": _flex_forward}
 
 
 # --------------------------------------------------------------------------- public API
@@ -223,11 +252,13 @@ def _resolve(backend: str, device: torch.device | None) -> str:
     on_cuda = device is not None and device.type == "cuda"
     if backend == "auto":
         return "varlen" if on_cuda and _varlen_available() else "sdpa"
-    if backend == "varlen":
+    if backend in RAGGED:
         if not on_cuda:
-            raise ConfigError(f"config key 'attn_backend' = 'varlen' needs a CUDA device (the model is on {device}): "
-                              "use auto or sdpa")
-        _varlen_call()  # raises a clear error if torch lacks it or its signature is unknown
+            raise ConfigError(f"config key 'attn_backend' = '{backend}' needs a CUDA device (the model is on "
+                              f"{device}): use auto or sdpa")
+        _varlen_call()  # raises a clear error if torch lacks it or its signature is unknown (cudnn falls back to it)
+        if backend == "cudnn" and not torch.backends.cudnn.is_available():
+            raise ConfigError("config key 'attn_backend' = 'cudnn' needs torch built with cuDNN: use auto or varlen")
     return backend
 
 
@@ -287,10 +318,12 @@ def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None)
     starts = _starts(position_ids)
     B, T = starts.shape
     kwargs = {"use_cache": False}
-    if backend == "varlen":
+    if backend in RAGGED:
         flat = starts.flatten().nonzero().flatten()
         cu = torch.cat([flat, flat.new_tensor([B * T])]).to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())  # the one host sync (none if position_ids are on CPU)
+        if backend == "cudnn":
+            kwargs["whole_rows"] = cu.numel() == B + 1  # one example per row: no packing mask needed
         cu = cu.to(device)
         return {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
     doc = (starts.cumsum(-1) - 1).to(device)  # example index of each token within its row

@@ -59,7 +59,8 @@ class Config:
     eval_fraction: float = 0.05  # share of train rows held out when a source has no eval split
     max_seq_len: int = 1024  # tokens per row
     packing: bool = True  # pack several examples per row (attention kept per example)
-    attn_backend: str = "auto"  # packed attention: "auto", "sdpa" (any device), "varlen", "flex" (CUDA)
+    attn_backend: str = "auto"  # packed attention: "auto", "sdpa" (any device), or on CUDA "varlen" (flash), "flex",
+    # "cudnn" (cuDNN's kernel for rows that hold one example each, e.g. long documents; flash for packed rows)
     overlong: str = "drop"  # examples longer than max_seq_len: "drop" or "truncate" (cut the response's end)
     system_prompt: str = ""  # system message added to every example ("" = the template's default)
     # --- optimisation ---
@@ -279,7 +280,7 @@ _CHOICES = {
     "quant": ("nf4", "fp4", "none"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
-    "attn_backend": ("auto", "sdpa", "varlen", "flex", "eager"),
+    "attn_backend": ("auto", "sdpa", "varlen", "cudnn", "flex", "eager"),
     "kernels": ("auto", "liger", "none"),
     "overlong": ("drop", "truncate"),
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),

@@ -40,6 +40,8 @@ def check_graphs(cfg, accelerator) -> None:
         why = "fused_lora true when lora_dropout > 0 (the seeded dropout lives in the fused node)"
     elif cfg.attn_backend == "flex":
         why = "attn_backend varlen, sdpa or auto (flex builds its block mask per micro-batch)"
+    elif cfg.attn_backend == "cudnn":
+        why = "attn_backend varlen, sdpa or auto (cuDNN's attention fails inside a graph capture on torch 2.11)"
     elif cfg.offload_checkpoints:
         why = "offload_checkpoints false (host copies cannot be captured)"
     if why:

@@ -281,6 +281,48 @@ def test_varlen_path_in_model_with_fake_kernel(fake, monkeypatch):
     assert_close(errors(make_model(), "varlen"), 1e-5)
 
 
+def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monkeypatch):
+    """`cudnn`: rows that each hold one example go to the dense cuDNN kernel (here a CPU stand-in with its
+    contract: causal SDPA on [B, H, T, D]); packed rows to the varlen path."""
+    calls = []
+
+    def dense(q, k, v, scale=None):
+        calls.append(("dense", q.shape[1] == k.shape[1]))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    def varlen(*args, **kwargs):
+        calls.append(("varlen", None))
+        return fake_varlen_213(*args, **kwargs)
+
+    varlen.__signature__ = inspect.signature(fake_varlen_213)
+    monkeypatch.setattr(qa, "_dense_cudnn", dense)
+    monkeypatch.setattr(qa, "_varlen_call", lambda: qa._adapt_varlen(varlen))
+    monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
+    assert packing_kwargs(seq_lens_to_position_ids(LENS, T), "cudnn")["whole_rows"] is False
+    assert_close(errors(make_model(), "cudnn"), 1e-5)  # packed rows: exactly the varlen path
+    assert {c[0] for c in calls} == {"varlen"}
+
+    # whole rows: the same logits and LoRA gradients as stock attention on the unpacked rows
+    calls.clear()
+    model = make_model()
+    ids = torch.randint(0, 128, (2, T), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(T).repeat(2, 1)
+    use_default_attention(model)
+    ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    ref.float().pow(2).mean().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    use_packed_attention(model, "cudnn")
+    kw = packing_kwargs(pos, "cudnn")
+    assert kw["whole_rows"] is True
+    out = model(input_ids=ids, position_ids=pos, **kw).logits
+    out.float().pow(2).mean().backward()
+    assert calls and all(c == ("dense", True) for c in calls)  # every layer, K/V heads repeated for GQA
+    assert (out - ref).abs().max() < 1e-5
+    for n, g in ref_grads.items():
+        assert ((dict(model.named_parameters())[n].grad - g).abs().max() / g.abs().max()) < 1e-5, n
+
+
 # ----------------------------------------------------------------------------- 4-bit NF4 (bitsandbytes)
 # Measured on CPU (torch 2.13, bnb 0.50.2), packed vs unpacked, max over 5 model/data seeds:
 #                       logits   token loss  LoRA grad (rel. to max |grad|)

@@ -116,3 +116,20 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
             assert (p.grad - g_want[n]).norm() <= 1e-5 * g_want[n].norm(), n
     cu = GraphedForwardBackward([], 640, 2, 0, torch.float32)._host_inputs(batch, "varlen")["cu"]
     assert cu[0] == 0 and cu[-1] == 1280 and (cu[1:] >= cu[:-1]).all()
+
+
+@pytest.mark.parametrize("change,why", [({"attn_backend": "flex"}, "flex builds its block mask"),
+                                        ({"attn_backend": "cudnn"}, "fails inside a graph capture"),
+                                        ({"offload_checkpoints": True}, "host copies cannot be captured"),
+                                        ({"fused_lora": False}, "seeded dropout lives in the fused node")])
+def test_cuda_graphs_refuses_what_cannot_be_captured(change, why):
+    """The refusals that need a CUDA device to be reached, with a stand-in accelerator on one GPU."""
+    from types import SimpleNamespace
+
+    from qlora.config import ConfigError, load_config
+    from qlora.cuda_graphs import check_graphs
+
+    gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    check_graphs(load_config([], cuda_graphs=True, seeded_dropout=True), gpu)  # the plain case passes
+    with pytest.raises(ConfigError, match=f"'cuda_graphs' needs .*{why}"):
+        check_graphs(load_config([], cuda_graphs=True, **change), gpu)
