@@ -257,7 +257,8 @@ def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, 
         try:
             model = load_safetensors_layerwise(local_folder(source), cfg, device, compute_dtype, park)
         except ModelFilesError as e:
-            raise ModelLoadError(f"cannot load model '{cfg.model}' one layer at a time: {e}") from None
+            raise ModelLoadError(f"cannot load model '{cfg.model}' one layer at a time: {e}; pass "
+                                 "--fsdp_low_memory_load false to load it whole with from_pretrained") from None
         model.config._name_or_path = source  # what an adapter records as its base, as from_pretrained does
     else:
         source = resolve_source(cfg.model)

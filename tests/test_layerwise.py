@@ -120,6 +120,10 @@ def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != name}, str(folder / "model.safetensors"))
     with pytest.raises(ModelFilesError, match=f"no tensor '{name}'"):
         load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
+    from qlora.base_model import ModelLoadError, load_base_model
+
+    with pytest.raises(ModelLoadError, match=f"no tensor '{name}'.*--fsdp_low_memory_load false"):
+        load_base_model(cfg, cpu, layerwise=True)  # what FSDP2 runs: the way out is named
     save_file({**tensors, name: tensors[name][:-1]}, str(folder / "model.safetensors"))
     with pytest.raises(ModelFilesError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(351, 128\)"):
         load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
