@@ -127,9 +127,10 @@ def setup(cfg: Config) -> Run:
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
-    if accelerator.is_fsdp2 and cfg.fsdp_low_memory_load:
-        talk("model: read one decoder layer at a time" + ("" if device.type == "cpu" else
-             ", each held in host memory until FSDP2 moves this rank's shard to the GPU"))
+    layerwise = getattr(model, "qlora_layerwise", None)  # qlora/layerwise.py built or read it
+    if accelerator.is_fsdp2 and layerwise:
+        talk("model: read one decoder layer at a time" + ("" if not layerwise["parked_on"] else
+             f", each held on {layerwise['parked_on']} until FSDP2 moves this rank's shard to the GPU"))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, accelerator.is_fsdp2)
     loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer,
                                                                tokenizer.pad_token_id, talk)
@@ -216,8 +217,8 @@ class StepResult:
 def micro_batch_loss(loss_model, batch: dict, backend: str, device) -> torch.Tensor:
     """The *sum* of token cross-entropies over one micro-batch's supervised positions. Add a loss
     term here; `train_step` divides by the supervised tokens of the whole window."""
-    return loss_model(**to_device(batch, device), **attention.packing_kwargs(batch["position_ids"], backend,
-                                                                             device=device))
+    return loss_model(**to_device(batch, device), **attention.packing_kwargs(
+        batch["position_ids"], backend, device=device, whole_rows=batch.get("whole_rows")))
 
 
 def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor,

@@ -211,21 +211,21 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
 
 
 def _dense_cudnn(query, key, value, scale=None):
-    """Causal attention on [B, H, T, D] through SDPA restricted to its cuDNN kernel."""
+    """Causal attention on [B, H, T, D] (fewer K/V heads for GQA) through SDPA restricted to its cuDNN
+    kernel (GQA checked on an H100: benchmarks/results/2026-11-28-cudnn-longrow/probe.log)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                              enable_gqa=query.shape[1] != key.shape[1])
 
 
 def _cudnn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """cuDNN attention when every row is one example (`whole_rows`), else the varlen (flash) path."""
+    """cuDNN attention when every row holds one example (`whole_rows`; a padding tail after it is
+    harmless: causal attention never lets a real token see it, and it has no targets), else varlen."""
     if not kwargs.get("whole_rows"):
         return _varlen_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check(query, key, dropout)
-    rep = query.shape[1] // key.shape[1]
-    if rep > 1:  # the cuDNN kernel is only selected without enable_gqa here: repeat K/V
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     q, k, v = query, key, value
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):  # as in _varlen_forward
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
@@ -301,13 +301,16 @@ def use_default_attention(model, implementation: str = "sdpa") -> None:
     _unwrap(model).set_attn_implementation(implementation)
 
 
-def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None) -> dict:
+def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None,
+                   whole_rows: bool | None = None) -> dict:
     """Per-micro-batch kwargs for ``model(input_ids=..., position_ids=..., **kwargs)``.
 
     Computed once and shared by every layer, so layers do no host syncs. Includes ``use_cache=False``
     (else LlamaModel allocates a DynamicCache in every training forward, the config default).
     ``varlen`` needs one ``max()`` on the host for ``max_length_*`` (ints); pass the collator's CPU
     ``position_ids`` and ``device=`` the model's device to make that free (results go to ``device``).
+    ``whole_rows`` (``cudnn`` only): every row holds at most one real example (the collator's flag); by
+    default it is read off ``position_ids``, where a padding tail looks like a second example.
     """
     device = torch.device(device) if device is not None else position_ids.device
     backend = _resolve(backend, device) if backend == "auto" else backend
@@ -322,8 +325,8 @@ def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None)
         flat = starts.flatten().nonzero().flatten()
         cu = torch.cat([flat, flat.new_tensor([B * T])]).to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())  # the one host sync (none if position_ids are on CPU)
-        if backend == "cudnn":
-            kwargs["whole_rows"] = cu.numel() == B + 1  # one example per row: no packing mask needed
+        if backend == "cudnn":  # one example per row: no packing mask needed
+            kwargs["whole_rows"] = bool(whole_rows) if whole_rows is not None else cu.numel() == B + 1
         cu = cu.to(device)
         return {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
     doc = (starts.cumsum(-1) - 1).to(device)  # example index of each token within its row

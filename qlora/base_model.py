@@ -10,6 +10,7 @@ quantised is `qlora.quant`; how it is adapted for training (LoRA, checkpointing,
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -134,15 +135,20 @@ def resolve_source(name: str) -> str:
     return name  # a hub id: from_pretrained resolves it (cache first; offline raises, caught by the caller)
 
 
-def local_folder(source: str) -> Path:
+def local_folder(source: str, trust_remote_code: bool = False) -> Path:
     """The folder holding `source`'s files: the directory itself, or a hub id's snapshot (the local cache
-    first; downloaded if missing and the hub is reachable, config and safetensors files only)."""
+    first; downloaded if missing and the hub is reachable): its JSON files (and Python files only with
+    `trust_remote_code`), then just the weight files its safetensors index names, or model.safetensors."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        folder = Path(snapshot_download(source, allow_patterns=["*.json"] + (["*.py"] if trust_remote_code else [])))
+        index = folder / "model.safetensors.index.json"
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]  # not *.safetensors: some repos also hold a consolidated copy
+        return Path(snapshot_download(source, allow_patterns=weights))
     except Exception as e:  # offline without a cached copy, unknown id, no access
         raise ModelLoadError(f"cannot get the files of model '{source}': {(str(e).splitlines() or [type(e).__name__])[0]} -- download it "
                              "first (huggingface-cli download) or pass a local directory") from None
@@ -255,11 +261,14 @@ def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, 
         source = resolve_source(cfg.model)
         _check_causal_lm(source, cfg.trust_remote_code)
         try:
-            model = load_safetensors_layerwise(local_folder(source), cfg, device, compute_dtype, park)
+            model = load_safetensors_layerwise(local_folder(source, cfg.trust_remote_code), cfg, device,
+                                               compute_dtype, park)
         except ModelFilesError as e:
-            raise ModelLoadError(f"cannot load model '{cfg.model}' one layer at a time: {e}; pass "
+            fix = ("download the model first (huggingface-cli download), or pass " if not Path(source).is_dir()
+                   else "pass ")
+            raise ModelLoadError(f"cannot load model '{cfg.model}' one layer at a time: {e}; {fix}"
                                  "--fsdp_low_memory_load false to load it whole with from_pretrained") from None
-        model.config._name_or_path = source  # what an adapter records as its base, as from_pretrained does
+        model.name_or_path = model.config.name_or_path = source  # an adapter records this as its base
     else:
         source = resolve_source(cfg.model)
         _check_causal_lm(source, cfg.trust_remote_code)

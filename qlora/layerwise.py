@@ -149,6 +149,7 @@ def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, sour
     finish_skeleton(model, config, device)
     if cfg.quant != "none":
         model.is_loaded_in_4bit = True
+    model.qlora_layerwise = {"parked_on": str(park) if park is not None else None}  # what train.py reports
     return model
 
 

@@ -59,8 +59,9 @@ def unpacked_rows(n: int, seed: int) -> list[list[int]]:
 
 
 def collate(rows: list[list[Example]], pad_id: int, length: int | None = None) -> dict:
-    """Micro-batch tensors: input_ids, targets, position_ids [B, T], seq_lens, and
-    `sup_index` (flat indices of supervised positions, so the loss gathers them without a host sync)."""
+    """Micro-batch tensors: input_ids, targets, position_ids [B, T], seq_lens, `sup_index` (flat indices
+    of supervised positions, so the loss gathers them without a host sync), and `whole_rows` (no row
+    holds more than one example: attention needs no packing mask, `qlora.attention`'s cudnn backend)."""
     used = [sum(len(e.input_ids) for e in row) for row in rows]
     T = length or -(-max(used) // PAD_MULTIPLE) * PAD_MULTIPLE
     B = len(rows)
@@ -84,7 +85,7 @@ def collate(rows: list[list[Example]], pad_id: int, length: int | None = None) -
     sup_index = (targets.view(-1) != IGNORE).nonzero().squeeze(1)
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
             "seq_lens": seq_lens, "sup_index": sup_index, "n_tokens": sum(used), "capacity": B * T,
-            "n_supervised": int(sup_index.numel())}
+            "n_supervised": int(sup_index.numel()), "whole_rows": all(len(row) <= 1 for row in rows)}
 
 
 @dataclass

@@ -283,12 +283,12 @@ def test_varlen_path_in_model_with_fake_kernel(fake, monkeypatch):
 
 def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monkeypatch):
     """`cudnn`: rows that each hold one example go to the dense cuDNN kernel (here a CPU stand-in with its
-    contract: causal SDPA on [B, H, T, D]); packed rows to the varlen path."""
+    contract: causal SDPA on [B, H, T, D], GQA by enable_gqa); packed rows to the varlen path."""
     calls = []
 
     def dense(q, k, v, scale=None):
-        calls.append(("dense", q.shape[1] == k.shape[1]))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        calls.append(("dense", k.shape[1] < q.shape[1]))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] < q.shape[1])
 
     def varlen(*args, **kwargs):
         calls.append(("varlen", None))
@@ -317,10 +317,34 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
     assert kw["whole_rows"] is True
     out = model(input_ids=ids, position_ids=pos, **kw).logits
     out.float().pow(2).mean().backward()
-    assert calls and all(c == ("dense", True) for c in calls)  # every layer, K/V heads repeated for GQA
+    assert calls and all(c == ("dense", True) for c in calls)  # every layer; 2 K/V heads for 4 query heads
     assert (out - ref).abs().max() < 1e-5
     for n, g in ref_grads.items():
         assert ((dict(model.named_parameters())[n].grad - g).abs().max() / g.abs().max()) < 1e-5, n
+
+    # one example per row with a padding tail (what collate builds for a document shorter than the row):
+    # position_ids alone cannot tell the tail from a second example, the collator's flag can
+    calls.clear()
+    lens = [[20], [13]]
+    tail_pos = seq_lens_to_position_ids(lens, T)
+    assert packing_kwargs(tail_pos, "cudnn")["whole_rows"] is False
+    kw = packing_kwargs(tail_pos, "cudnn", whole_rows=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=tail_pos, **kw).logits
+        use_default_attention(model)
+        for r, (n,) in enumerate(lens):  # each example alone, no padding: the real positions agree
+            alone = model(input_ids=ids[r:r + 1, :n], position_ids=tail_pos[r:r + 1, :n], use_cache=False).logits
+            assert (out[r, :n] - alone[0]).abs().max() < 1e-5, r
+    assert calls and {c[0] for c in calls} == {"dense"}
+
+
+def test_collate_flags_rows_that_hold_one_example():
+    from qlora.data import Example
+    from qlora.packing import collate
+
+    ex = [Example(input_ids=list(range(1, n + 1)), labels=list(range(1, n + 1))) for n in (5, 3, 7)]
+    assert collate([[ex[0]], [ex[2]]], pad_id=0)["whole_rows"] is True  # padded to 8: tails, still whole
+    assert collate([[ex[0], ex[1]], [ex[2]]], pad_id=0)["whole_rows"] is False
 
 
 # ----------------------------------------------------------------------------- 4-bit NF4 (bitsandbytes)

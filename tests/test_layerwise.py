@@ -144,15 +144,19 @@ except ModelLoadError as e:
 print("folder:", local_folder(sys.argv[1]))
 cfg = load_config([], model=sys.argv[1], quant="nf4", compute_dtype="float32")
 m = load_base_model(cfg, torch.device("cpu"), layerwise=True)
-print("layers:", len(m.model.layers), "4bit:", type(m.model.layers[0].mlp.up_proj).__name__, m.config._name_or_path)
+print("layers:", len(m.model.layers), "4bit:", type(m.model.layers[0].mlp.up_proj).__name__, m.name_or_path,
+      m.config.name_or_path)
 """
 
 
-def test_a_hub_id_is_read_layer_by_layer_from_its_cached_snapshot_offline(tmp_path):
+@pytest.mark.parametrize("shard_size", ["5GB", "400KB"])  # one file; several, with the index
+def test_a_hub_id_is_read_layer_by_layer_from_its_cached_snapshot_offline(tmp_path, shard_size):
     """FSDP2's low-memory load takes hub ids too: the folder is the hub cache's snapshot (offline here)."""
     cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--acme--tiny-llama"
-    save_random_checkpoint(repo / "snapshots" / commit, {**SMALL, "tie_word_embeddings": False})
+    snap = save_random_checkpoint(repo / "snapshots" / commit, {**SMALL, "tie_word_embeddings": False},
+                                  shard_size=shard_size)
+    assert (snap / "model.safetensors.index.json").is_file() == (shard_size == "400KB")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -162,7 +166,8 @@ def test_a_hub_id_is_read_layer_by_layer_from_its_cached_snapshot_offline(tmp_pa
     out = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     assert out["folder"] == str(repo / "snapshots" / commit)
     assert "acme/not-downloaded" in out["error"] and "download it first" in out["error"]
-    assert out["layers"].split() == ["3", "4bit:", "Linear4bit", "acme/tiny-llama"]
+    # both names: peft records `model.name_or_path` as the adapter's base, which must be the hub id
+    assert out["layers"].split() == ["3", "4bit:", "Linear4bit", "acme/tiny-llama", "acme/tiny-llama"]
 
 
 # =========================================================================== peak memory
