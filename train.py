@@ -217,8 +217,7 @@ class StepResult:
 def micro_batch_loss(loss_model, batch: dict, backend: str, device) -> torch.Tensor:
     """The *sum* of token cross-entropies over one micro-batch's supervised positions. Add a loss
     term here; `train_step` divides by the supervised tokens of the whole window."""
-    return loss_model(**to_device(batch, device), **attention.packing_kwargs(
-        batch["position_ids"], backend, device=device, whole_rows=batch.get("whole_rows")))
+    return loss_model(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device))
 
 
 def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor,

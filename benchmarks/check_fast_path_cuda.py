@@ -125,8 +125,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
         loss = loss_sum / batch["n_supervised"]
     else:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss_sum = lm(**to_device(batch, device), **attention.packing_kwargs(batch["position_ids"], backend,
-                                                                                 device=device))
+            loss_sum = lm(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device))
             loss = loss_sum / batch["n_supervised"]
         loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in lora.items()}

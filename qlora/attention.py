@@ -191,18 +191,22 @@ def _flex_forward(module, query, key, value, attention_mask, dropout=0.0, scalin
     return out.transpose(1, 2).contiguous(), None
 
 
+def _half(q, k, v):
+    """Flash and cuDNN kernels take half precision only; fp32 activations (e.g. after peft's
+    prepare_model_for_kbit_training) are cast for the kernel only, as transformers' FA2 does."""
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        return q.to(half), k.to(half), v.to(half)
+    return q, k, v
+
+
 def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """torch varlen (flash) attention over the flattened B*T tokens, split by cu_seq_lens."""
     if any(kwargs.get(k) is None for k in _VARLEN_KEYS):
         raise _missing("varlen", "`" + "`, `".join(_VARLEN_KEYS) + "`")
     _check(query, key, dropout)
     B, Hq, T, D = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        # Flash kernels take half precision only; fp32 activations (e.g. after peft's
-        # prepare_model_for_kbit_training) are cast for the kernel only, as transformers' FA2 does.
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        q, k, v = q.to(half), k.to(half), v.to(half)
+    q, k, v = _half(*(x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value)))
     out = _varlen_call()(
         q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
         kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling,
@@ -226,11 +230,7 @@ def _cudnn_forward(module, query, key, value, attention_mask, dropout=0.0, scali
     if not kwargs.get("whole_rows"):
         return _varlen_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check(query, key, dropout)
-    q, k, v = query, key, value
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):  # as in _varlen_forward
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        q, k, v = q.to(half), k.to(half), v.to(half)
-    out = _dense_cudnn(q, k, v, scaling)
+    out = _dense_cudnn(*_half(query, key, value), scaling)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
@@ -299,6 +299,11 @@ def use_packed_attention(model, backend: str) -> str:
 def use_default_attention(model, implementation: str = "sdpa") -> None:
     """Switch back to a stock transformers attention (e.g. for generation with a KV cache)."""
     _unwrap(model).set_attn_implementation(implementation)
+
+
+def batch_kwargs(batch: dict, backend: str, device) -> dict:
+    """`packing_kwargs` for a micro-batch from `qlora.packing.collate` (its position_ids and flags)."""
+    return packing_kwargs(batch["position_ids"], backend, device=device, whole_rows=batch.get("whole_rows"))
 
 
 def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None,

@@ -144,14 +144,16 @@ def local_folder(source: str, trust_remote_code: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(source, allow_patterns=["*.json"] + (["*.py"] if trust_remote_code else [])))
+        code = ["*.py"] if trust_remote_code else []
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", *code]))
         index = folder / "model.safetensors.index.json"
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["model.safetensors"]  # not *.safetensors: some repos also hold a consolidated copy
         return Path(snapshot_download(source, allow_patterns=weights))
     except Exception as e:  # offline without a cached copy, unknown id, no access
-        raise ModelLoadError(f"cannot get the files of model '{source}': {(str(e).splitlines() or [type(e).__name__])[0]} -- download it "
-                             "first (huggingface-cli download) or pass a local directory") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot get the files of model '{source}': {why} -- download it first "
+                             "(huggingface-cli download) or pass a local directory") from None
 
 
 def _check_causal_lm(source: str, trust_remote_code: bool) -> None:

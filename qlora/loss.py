@@ -109,8 +109,7 @@ def mean_token_loss(loss_model, batches, backend: str, device) -> tuple[float, i
     total, count = 0.0, 0
     try:
         for batch in batches:
-            total += float(loss_model(**to_device(batch, device), **attention.packing_kwargs(
-                batch["position_ids"], backend, device=device, whole_rows=batch.get("whole_rows"))))
+            total += float(loss_model(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device)))
             count += batch["n_supervised"]
     finally:
         loss_model.train(was_training)

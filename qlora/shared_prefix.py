@@ -24,8 +24,9 @@ __all__ = ["cache_kwarg", "common_prefix_len", "generate_grouped"]
 
 def cache_kwarg(model) -> str:
     """The name under which this model's forward takes a KV cache: `cache` in newer transformers (5.24),
-    `past_key_values` in older ones (5.17, the GPU image's). The old name given to a new model (or the reverse) lands in **kwargs and is
-    ignored without an error: every decode step would then see one token and no context."""
+    `past_key_values` in older ones (5.17, the GPU image's). The old name given to a new model (or the
+    reverse) lands in **kwargs and is ignored without an error: every decode step would then see one
+    token and no context."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
