@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from qlora import attention
+from qlora import attention, fp8
 from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
                               load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                               savable_adapter, set_rng_state)
@@ -95,6 +95,7 @@ def setup(cfg: Config) -> Run:
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
     device = accelerator.device
     check_graphs(cfg, accelerator)
+    fp8.check(cfg, device)
     attention.check_training_backend(cfg.attn_backend, device)
     if accelerator.is_fsdp2:
         check_fsdp_config(cfg)

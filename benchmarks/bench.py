@@ -53,14 +53,14 @@ import common  # noqa: E402
 from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
 GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "ckpt_layers", "fused", "kernels",
-             "seeded", "graphs", "offload", "lora_r", "lora_dropout")
+             "seeded", "graphs", "offload", "fp8", "lora_r", "lora_dropout")
 # the seed recipe has none of these
-OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload")
+OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
-              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "lora_r", "lora_dropout",
-              "warmup", "timed_steps", "tokens_per_s",
+              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8", "lora_r",
+              "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -89,6 +89,7 @@ def run_ours(spec: dict, rec: dict) -> None:
                       gradient_checkpointing=spec["ckpt"], checkpoint_layers=spec["ckpt_layers"],
                       fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                       seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_checkpoints=spec["offload"],
+                      base_fp8=spec["fp8"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
@@ -196,6 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--seeded", default="off", help="seeded LoRA dropout on,off (ours only)")
     p.add_argument("--graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
     p.add_argument("--offload", default="off", help="checkpointed inputs in host memory on,off (ours only)")
+    p.add_argument("--fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
@@ -245,7 +247,7 @@ def settings(args) -> list[dict]:
             "packing": _vals(args.packing, bool), "attn": _vals(args.attn, str), "ckpt": _vals(args.ckpt, bool),
             "ckpt_layers": _vals(args.ckpt_layers, int), "fused": _vals(args.fused, bool),
             "kernels": _vals(args.kernels, str), "seeded": _vals(args.seeded, bool), "graphs": _vals(args.graphs, bool),
-            "offload": _vals(args.offload, bool),
+            "offload": _vals(args.offload, bool), "fp8": _vals(args.fp8, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}

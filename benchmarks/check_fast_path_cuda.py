@@ -17,6 +17,7 @@ chunked lm_head + CE, all layers checkpointed):
   +offload        checkpointed inputs in pinned host memory (qlora/offload.py)
   +seeded         seeded LoRA dropout (qlora/seeded_dropout.py; the plain side draws the same masks)
   +graphs         forward+backward replayed as a CUDA graph (qlora/cuda_graphs.py), twice
+  fp8             the frozen base GEMMs in float8 (qlora/fp8.py): reported with its own, looser bounds
   noise           the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
                   the yardstick for what bf16 rounding alone moves
 
@@ -24,8 +25,8 @@ with dropout 0 and with dropout 0.05 (the same mask on both sides: a fixed one f
 the seeded one for the seeded variants). Reported: |loss diff| (nats per token) and, per LoRA tensor,
 ||g - g_plain|| / ||g_plain||, the worst over tensors. PASS if loss diff and grad error are within the
 larger of (5e-3, 3e-2) and 1.5x the noise row's (bf16 has 2^-8 = 3.9e-3 relative rounding per op; on
-an H100 the noise row moved LoRA gradients by 4e-2). First, the Triton seeded-dropout kernel must equal
-its torch reference bit for bit. Exit 1 on any FAIL.
+an H100 the noise row moved LoRA gradients by 4e-2). First, the Triton seeded-dropout and FP8 kernels
+must equal their torch references bit for bit. Exit 1 on any FAIL.
 """
 
 import argparse
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402,F401  (offline env defaults)
 import helpers  # noqa: E402  (tests/helpers.py)
-from qlora import attention, lora_fused, seeded_dropout  # noqa: E402
+from qlora import attention, fp8, lora_fused, seeded_dropout  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data import IGNORE, Example  # noqa: E402
 from helpers import FixedMaskDropout  # noqa: E402
@@ -48,6 +49,10 @@ from qlora.model import describe_speedups, load_model  # noqa: E402
 from qlora.packing import Batches, to_device  # noqa: E402
 
 TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
+# FP8 variants change the numerics on purpose (e4m3: ~3.6% relative error per GEMM output, measured on
+# CPU in tests/test_fp8.py), so they are reported with their own sanity bounds: a wrong scale, transpose
+# or layout moves the loss by O(1) and the gradients by O(100%)
+FP8_LOSS, FP8_GRAD = 2e-2, 0.25
 
 
 class SeededMaskDropout(torch.nn.Module):
@@ -63,13 +68,14 @@ class SeededMaskDropout(torch.nn.Module):
         return (x.float() * (1.0 / (1.0 - self.p))).where(keep.view(shape), 0.0).to(x.dtype)
 
 
-def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False):
+def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
+        fp8=False):
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
                       compute_dtype="bfloat16" if device.type == "cuda" else "float32",
                       lora_dropout=dropout, fused_lora=fused, kernels=kernels, checkpoint_layers=ckpt_layers,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
-                      seeded_dropout=seeded and fused, offload_checkpoints=offload)
+                      seeded_dropout=seeded and fused, offload_checkpoints=offload, base_fp8=fp8)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -166,15 +172,50 @@ def check_triton_dropout() -> int:
     return failed
 
 
+def check_triton_fp8() -> int:
+    """The Triton FP8 quantisers against the torch ops they replace: the same bytes and scales."""
+    if not fp8._kernels_ok():
+        print("fp8: no Triton here, kernels not checked")
+        return 0
+    import bitsandbytes.functional as bnbf
+
+    failed = 0
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (192, 576)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        weight = torch.nn.Parameter(q, requires_grad=False)
+        weight.quant_state = qs
+        absmax = lora_fused.block_absmax(weight, True)
+        for transpose in (False, True):
+            got, scale = fp8.quantize_weight(weight, absmax, transpose)
+            w32 = fp8._dequantize_f32(weight, absmax)  # the torch path's arithmetic
+            want = fp8._to_e4m3((w32.t() if transpose else w32) / scale[:, None]).contiguous()
+            differ = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+            failed += differ > 0
+            print(f"fp8 weight kernel ({n}, {k}){' transposed' if transpose else ''}: "
+                  f"{'bit-identical' if not differ else f'DIFFERS in {differ} bytes'}", flush=True)
+        x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
+        x[7, 3] = 300.0  # an outlier row
+        x[9] = 0  # an empty one
+        got, sg = fp8.quantize_rows(x)
+        sw = x.abs().amax(dim=1).float().clamp(min=fp8.TINY) / fp8.E4M3_MAX
+        want = fp8._to_e4m3(x.float() / sw[:, None])
+        same = torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(sg, sw)
+        failed += not same
+        print(f"fp8 row kernel (4096, {k}): {'bit-identical' if same else 'DIFFERS'}", flush=True)
+    return failed
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--shape", default="llama2-7b-2l")
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--only", default="", help="comma-separated name fragments: run only variants matching one")
     args = p.parse_args()
     cuda = args.device == "cuda"
     lora_fused.dropout = helpers.fixed_mask_dropout  # torch-dropout variants: the fused path draws the fixed mask
-    failed = check_triton_dropout() if cuda else 0
+    failed = check_triton_dropout() + check_triton_fp8() if cuda else 0
     auto = "varlen" if cuda else "sdpa"
     # (name, fused, kernels, ckpt_layers, attn, options); seeded variants compare with a seeded plain side
     variants = [("fused", True, "none", -1, auto, {})]
@@ -184,10 +225,16 @@ def main():
                      ("fused+liger+offload", True, "liger", -1, auto, {"offload": True}),
                      ("fused+liger+seeded", True, "liger", -1, auto, {"seeded": True}),
                      ("fused+liger+seeded+graphs", True, "liger", -1, auto, {"seeded": True, "graphs": True, "ce": "fused"}),
-                     ("+graphs ckpt 1 of 2", True, "liger", 1, auto, {"seeded": True, "graphs": True, "ce": "fused"})]
+                     ("+graphs ckpt 1 of 2", True, "liger", 1, auto, {"seeded": True, "graphs": True, "ce": "fused"}),
+                     ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
+                     ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
+                      {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
     else:
         variants += [("fused+seeded", True, "none", -1, auto, {"seeded": True}),
-                     ("fused+offload", True, "none", -1, auto, {"offload": True})]
+                     ("fused+offload", True, "none", -1, auto, {"offload": True}),
+                     ("fp8: fused", True, "none", -1, auto, {"fp8": True})]
+    if args.only:
+        variants = [v for v in variants if any(f in v[0] for f in args.only.split(","))]
     for dropout in (0.0, 0.05):
         refs = {}
         for kind in ("fixed", "seeded"):
@@ -202,10 +249,11 @@ def main():
             if name.startswith("noise"):  # the bound: the larger of the fixed one and 1.5x this yardstick
                 tol_loss, tol_grad = max(TOL_LOSS, 1.5 * dl), max(TOL_GRAD, 1.5 * worst)
                 verdict = f"-> bounds: loss {tol_loss:.1e}, grad {tol_grad:.1e}"
-            else:
-                ok = dl <= tol_loss and worst <= tol_grad
+            else:  # FP8 is a different computation: its own (sanity) bounds, its deviation reported
+                bl, bg = (FP8_LOSS, FP8_GRAD) if opts.get("fp8") else (tol_loss, tol_grad)
+                ok = dl <= bl and worst <= bg
                 failed += not ok
-                verdict = "PASS" if ok else "FAIL"
+                verdict = ("PASS" if ok else "FAIL") + (f" (fp8 bounds {bl:.0e}, {bg:.2f})" if opts.get("fp8") else "")
             print(f"  {name:<26} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  {verdict}  "
                   f"[{desc}]", flush=True)
     print("all PASS" if not failed else f"{failed} FAIL")

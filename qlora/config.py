@@ -46,6 +46,8 @@ class Config:
     cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/cuda_graphs.py):
     # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
     offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned host memory (long rows)
+    base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
+    # (qlora/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     # --- LoRA ---
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 64.0  # scale = alpha / r

@@ -21,10 +21,12 @@ import types
 
 import torch
 
+from . import fp8 as fp8_gemm
 from . import seeded_dropout
 
 FUSED_ATTR = "_qlora_fused"
 ABSMAX_ATTR = "_qlora_cache_absmax"
+FP8_ATTR = "_qlora_base_fp8"
 SEED_ATTR = "_qlora_dropout_seed"
 SALT_ATTR = "_qlora_dropout_salt"
 
@@ -39,9 +41,9 @@ def undrop(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1.0 - p))
 
 
-def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
-    """The 4-bit weight in its compute dtype. With double quant the fp32 block scales are themselves
-    dequantised first (two more kernels and bitsandbytes' Python per call); `cache_absmax` keeps them
+def block_absmax(weight, cache_absmax: bool) -> torch.Tensor:
+    """The 4-bit weight's per-block scales in fp32. With double quant they are themselves quantised and
+    are dequantised first (two more kernels and bitsandbytes' Python per call); `cache_absmax` keeps them
     on the weight after the first call (+4 bytes per 64 weights: 0.4 GiB for a 7B model)."""
     qs = weight.quant_state
     absmax = getattr(weight, "_qlora_absmax", None)
@@ -53,24 +55,34 @@ def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
             absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
         if cache_absmax:
             weight._qlora_absmax = absmax
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type,
-                                                          qs.shape, qs.dtype)
+    return absmax
+
+
+def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
+    """The 4-bit weight in its compute dtype."""
+    qs = weight.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, block_absmax(weight, cache_absmax),
+                                                          qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
 
 
 class NF4LoRAFunction(torch.autograd.Function):
     """y = x dequant(W4)^T + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only.
 
     Dropout is torch's (a stored one-byte mask) or, when `seed` is given, `qlora.seeded_dropout`'s
-    (the mask recomputed from seed, salt and element index: nothing stored, no RNG state)."""
+    (the mask recomputed from seed, salt and element index: nothing stored, no RNG state). With `fp8`
+    the two GEMMs with the frozen weight run in float8 (qlora/fp8.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
-                salt: int = 0):
+                salt: int = 0, fp8: bool = False):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         seeded = p > 0 and seed is not None
         with torch.autocast(x.device.type, enabled=False):
-            y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
+            if fp8:
+                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax)).to(dtype)
+            else:
+                y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
             if seeded:
                 xd, keep = seeded_dropout.apply(x2, seed, salt, p), None
             else:
@@ -82,8 +94,8 @@ class NF4LoRAFunction(torch.autograd.Function):
         # the seed is saved (not copied): TokenLoss advances it only at the next micro-batch's forward,
         # after this backward; autograd's version check would catch any other order
         ctx.save_for_backward(x2, h, keep if keep is not None else seed)
-        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt = \
-            weight, scale, p, cache_absmax, seeded, salt
+        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt, ctx.fp8 = \
+            weight, scale, p, cache_absmax, seeded, salt, fp8
         ctx.ab = (a, b)  # the compute-dtype copies (r x (in + out), small): no second cast in backward
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -108,10 +120,14 @@ class NF4LoRAFunction(torch.autograd.Function):
                 lora_dx = gh @ a
                 if redrop:
                     lora_dx = redrop(lora_dx)
-                dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
+                if ctx.fp8:
+                    dx = fp8_gemm.grad_input(g, ctx.weight, block_absmax(ctx.weight, ctx.cache_absmax))
+                    dx = dx.to(dtype).add_(lora_dx)
+                else:
+                    dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -140,15 +156,17 @@ def _fused_forward(self, x, *args, **kwargs):
         dtype = torch.get_autocast_dtype(x.device.type)
     y = NF4LoRAFunction.apply(x.to(dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
                               float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
-                              getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0))
+                              getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0),
+                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight))
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
-def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None) -> int:
+def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None,
+              base_fp8: bool = False) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
     forward, so the module tree, state dict and saved adapters are untouched). With `dropout_seed`
-    (`qlora.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt.
-    Returns how many."""
+    (`qlora.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt;
+    with `base_fp8` the frozen weight's GEMMs run in float8 (qlora/fp8.py). Returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes: nothing 4-bit to fuse
@@ -161,6 +179,7 @@ def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | No
             setattr(module, ABSMAX_ATTR, cache_absmax)
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
+            setattr(module, FP8_ATTR, base_fp8)
             n += 1
     return n
 

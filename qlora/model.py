@@ -82,13 +82,15 @@ def decoder_layers(model) -> list:
 def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
     from qlora.kernels import LIGER_ATTR
-    from qlora.lora_fused import FUSED_ATTR, dropout_seed
+    from qlora.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed
 
     blocks = decoder_layers(model)
     ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
     liger = sum(bool(getattr(m, LIGER_ATTR, False)) for m in model.modules())
     seeded = ", seeded LoRA dropout" if dropout_seed(model) is not None else ""
+    fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
+    seeded += f", FP8 base GEMMs in {fp8}" if fp8 else ""
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{seeded}, "
             f"liger kernels {f'on ({liger} modules)' if liger else 'off'}")
 
@@ -131,7 +133,7 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
         enable_checkpointing(model, cfg.checkpoint_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
                              offload=cfg.offload_checkpoints)
     if fused:
-        fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None)
+        fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             from qlora.fsdp import fuse_on_gathered_weights
             fuse_on_gathered_weights(model)

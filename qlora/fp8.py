@@ -1,0 +1,200 @@
+"""FP8 GEMMs for the frozen 4-bit base path (config key `base_fp8`; opt-in, Ada and Hopper GPUs).
+
+In the fused NF4+LoRA node (qlora/lora_fused.py) two GEMMs per linear touch the frozen weight W:
+y = x W^T in forward and dx = g W in backward, two thirds of a LoRA step's FLOPs. With `base_fp8` both
+run as float8 e4m3 GEMMs (`torch._scaled_mm`: twice bf16's tensor-core rate on Hopper) with one scale
+per row of each operand, the output in bf16:
+
+  forward   y  = (x / sx) (W / sw)^T  * sx sw^T       sx: one per token, sw: one per output feature
+  backward  dx = (g / sg) (W^T / sv)^T * sg sv^T      sg: one per token, sv: one per input feature
+
+The weight goes from its 4-bit codes straight to e4m3 in one kernel (one byte written per weight, not
+bf16's two), for backward written transposed: Hopper's fp8 GEMM wants both operands contiguous along the
+summed dimension. Its scales cost nothing: an NF4 (or FP4) block holds its absmax exactly (the codebook
+spans [-1, 1]), so a row's largest |w| is the largest absmax of its blocks, and a column's is at most the
+largest absmax of the blocks that cover it. Activations and gradients are scaled per token (one kernel:
+amax, divide, cast). The LoRA path and everything outside the node stay in the compute dtype.
+
+The cost is precision: e4m3 keeps 3 mantissa bits (<= 6.25% relative rounding per operand element, ~2%
+RMS), added to the NF4 weight's own quantisation error. RESULTS.md reports the loss deviation next to
+the speed. On CPU the same arithmetic runs as torch ops (torch's CPU `_scaled_mm`), which the tests
+check; on CUDA Triton kernels quantise, and benchmarks/check_fast_path_cuda.py compares them with the
+torch ops bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TINY = 1e-12  # an all-zero row gets this amax, so its scale is not 0 (its values stay 0)
+SCALES_ATTR = "_qlora_fp8_scales"
+
+
+def check(cfg, device: torch.device) -> None:
+    """Refuse `base_fp8: true` where it cannot work, naming what to change."""
+    if not getattr(cfg, "base_fp8", False):
+        return
+    from .config import ConfigError
+
+    why = None
+    if not cfg.fused_lora:
+        why = "fused_lora true (the FP8 GEMMs live in the fused NF4+LoRA node)"
+    elif cfg.quant not in ("nf4", "fp4"):
+        why = "a 4-bit base (quant nf4 or fp4): it replaces the 4-bit weight's dequantise-and-multiply"
+    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        why = (f"a GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+               f"{torch.cuda.get_device_name(device)} is {cap}")
+    elif device.type not in ("cuda", "cpu"):
+        why = f"a CUDA GPU or the CPU, not {device.type}"
+    if why:
+        raise ConfigError(f"config key 'base_fp8' needs {why}; set --base_fp8 false or change that")
+
+
+def usable(weight) -> bool:
+    """Whether this 4-bit weight's GEMMs can run in FP8 (`_scaled_mm` wants both sizes divisible by 16)."""
+    n, k = weight.quant_state.shape
+    return n % 16 == 0 and k % 16 == 0
+
+
+def weight_scales(weight, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per output feature, per input feature) dequantisation scales of a frozen 4-bit weight, from its
+    block absmax (fp32); kept on the weight after the first call (the weight never changes)."""
+    cached = getattr(weight, SCALES_ATTR, None)
+    if cached is not None:
+        return cached
+    qs = weight.quant_state
+    n, k = qs.shape
+    bs = qs.blocksize
+    if k % bs == 0:  # blocks never straddle rows: the bounds come from absmax alone
+        blocks = absmax.float().view(n, k // bs)
+        rows, cols = blocks.amax(1), blocks.amax(0).repeat_interleave(bs)
+    else:
+        w = _dequantize_f32(weight, absmax).abs()
+        rows, cols = w.amax(1), w.amax(0)
+    scales = (rows.clamp(min=TINY) / E4M3_MAX, cols.clamp(min=TINY) / E4M3_MAX)
+    setattr(weight, SCALES_ATTR, scales)
+    return scales
+
+
+def _dequantize_f32(weight, absmax: torch.Tensor) -> torch.Tensor:
+    qs = weight.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type,
+                                                          qs.shape, torch.float32)
+
+
+def quantize_weight(weight, absmax: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit weight as e4m3 with one scale per row: (W / sw, sw) of shape (out, in), or with
+    `transpose` (W^T / sv, sv) of shape (in, out), each contiguous."""
+    rows, cols = weight_scales(weight, absmax)
+    scale = cols if transpose else rows
+    if weight.is_cuda and _kernels_ok():
+        return _weight_triton(weight, absmax, scale, transpose), scale
+    w = _dequantize_f32(weight, absmax)
+    if transpose:
+        w = w.t()
+    return _to_e4m3(w / scale[:, None]).contiguous(), scale
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / s, s) for a 2-D tensor, s = max |row| / 448 per row (fp32), the quotient in e4m3."""
+    if t.is_cuda and _kernels_ok() and t.stride(-1) == 1:
+        return _rows_triton(t)
+    scale = t.abs().amax(dim=1).float().clamp(min=TINY) / E4M3_MAX
+    return _to_e4m3(t.float() / scale[:, None]), scale
+
+
+def _to_e4m3(t: torch.Tensor) -> torch.Tensor:
+    # the quotients are <= 448 up to rounding; a cast above 448 would give NaN (e4m3fn has no inf)
+    return t.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def scaled_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """(a8 * sa) @ (b8 * sb)^T in bf16, for e4m3 a8 (M, K) and b8 (N, K) with per-row scales."""
+    return torch._scaled_mm(a8, b8.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1), out_dtype=torch.bfloat16)
+
+
+def linear(x2: torch.Tensor, weight, absmax: torch.Tensor) -> torch.Tensor:
+    """x2 W^T for a (tokens, in) input and a frozen 4-bit weight, as one FP8 GEMM (bf16 out)."""
+    x8, sx = quantize_rows(x2)
+    w8, sw = quantize_weight(weight, absmax, transpose=False)
+    return scaled_mm(x8, sx, w8, sw)
+
+
+def grad_input(g: torch.Tensor, weight, absmax: torch.Tensor) -> torch.Tensor:
+    """g W for a (tokens, out) output gradient: the input gradient of `linear`, as one FP8 GEMM."""
+    g8, sg = quantize_rows(g)
+    wt8, sv = quantize_weight(weight, absmax, transpose=True)
+    return scaled_mm(g8, sg, wt8, sv)
+
+
+# --------------------------------------------------------------------------- the CUDA kernels
+
+try:  # Triton resolves a kernel's helpers from module globals, so the kernels sit at module level
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or Triton without a usable GPU driver
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < K
+        x = tl.load(x_ptr + row * stride + offs, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
+        tl.store(out_ptr + row * K + offs, y.to(tl.float8e4nv), mask=inside)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _weight_kernel(q_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, N, K, BS: tl.constexpr,
+                       TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        inside = (n[:, None] < N) & (k[None, :] < K)
+        flat = n[:, None].to(tl.int64) * K + k[None, :]
+        byte = tl.load(q_ptr + flat // 2, mask=inside, other=0).to(tl.int32)
+        code = tl.where(flat % 2 == 0, byte >> 4, byte & 15)  # two codes per byte, the first in the high half
+        w = tl.load(code_ptr + code) * tl.load(absmax_ptr + flat // BS, mask=inside, other=0.0)
+        if TRANSPOSE:
+            s = tl.load(scale_ptr + k, mask=k < K, other=1.0)
+            y = tl.div_rn(w, s[None, :])
+            dest = k[None, :].to(tl.int64) * N + n[:, None]
+        else:
+            s = tl.load(scale_ptr + n, mask=n < N, other=1.0)
+            y = tl.div_rn(w, s[:, None])
+            dest = flat
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        tl.store(out_ptr + dest, y.to(tl.float8e4nv), mask=inside)
+
+
+def _kernels_ok() -> bool:
+    return triton is not None
+
+
+def _rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = t.shape
+    out = torch.empty((m, k), dtype=E4M3, device=t.device)
+    scale = torch.empty(m, dtype=torch.float32, device=t.device)
+    block = triton.next_power_of_2(k)
+    _rows_kernel[(m,)](t, out, scale, k, t.stride(0), BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+    return out, scale
+
+
+def _weight_triton(weight, absmax: torch.Tensor, scale: torch.Tensor, transpose: bool) -> torch.Tensor:
+    qs = weight.quant_state
+    n, k = qs.shape
+    code = getattr(qs, "_qlora_code_f32", None)
+    if code is None or code.device != weight.device:
+        code = qs.code.to(weight.device, torch.float32)
+        qs._qlora_code_f32 = code
+    q = weight.data.view(torch.uint8).reshape(-1)  # FSDP keeps the packed bytes in a float dtype
+    out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=weight.device)
+    bn, bk = 64, 128
+    _weight_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, absmax, code, scale, out, n, k, BS=qs.blocksize,
+                                                            TRANSPOSE=transpose, BN=bn, BK=bk)
+    return out
