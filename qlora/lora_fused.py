@@ -162,24 +162,25 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None,
-              base_fp8: bool = False) -> int:
+              base_fp8: bool = False, fp8_exclude=()) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
     forward, so the module tree, state dict and saved adapters are untouched). With `dropout_seed`
     (`qlora.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt;
-    with `base_fp8` the frozen weight's GEMMs run in float8 (qlora/fp8.py). Returns how many."""
+    with `base_fp8` the frozen weight's GEMMs run in float8 (qlora/fp8.py), except in modules whose
+    name ends in one of `fp8_exclude`. Returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes: nothing 4-bit to fuse
         return 0
     n = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, Linear4bit) and not getattr(module, FUSED_ATTR, False):
             module.forward = types.MethodType(_fused_forward, module)
             setattr(module, FUSED_ATTR, True)
             setattr(module, ABSMAX_ATTR, cache_absmax)
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
-            setattr(module, FP8_ATTR, base_fp8)
+            setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude)
             n += 1
     return n
 

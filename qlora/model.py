@@ -133,7 +133,8 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
         enable_checkpointing(model, cfg.checkpoint_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
                              offload=cfg.offload_checkpoints)
     if fused:
-        fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8)
+        fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
+                  cfg.fp8_exclude)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             from qlora.fsdp import fuse_on_gathered_weights
             fuse_on_gathered_weights(model)
