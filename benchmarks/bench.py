@@ -74,7 +74,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from qlora import attention
+    from qlora import attention, fp8
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
@@ -94,6 +94,7 @@ def run_ours(spec: dict, rec: dict) -> None:
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
+    fp8.check(cfg, device)  # as train.py's setup
     set_seed(cfg.seed)
     probe = common.Probe(device)
     rec.update(impl="ours", **common.env_info(device), mixed_precision=accelerator.mixed_precision)

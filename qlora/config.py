@@ -49,7 +49,7 @@ class Config:
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
     # (qlora/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:
-    # down_proj reads the SwiGLU output, whose outlier channels cost the most precision in e4m3
+    # down_proj (reads the SwiGLU output) alone raised the loss most consistently (benchmarks/fp8_precision.py)
     # --- LoRA ---
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 64.0  # scale = alpha / r
@@ -337,8 +337,10 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
             fail(key, "is empty")
     if not cfg.lora_targets:
         fail("lora_targets", "is empty: name at least one module, e.g. --lora_targets q_proj,v_proj")
+    # a typo on the command line would silently put that projection in FP8; a saved config (every key
+    # written, the default exclusion included) must load back whatever its lora_targets
     stray = [m for m in cfg.fp8_exclude if m not in cfg.lora_targets]
-    if stray and "fp8_exclude" in (sources or {}):  # a typo would silently put that projection in FP8
+    if stray and cfg.base_fp8 and (sources or {}).get("fp8_exclude") == "the command line":
         fail("fp8_exclude", f"names {', '.join(stray)}, not among lora_targets ({', '.join(cfg.lora_targets)})")
     if not cfg.datasets:
         fail("datasets", "is empty: name at least one source, e.g. --datasets builtin:sql")

@@ -24,6 +24,8 @@ torch ops bit for bit.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -44,14 +46,31 @@ def check(cfg, device: torch.device) -> None:
         why = "fused_lora true (the FP8 GEMMs live in the fused NF4+LoRA node)"
     elif cfg.quant not in ("nf4", "fp4"):
         why = "a 4-bit base (quant nf4 or fp4): it replaces the 4-bit weight's dequantise-and-multiply"
+    elif device.type == "cuda" and torch.version.hip:
+        why = "an NVIDIA GPU (ROCm's FP8 types are the fnuz kind, not e4m3fn)"
     elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
         why = (f"a GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
                f"{torch.cuda.get_device_name(device)} is {cap}")
     elif device.type not in ("cuda", "cpu"):
         why = f"a CUDA GPU or the CPU, not {device.type}"
+    elif device.type == "cuda":
+        why = _probe(device)
     if why:
         raise ConfigError(f"config key 'base_fp8' needs {why}; set --base_fp8 false or change that")
+
+
+def _probe(device: torch.device) -> str | None:
+    """None if this GPU and torch build run what `base_fp8` needs (a per-row scaled e4m3 GEMM, and the
+    Triton quantiser where Triton is present), else why not: measured on Hopper only, refused early."""
+    try:
+        t = torch.ones(16, 32, device=device, dtype=torch.bfloat16)
+        t8, s = quantize_rows(t)
+        scaled_mm(t8, s, t8[:16], s[:16])
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any failure means: not on this GPU/build
+        return f"per-row scaled FP8 GEMMs, which fail here ({type(e).__name__}: {str(e)[:160]})"
+    return None
 
 
 def usable(weight) -> bool:
@@ -112,7 +131,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows` as torch ops (the CPU path, and the reference for the kernel)."""
     scale = t.abs().amax(dim=1).float().clamp(min=TINY) * INV_MAX
-    return _to_e4m3(t.float() * scale.reciprocal()[:, None]), scale
+    return _to_e4m3(t.float() * scale.reciprocal()[:, None]).contiguous(), scale
 
 
 def _to_e4m3(t: torch.Tensor) -> torch.Tensor:
@@ -126,26 +145,31 @@ def scaled_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Te
     return torch._scaled_mm(a8, b8.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1), out_dtype=torch.bfloat16)
 
 
-_last_input: list = [None]  # (the input tensor, its version, its e4m3 form): q/k/v and gate/up share an input
+_last_input: list = [None]  # (weakref to the input, its version and shape, its e4m3 form)
 
 
-def quantize_input(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` of a linear's input, reused while the next linear reads the very same tensor (q, k
-    and v read one; gate and up another). The cached tensor is held, so its memory cannot be reused by
-    another tensor meanwhile; an in-place change bumps its version and misses."""
+def quantize_input(x2: torch.Tensor, owner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of a linear's input `x2` (a 2-D view of `owner`, the tensor the linear was called
+    with), reused while the next linear reads the very same tensor: q, k and v read one, gate and up
+    another. Only a weak reference to `owner` is kept (it lives no longer for this), so a live reference
+    means the same memory; an in-place change bumps its version and misses. At most one quantised input
+    outlives its tensor, until the next call replaces it."""
+    owner = x2 if owner is None else owner
+    if owner.is_inference():  # inference tensors have no version counter
+        return quantize_rows(x2)
     last = _last_input[0]
-    if (last is not None and last[0].untyped_storage().data_ptr() == x2.untyped_storage().data_ptr()
-            and last[0].storage_offset() == x2.storage_offset() and last[0].shape == x2.shape
-            and last[0].stride() == x2.stride() and last[0].dtype == x2.dtype and last[1] == x2._version):
+    key = (owner._version, x2.shape, x2.stride(), x2.storage_offset())
+    if last is not None and last[0]() is owner and last[1] == key:
         return last[2]
     out = quantize_rows(x2)
-    _last_input[0] = (x2, x2._version, out)
+    _last_input[0] = (weakref.ref(owner), key, out)
     return out
 
 
-def linear(x2: torch.Tensor, weight, absmax: torch.Tensor) -> torch.Tensor:
-    """x2 W^T for a (tokens, in) input and a frozen 4-bit weight, as one FP8 GEMM (bf16 out)."""
-    x8, sx = quantize_input(x2)
+def linear(x2: torch.Tensor, weight, absmax: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 W^T for a (tokens, in) input and a frozen 4-bit weight, as one FP8 GEMM (bf16 out); `owner`: the
+    tensor x2 is a view of (see `quantize_input`)."""
+    x8, sx = quantize_input(x2, owner)
     w8, sw = quantize_weight(weight, absmax, transpose=False)
     return scaled_mm(x8, sx, w8, sw)
 
@@ -180,7 +204,9 @@ if triton is not None:
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride + offs, mask=offs < K, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(x * rcp, -448.0), 448.0)
+            # a NaN stays NaN (the loop's non-finite check must see it), as in the torch path
+            y = tl.minimum(tl.maximum(x * rcp, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                           propagate_nan=tl.PropagateNan.ALL)
             tl.store(out_ptr + row * K + offs, y.to(tl.float8e4nv), mask=offs < K)
         tl.store(scale_ptr + row, scale)
 
@@ -227,8 +253,9 @@ def _rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, scale
 
 
-# rows, columns, warps of the weight kernel's tile, as W and as W^T: the fastest of seven on an H200
-# (benchmarks/fp8_probe.py, results/2026-11-28-fp8/fp8_probe.json), 15-55% faster than (64, 128, 4)
+# rows, columns, warps of the weight kernel's tile, as W and as W^T: of seven tiles timed on an H200
+# (benchmarks/fp8_probe.py, results/2026-11-28-fp8/fp8_probe.json), the best over the three Llama shapes
+# together (per shape within 5% of the best), 15-55% faster than (64, 128, 4)
 TILE, TILE_T = (64, 64, 4), (32, 256, 4)
 
 

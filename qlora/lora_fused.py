@@ -80,7 +80,7 @@ class NF4LoRAFunction(torch.autograd.Function):
         seeded = p > 0 and seed is not None
         with torch.autocast(x.device.type, enabled=False):
             if fp8:
-                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax)).to(dtype)
+                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
             else:
                 y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
             if seeded:
@@ -180,7 +180,9 @@ def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | No
             setattr(module, ABSMAX_ATTR, cache_absmax)
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
-            setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude)
+            qs = getattr(module.get_base_layer().weight, "quant_state", None)  # None: FSDP sets it later
+            setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude
+                    and (qs is None or fp8_gemm.usable(module.get_base_layer().weight)))
             n += 1
     return n
 
