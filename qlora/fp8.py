@@ -212,16 +212,29 @@ if triton is not None:
 
     @triton.jit
     def _weight_kernel(q_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, N, K, BS: tl.constexpr,
-                       TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # a BN x BK tile of W from BN x BK/2 packed bytes (two codes per byte, the first in the high half)
+                       TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKED: tl.constexpr,
+                       WIDE: tl.constexpr):
+        # a BN x BK tile of W from BN x BK/2 packed bytes (two codes per byte, the first in the high half).
+        # BLOCKED: the tile spans whole scale blocks, so their absmax is loaded once per block, not per byte;
+        # WIDE: offsets need 64 bits (N * K >= 2**31)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)  # byte column within a row
+        if WIDE:
+            n = n.to(tl.int64)
         inside = (n[:, None] < N) & (kb[None, :] < K // 2)
-        row = n[:, None].to(tl.int64) * (K // 2)
+        row = n[:, None] * (K // 2)
         byte = tl.load(q_ptr + row + kb[None, :], mask=inside, other=0).to(tl.int32)
-        absmax = tl.load(absmax_ptr + (row * 2 + kb[None, :] * 2) // BS, mask=inside, other=0.0)
-        hi = tl.load(code_ptr + (byte >> 4)) * absmax
-        lo = tl.load(code_ptr + (byte & 15)) * absmax
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 15))
+        if BLOCKED:
+            blk = tl.program_id(1) * (BK // BS) + tl.arange(0, BK // BS)
+            am = tl.load(absmax_ptr + n[:, None] * (K // BS) + blk[None, :],
+                         mask=(n[:, None] < N) & (blk[None, :] < K // BS), other=0.0)[:, :, None]
+            hi = tl.reshape(tl.reshape(hi, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
+            lo = tl.reshape(tl.reshape(lo, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
+        else:
+            absmax = tl.load(absmax_ptr + (row * 2 + kb[None, :] * 2) // BS, mask=inside, other=0.0)
+            hi, lo = hi * absmax, lo * absmax
         if TRANSPOSE:  # W^T: one scale per input feature (column of W), stored (K, N)
             r_hi = tl.div_rn(1.0, tl.load(scale_ptr + kb * 2, mask=kb < K // 2, other=1.0))
             r_lo = tl.div_rn(1.0, tl.load(scale_ptr + kb * 2 + 1, mask=kb < K // 2, other=1.0))
@@ -234,10 +247,12 @@ if triton is not None:
         w = tl.reshape(tl.join(hi, lo), (BN, BK))  # codes back in element order
         k = tl.program_id(1) * BK + tl.arange(0, BK)
         ok = (n[:, None] < N) & (k[None, :] < K)
+        if WIDE:
+            k = k.to(tl.int64)
         if TRANSPOSE:
-            tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], tl.trans(w), mask=tl.trans(ok))
+            tl.store(out_ptr + k[:, None] * N + n[None, :], tl.trans(w), mask=tl.trans(ok))
         else:
-            tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w, mask=ok)
+            tl.store(out_ptr + n[:, None] * K + k[None, :], w, mask=ok)
 
 
 def _kernels_ok() -> bool:
@@ -254,8 +269,8 @@ def _rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # rows, columns, warps of the weight kernel's tile, as W and as W^T: of seven tiles timed on an H200
-# (benchmarks/fp8_probe.py, results/2026-11-28-fp8/fp8_probe.json), the best over the three Llama shapes
-# together (per shape within 5% of the best), 15-55% faster than (64, 128, 4)
+# (benchmarks/fp8_probe.py, results/2026-11-28-fp8/blocked/fp8_probe.json), (32, 256) is the fastest
+# transposed tile on all three Llama shapes; for W most tiles are within 10% of each other
 TILE, TILE_T = (64, 64, 4), (32, 256, 4)
 
 
@@ -269,6 +284,9 @@ def _weight_triton(weight, absmax: torch.Tensor, scale: torch.Tensor, transpose:
     q = weight.data.view(torch.uint8).reshape(-1)  # FSDP keeps the packed bytes in a float dtype
     out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=weight.device)
     bn, bk, warps = tile or (TILE_T if transpose else TILE)
-    _weight_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, absmax, code, scale, out, n, k, BS=qs.blocksize,
-                                                            TRANSPOSE=transpose, BN=bn, BK=bk, num_warps=warps)
+    bs = qs.blocksize
+    _weight_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, absmax, code, scale, out, n, k, BS=bs,
+                                                            TRANSPOSE=transpose, BN=bn, BK=bk,
+                                                            BLOCKED=k % bs == 0 and bk % bs == 0,
+                                                            WIDE=n * k >= 2 ** 31, num_warps=warps)
     return out

@@ -19,3 +19,11 @@ $B --tag F2 --micro_batch 4 --accum 2 --ckpt_layers=22 --seeded on --graphs on -
 #   $B --tag F1 --micro_batch 2 --accum 4 --ckpt_layers=5 --seeded on --graphs on --fp8 off,on
 # Call 7 (train/): bench.py --data guanaco --model random:llama2-7b:49152 (same setting, --fp8 on) and the
 #   train.py command in RESULTS.md "Round 4" (carry .gpusite .tok .gpudata).
+# Call 9 (blocked/check.txt, blocked/fp8_probe.json, blocked/bench_call9.jsonl), the final weight kernel:
+#   timeout 100 python3 benchmarks/check_fast_path_cuda.py --only "fp8: fused+liger" > $OUT/check.txt
+#   timeout 70 python3 benchmarks/fp8_probe.py --out $OUT
+#   $B --tag F0 --micro_batch 2 --accum 4 --ckpt_layers=4 --graphs on --lora_dropout 0 --fp8 on
+# Call 10 (blocked/bench.jsonl, blocked/bench.png), the headline rows of RESULTS.md "Round 4":
+#   B="python3 benchmarks/bench.py --out $OUT --timeout 70 --warmup 2 --steps 3 --no_plot --max_seq_len 2048"
+#   $B --tag F0 --micro_batch 2 --accum 4 --ckpt_layers=4 --graphs on --lora_dropout 0 --fp8 off,on
+#   $B --tag F1 --micro_batch 2 --accum 4 --ckpt_layers=5 --seeded on --graphs on --fp8 on
