@@ -181,14 +181,9 @@ def check_triton_fp8() -> int:
     if not fp8._kernels_ok():
         print("fp8: no Triton here, kernels not checked")
         return 0
-    import bitsandbytes.functional as bnbf
-
     failed = 0
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (192, 576)):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        weight = torch.nn.Parameter(q, requires_grad=False)
-        weight.quant_state = qs
+        weight = helpers.nf4_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         absmax = lora_fused.block_absmax(weight, True)
         for transpose in (False, True):
             got, scale = fp8.quantize_weight(weight, absmax, transpose)

@@ -74,4 +74,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from qlora.base_model import ModelLoadError
+    from qlora.config import ConfigError
+    from qlora.data import DataError
+
+    try:
+        main()
+    except (ConfigError, DataError, ModelLoadError) as e:  # bad input: one line, as train.py says it
+        sys.exit(f"error: {e}")

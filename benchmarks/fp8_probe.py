@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import nf4_weight  # noqa: E402  (tests/helpers.py)
 from qlora import fp8  # noqa: E402
 from qlora.lora_fused import block_absmax, dequantize  # noqa: E402
 
@@ -48,17 +50,6 @@ def timed(fn, reps: int = 20, warm: int = 3, per_graph: int = 10) -> float:
     return statistics.median(times)
 
 
-def nf4_weight(n: int, k: int):
-    import bitsandbytes.functional as bnbf
-
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True, quant_storage=torch.uint8)
-    qs.dtype = torch.bfloat16
-    weight = torch.nn.Parameter(q, requires_grad=False)
-    weight.quant_state = qs
-    return weight
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="")
@@ -67,7 +58,7 @@ def main():
     m = args.tokens
     rows = []
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
-        weight = nf4_weight(n, k)
+        weight = nf4_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         absmax = block_absmax(weight, True)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

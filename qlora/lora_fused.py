@@ -180,9 +180,9 @@ def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | No
             setattr(module, ABSMAX_ATTR, cache_absmax)
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
-            qs = getattr(module.get_base_layer().weight, "quant_state", None)  # None: FSDP sets it later
+            weight = module.get_base_layer().weight  # no quant_state yet under FSDP: checked per call then
             setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude
-                    and (qs is None or fp8_gemm.usable(module.get_base_layer().weight)))
+                    and (getattr(weight, "quant_state", None) is None or fp8_gemm.usable(weight)))
             n += 1
     return n
 

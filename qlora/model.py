@@ -88,10 +88,10 @@ def describe_speedups(model) -> str:
     ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
     liger = sum(bool(getattr(m, LIGER_ATTR, False)) for m in model.modules())
-    seeded = ", seeded LoRA dropout" if dropout_seed(model) is not None else ""
     fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
-    seeded += f", FP8 base GEMMs in {fp8}" if fp8 else ""
-    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{seeded}, "
+    extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
+        (f", FP8 base GEMMs in {fp8}" if fp8 else "")
+    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
             f"liger kernels {f'on ({liger} modules)' if liger else 'off'}")
 
 

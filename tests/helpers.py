@@ -1,6 +1,7 @@
-"""Test helpers shared by several test files (and benchmarks/check_fast_path_cuda.py): LoRA weights
-with values, the gradients a window of micro-batches gives, and a fixed dropout mask that the fused node
-and peft's dropout module can both draw, so the two paths compare with dropout on."""
+"""Test helpers shared by several test files (and benchmarks/check_fast_path_cuda.py, fp8_probe.py): LoRA
+weights with values, the gradients a window of micro-batches gives, a fixed dropout mask that the fused
+node and peft's dropout module can both draw, so the two paths compare with dropout on, and a 4-bit weight
+built from a tensor."""
 
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ class FixedMaskDropout(torch.nn.Module):
 
     def forward(self, x):
         return fixed_mask_dropout(x, self.p)[0]
+
+
+def nf4_weight(w: torch.Tensor) -> torch.nn.Parameter:
+    """`w` as the frozen 4-bit weight a bitsandbytes Linear4bit holds: NF4, double quant, blocks of 64, on
+    w's device, its quant_state attached."""
+    import bitsandbytes.functional as bnbf
+
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    weight = torch.nn.Parameter(q, requires_grad=False)
+    weight.quant_state = qs
+    return weight

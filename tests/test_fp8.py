@@ -12,6 +12,7 @@ import torch
 from qlora import fp8, lora_fused
 from qlora.config import ConfigError
 
+import helpers
 from conftest import tiny_cfg
 
 HALF_ULP = 2.0 ** -4  # e4m3: 3 mantissa bits, so rounding moves a normal value by at most 1/16 of it
@@ -19,12 +20,8 @@ SUBNORMAL_HALF_STEP = 2.0 ** -10  # below 2^-6 the spacing is 2^-9 (in units of 
 
 
 def nf4_weight(n: int, k: int, seed: int = 0):
-    import bitsandbytes.functional as bnbf
-
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
-    q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    weight = torch.nn.Parameter(q, requires_grad=False)
-    weight.quant_state = qs
+    """(4-bit weight, its fp32 block scales, its fp32 dequantisation)."""
+    weight = helpers.nf4_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02)
     absmax = lora_fused.block_absmax(weight, True)
     return weight, absmax, fp8._dequantize_f32(weight, absmax)
 
