@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .filecheck import safetensors_shapes
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +45,71 @@ RANDOM_SHAPES = {
 
 class ModelLoadError(RuntimeError):
     """The model source cannot be loaded; the message says which source and what to do."""
+
+# --------------------------------------------------------------------------- whole files before loading
+
+def read_json(file: Path, what: str) -> dict:
+    """A JSON object from `file`; a missing or unreadable file is one ModelLoadError ending in `what` to do."""
+    if not file.is_file():
+        raise ModelLoadError(f"{file} is missing: {what}")
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({str(e).splitlines()[0]}): {what}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} is not a JSON object: {what}")
+    return data
+
+
+def check_model_dir(path: str, shapes: dict[str, list[int]] | None = None) -> None:
+    """A model directory's (or hub snapshot's) weights: safetensors files only, every shard its index
+    names present, each file whole, and (given the shapes its config.json implies) every tensor of the
+    model present with its shape. Reads headers only."""
+    folder, again = Path(path), "copy or download the model again"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, again).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no weight_map: {again}")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise ModelLoadError(f"model directory {path} lacks {missing[0]}"
+                                 f"{f' and {len(missing) - 1} more shards' if len(missing) > 1 else ''}, "
+                                 f"named by {index.name}: {again}")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        raise ModelLoadError(f"model directory {path} has no .safetensors weights" + (
+            f" ({pickles[0]} is a pickle; only safetensors are loaded: re-save it with save_pretrained)"
+            if pickles else f": {again}"))
+    saved = {}
+    for f in files:
+        try:
+            saved.update(safetensors_shapes(f))
+        except ValueError as e:
+            raise ModelLoadError(f"{f} {e}: {again}") from None
+    config = read_json(folder / "config.json", again)
+    if shapes is None or config.get("quantization_config"):
+        return  # pre-quantised weights are packed: their shapes are not the model's
+    if not set(shapes) & set(saved):
+        raise ModelLoadError(f"the weights in {path} hold none of the tensors its config.json describes "
+                             f"(e.g. {next(iter(shapes))}): {again}")
+    for name, shape in shapes.items():
+        if saved.get(name) != shape:
+            what = f"has shape {saved[name]}, config.json implies {shape}" if name in saved else "is missing"
+            raise ModelLoadError(f"model directory {path}: tensor {name} {what}; {again}")
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF file whose header and tensor table parse and whose tensors lie inside the file."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"GGUF file {path} cannot be read ({why}): it is truncated or not a GGUF file; "
+                             "copy or download it again") from None
 
 
 # --------------------------------------------------------------------------- sources
@@ -82,6 +148,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}"
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         return out_dir
+    check_gguf(gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -156,7 +223,19 @@ def local_folder(source: str, trust_remote_code: bool = False) -> Path:
                              "(huggingface-cli download) or pass a local directory") from None
 
 
+def _diagnose_snapshot(hub_id: str) -> None:
+    """After a failed load of a hub id: name the damaged or missing file of its cached snapshot, if any."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # not cached: the load's own message says more
+        return
+    check_model_dir(folder)
+
+
 def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
+    """`source` is a causal LM (its config says so) and, for a local directory, its weight files are whole."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -171,6 +250,8 @@ def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
         raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
                              "pass a decoder-only LM such as a Llama checkpoint")
+    if Path(source).is_dir():
+        check_model_dir(source)
 
 
 # --------------------------------------------------------------------------- loading
@@ -282,8 +363,12 @@ def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, 
                 bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except OSError as e:
-            raise ModelLoadError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
+        except Exception as e:  # a damaged cached snapshot raises safetensors' own error type
+            if not isinstance(e, (OSError, ValueError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+                raise
+            _diagnose_snapshot(source)
+            raise ModelLoadError(f"cannot load model '{cfg.model}': {(str(e).splitlines() or [type(e).__name__])[0]}"
+                                 ) from None
     guard_cpu_4bit_repack(model)  # an eval pass must never change what the model computes or trains
     model.requires_grad_(False)
     model.config.use_cache = False

@@ -6,6 +6,7 @@ can be written."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -16,10 +17,37 @@ from .config import ConfigError
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse for generate.py, qlora.evaluate and qlora.merge: a usage error is one `error:` line
-    (exit code 2), like every other bad input."""
+    """argparse for the project's command lines: a usage error is one `error:` line (exit code 2), like
+    every other bad input; each `--snake_case` flag is accepted as `--snake-case` too (train.py's
+    config keys are), and an unknown flag is answered with the nearest known one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = [self._snake(a) for a in (sys.argv[1:] if args is None else args)]
+        unknown = [a for a in args if a.startswith("--") and a != "--" and not self._known(a.partition("=")[0])]
+        if unknown:  # before argparse's own checks, which would name a missing required flag first
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(args, namespace)
+
+    def _known(self, flag: str) -> bool:
+        """`flag` names an option, exactly or as an unambiguous prefix (argparse's abbreviations)."""
+        return flag in self._option_string_actions or (self.allow_abbrev and len(
+            [f for f in self._option_string_actions if f.startswith(flag)]) == 1)
+
+    def _snake(self, arg: str) -> str:
+        """`--max-new-tokens[=v]` -> `--max_new_tokens[=v]` where only the underscore spelling is a flag."""
+        if not arg.startswith("--"):
+            return arg
+        name, eq, value = arg.partition("=")
+        snake = "--" + name[2:].replace("-", "_")
+        known = self._option_string_actions
+        return snake + eq + value if name not in known and snake in known else arg
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            first = message.removeprefix("unrecognized arguments: ").split()[0].partition("=")[0]
+            flags = [f for f in self._option_string_actions if f.startswith("--")]
+            near = difflib.get_close_matches(first.replace("-", "_"), flags, n=1, cutoff=0.6)
+            message += f"; did you mean {near[0]}?" if near else ""
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 

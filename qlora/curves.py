@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import ArgParser
+
 
 def read_log(path: str | Path) -> tuple[dict[int, dict], dict[int, float]]:
     """({step: train record}, {step: eval loss}) from a log.jsonl; unparseable lines (a run killed
@@ -81,7 +83,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python -m qlora.curves", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a run directory holding log.jsonl (or the log file itself)")
     ap.add_argument("--out", help="PNG to write (default RUN_DIR/curves.png)")
     args = ap.parse_args(argv)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .base_model import ModelLoadError, load_base_model, load_tokenizer, random_shape, resolve_source
+from .base_model import (ModelLoadError, check_model_dir, load_base_model, load_tokenizer, random_shape,
+                         read_json, resolve_source)
 from .config import Config, load_config
 from .filecheck import safetensors_shapes
 from .quant import linears_4bit, resolve_compute_dtype
@@ -69,18 +70,6 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
 
 # --------------------------------------------------------------------------- checks before loading
 
-def _read_json(file: Path, what: str) -> dict:
-    if not file.is_file():
-        raise ModelLoadError(f"{file} is missing: {what}")
-    try:
-        data = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{file} is not valid JSON ({str(e).splitlines()[0]}): {what}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file} is not a JSON object: {what}")
-    return data
-
-
 def inference_config(adapter: str | None, model: str | None = None, quant: str | None = None,
                      compute_dtype: str | None = None) -> tuple[Config, dict | None]:
     """(Config, the adapter's adapter_config.json or None) for `load_for_inference`; reads no weights."""
@@ -94,7 +83,7 @@ def inference_config(adapter: str | None, model: str | None = None, quant: str |
         if not (folder / "adapter_config.json").is_file():
             raise ModelLoadError(f"{folder / 'adapter_config.json'} is missing: {adapter} is not an adapter folder "
                                  "(train.py writes them to <output_dir>/final and <output_dir>/checkpoint-N)")
-        adapter_cfg = _read_json(folder / "adapter_config.json", "re-save the adapter with peft's save_pretrained")
+        adapter_cfg = read_json(folder / "adapter_config.json", "re-save the adapter with peft's save_pretrained")
         for key in ("r", "target_modules"):
             if key not in adapter_cfg:
                 raise ModelLoadError(f"{folder / 'adapter_config.json'} has no '{key}': not a LoRA adapter config")
@@ -179,34 +168,6 @@ def check_adapter(adapter: str, adapter_cfg: dict, shapes: dict[str, list[int]],
         found += 1
     if not found:
         raise ModelLoadError(f"{file} holds no LoRA tensors (lora_A/lora_B): not an adapter of this project")
-
-
-def check_model_dir(path: str, shapes: dict[str, list[int]] | None = None) -> None:
-    """A model directory's weights: safetensors files only, each whole, and (given the shapes its
-    config.json implies) every tensor of the model present with its shape."""
-    folder = Path(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        raise ModelLoadError(f"model directory {path} has no .safetensors weights" + (
-            f" ({pickles[0]} is a pickle; only safetensors are loaded: re-save it with save_pretrained)"
-            if pickles else ": copy or download the model again"))
-    saved = {}
-    for f in files:
-        try:
-            saved.update(safetensors_shapes(f))
-        except ValueError as e:
-            raise ModelLoadError(f"{f} {e}: copy or download the model again") from None
-    config = _read_json(folder / "config.json", "copy or download the model again")
-    if shapes is None or config.get("quantization_config"):
-        return  # pre-quantised weights are packed: their shapes are not the model's
-    if not set(shapes) & set(saved):
-        raise ModelLoadError(f"the weights in {path} hold none of the tensors its config.json describes "
-                             f"(e.g. {next(iter(shapes))}): copy or download the model again")
-    for name, shape in shapes.items():
-        if saved.get(name) != shape:
-            what = f"has shape {saved[name]}, config.json implies {shape}" if name in saved else "is missing"
-            raise ModelLoadError(f"model directory {path}: tensor {name} {what}; copy or download the model again")
 
 
 # --------------------------------------------------------------------------- dequantisation

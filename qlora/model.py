@@ -60,8 +60,9 @@ def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, off
     restores the RNG state for the recompute (needed only when the layer draws random numbers: torch's
     dropout); `offload` keeps the checkpointed inputs in host memory (qlora/offload.py). Returns how
     many layers recompute."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                       "preserve_rng_state": preserve_rng})
+    # transformers >= 5.24 names it activation checkpointing; the old name warns there
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False, "preserve_rng_state": preserve_rng})
     blocks = decoder_layers(model)
     keep = len(blocks) if layers < 0 else min(layers, len(blocks))
     for i, block in enumerate(blocks):

@@ -132,9 +132,12 @@ def test_generate_adapter_of_another_base(files):
     (["--adapter", "{adapter}", "--prompts_file", "{missing}"], ["--prompts_file", "does not exist"]),
     (["--adapter", "{adapter}"], ["no prompts: give --prompt"]),
     (["--adapter", "{adapter}", "--prompt", "hi", "--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
-    (["--adapter", "{adapter}", "--prompt", "hi", "--max-new-tokens", "4"], ["unrecognized arguments"]),
+    (["--adapter", "{adapter}", "--prompt", "hi", "--max-new-tokens", "0"], ["--max_new_tokens", ">= 1"]),
+    (["--adapter", "{adapter}", "--prompt", "hi", "--max-new-token", "4"],
+     ["unrecognized arguments: --max-new-token", "did you mean --max_new_tokens?"]),
+    (["--adapter", "{adapter}", "--prompt", "hi", "--max_new_token=4"], ["did you mean --max_new_tokens?"]),
 ], ids=["missing_adapter_dir", "adapter_is_a_file", "missing_prompts_file", "no_prompts", "zero_max_new_tokens",
-        "old_flag_style"])
+        "dash_spelling_is_the_same_flag", "misspelt_dash_flag", "misspelt_flag"])
 def test_generate_bad_arguments(files, tmp_path, args, needles):
     args = [a.format(missing=tmp_path / "nope", adapter=files / "adapter") for a in args]
     assert_one_error(call(generate.main, args), *needles)
@@ -180,6 +183,8 @@ def test_evaluate_bad_arguments(files, tmp_path):
         (["--adapter", adapter, "--out", str(tmp_path / "a_file" / "r.json")], ["--out", "cannot write in", "a file"]),
         (["--adapter", adapter, "--out", str(report.parent)], ["--out", "is a folder"]),
         (["--limit", "2"], ["give --adapter FOLDER or --model NAME"]),
+        (["--adapter", adapter, "--compute-dtype", "float64"], ["--compute_dtype", "invalid choice"]),
+        (["--adapter", adapter, "--computedtype", "float32"], ["did you mean --compute_dtype?"]),
         (["--model", "random:nosuchshape", "--limit", "2", "--out", str(report)], ["unknown random shape 'nosuchshape'"]),
     ]
     for args, needles in cases:
@@ -201,6 +206,9 @@ def test_merge_bad_input_changes_nothing(files, tmp_path):
         (["--adapter", str(quant_none), "--out", str(tmp_path / "m")], ["quant=none", "nothing to dequantise"]),
         (["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--dtype", "auto"], ["--dtype", "invalid choice"]),
         (["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--check_rows", "0"], ["--check_rows", ">= 1"]),
+        (["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--check-rows", "0"], ["--check_rows", ">= 1"]),
+        (["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--check-row", "2"],
+         ["did you mean --check_rows?"]),
         (["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--check_data", str(tmp_path / "x.jsonl")],
          ["data file", "not found"]),
         (["--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], ["adapter folder", "does not exist"]),

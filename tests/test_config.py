@@ -179,3 +179,11 @@ def test_dataset_specs_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="'lora_targets' from the command line: expected a list of module names"):
         load_config(["--lora_targets", "[1, 2]"])
     assert math.isclose(load_config(["--adam_betas", "0.8,0.95"]).adam_betas[1], 0.95)
+
+
+def test_dash_spelling_of_keys_is_accepted_and_corrected():
+    cfg = load_config(["--max-steps", "5", "--micro-batch-size=3", "--lora-targets", "q_proj"])
+    assert (cfg.max_steps, cfg.micro_batch_size, cfg.lora_targets) == (5, 3, ["q_proj"])
+    with pytest.raises(ConfigError) as e:
+        load_config(["--max-step", "5"])
+    assert "unknown config key 'max-step' in the command line; did you mean 'max_steps'?" in str(e.value)
