@@ -135,7 +135,7 @@ def test_generate_adapter_of_another_base(files):
     (["--adapter", "{adapter}", "--prompt", "hi", "--max-new-tokens", "0"], ["--max_new_tokens", ">= 1"]),
     (["--adapter", "{adapter}", "--prompt", "hi", "--max-new-token", "4"],
      ["unrecognized arguments: --max-new-token", "did you mean --max_new_tokens?"]),
-    (["--adapter", "{adapter}", "--prompt", "hi", "--max_new_token=4"], ["did you mean --max_new_tokens?"]),
+    (["--adapter", "{adapter}", "--prompt", "hi", "--max_new_tokns=4"], ["did you mean --max_new_tokens?"]),
 ], ids=["missing_adapter_dir", "adapter_is_a_file", "missing_prompts_file", "no_prompts", "zero_max_new_tokens",
         "dash_spelling_is_the_same_flag", "misspelt_dash_flag", "misspelt_flag"])
 def test_generate_bad_arguments(files, tmp_path, args, needles):
