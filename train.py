@@ -11,7 +11,7 @@ and checks every input before anything is written; `restore` continues a checkpo
 loop; `train_step` is one optimizer step (benchmarks/bench.py times this very function); `finish`
 saves the adapter. The usual edits each live in one place: the loss of a micro-batch in
 `micro_batch_loss`, the schedule in `qlora.optim.lr_at`, the optimizer in `qlora.optim.make_optimizer`,
-what an eval pass measures in `evaluate` (README, "Changing the loop").
+what an eval pass measures in `eval_loss` (README, "Changing the loop").
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from qlora.loss import TokenLoss, mean_token_loss
 from qlora.model import (ModelLoadError, count_parameters, describe_speedups, load_model, load_tokenizer,
                          model_vocab_size, resolve_compute_dtype, untrained_adapters)
 from qlora.optim import lr_at, make_optimizer, set_lr
-from qlora.packing import Batches, DataState, eval_batches, to_device
+from qlora.packing import Batches, DataState, eval_batches, model_inputs
 from qlora.signals import StopRequest
 from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
@@ -148,8 +148,10 @@ def prepare_objective(cfg: Config, accelerator, model, optimizer, pad_id: int, t
     loss_model, optimizer = accelerator.prepare(TokenLoss(model, ce, dropout_seed(model)), optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    fwd_bwd = GraphedForwardBackward(params, cfg.max_seq_len, cfg.micro_batch_size, pad_id,
-                                     getattr(torch, cfg.compute_dtype), talk) if cfg.cuda_graphs else forward_backward
+    fwd_bwd = forward_backward
+    if cfg.cuda_graphs:  # the same seam, captured: looked up at each capture, so an edit always counts
+        fwd_bwd = GraphedForwardBackward(params, cfg.max_seq_len, cfg.micro_batch_size, pad_id,
+                                         getattr(torch, cfg.compute_dtype), lambda m, x: micro_batch_loss(m, x), talk)
     return loss_model, optimizer, params, fwd_bwd
 
 
@@ -215,17 +217,19 @@ class StepResult:
     stepped: bool  # False: the loss or gradient was not finite, so no update was made
 
 
-def micro_batch_loss(loss_model, batch: dict, backend: str, device) -> torch.Tensor:
-    """The *sum* of token cross-entropies over one micro-batch's supervised positions. Add a loss
-    term here; `train_step` divides by the supervised tokens of the whole window."""
-    return loss_model(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device))
+def micro_batch_loss(loss_model, inputs: dict) -> torch.Tensor:
+    """The training objective of one micro-batch: the *sum* of token cross-entropies over its supervised
+    positions. `inputs` is the micro-batch on the device (`input_ids`, `position_ids`, `targets`,
+    `sup_index` and the attention inputs). Add a loss term here (README, "Changing the loop"): every path
+    calls this function: the eager step, the CUDA-graph capture, FSDP, the eval passes and bench.py.
+    `train_step` divides the sum by the supervised tokens of the whole window."""
+    return loss_model(**inputs)
 
 
-def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor,
-                     loss_fn: Callable = micro_batch_loss) -> torch.Tensor:
+def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor) -> torch.Tensor:
     """Forward and backward of one micro-batch (gradients accumulate); returns its summed loss, detached.
-    `qlora.cuda_graphs.GraphedForwardBackward` is the same as one captured CUDA graph."""
-    loss_sum = loss_fn(loss_model, batch, backend, accelerator.device)
+    `qlora.cuda_graphs.GraphedForwardBackward` runs the same `micro_batch_loss` as one captured CUDA graph."""
+    loss_sum = micro_batch_loss(loss_model, model_inputs(batch, backend, accelerator.device))
     accelerator.backward(loss_sum * scale)
     return loss_sum.detach()
 
@@ -255,9 +259,12 @@ def train_step(accelerator, loss_model, optimizer, params: list, micro: list[dic
     return StepResult(loss, grad_norm, int(n_sup), stepped)
 
 
-def evaluate(run: Run) -> float:
-    """Eval loss: the training objective, no dropout, over the fixed eval micro-batches."""
-    loss, _ = mean_token_loss(run.accelerator.unwrap_model(run.loss_model), run.evals, run.backend, run.device)
+def eval_loss(run: Run) -> float:
+    """What an eval pass measures: `micro_batch_loss` (your terms included) in eval mode, no dropout, as a
+    token mean over the fixed eval micro-batches."""
+    loss_model = run.accelerator.unwrap_model(run.loss_model)
+    loss, _ = mean_token_loss(loss_model, run.evals, lambda b: micro_batch_loss(loss_model, model_inputs(
+        b, run.backend, run.device)))
     return loss
 
 
@@ -274,7 +281,7 @@ def fit(run: Run) -> dict:
     run.loss_model.train()
     with StopRequest() as stop:
         if run.evals and run.step == 0:  # the baseline every later eval is compared with
-            log_eval(run, 0, evaluate(run))
+            log_eval(run, 0, eval_loss(run))
         speed.read()
         while run.step < cfg.max_steps:
             micro = [run.batches.next() for _ in range(cfg.grad_accum)]
@@ -290,7 +297,7 @@ def fit(run: Run) -> dict:
                 last = log_step(run, res, micro, speed)
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{last['lr']:.1e}")
             if run.evals and (due(run.step, cfg.eval_every) or run.step == cfg.max_steps):
-                last["eval_loss"] = log_eval(run, run.step, evaluate(run))
+                last["eval_loss"] = log_eval(run, run.step, eval_loss(run))
                 speed.read()  # keep eval time out of tokens/s
             stop_now = stop.agreed(acc)
             if due(run.step, cfg.save_every) or stop_now:

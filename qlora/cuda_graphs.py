@@ -9,6 +9,9 @@ What makes the step capturable:
   pseudo-example of its own), the supervised-position index padded with a position whose target is
   -100 (the last of the last row), varlen's `cu_seqlens` padded with empty sequences and a fixed
   `max_seqlen`; the 1/tokens scale is a device tensor;
+- the captured function is train.py's `micro_batch_loss` (passed in as `loss_fn`), so a loss term added
+  there is captured too; a term that cannot be captured (a host sync such as `.item()`, a
+  data-dependent shape) stops the run with one line at the first capture;
 - no host syncs inside: the loss is `TokenLoss(ce="fused")` (liger's has an `.item()`), and LoRA
   dropout is seeded (`qlora.seeded_dropout`): its mask never reads the RNG state, which a graph may
   not do, so checkpointed layers recompute without stashing RNG states;
@@ -20,6 +23,8 @@ losses and LoRA gradients with the eager path.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -51,8 +56,10 @@ def check_graphs(cfg, accelerator) -> None:
 class GraphedForwardBackward:
     """Drop-in for `train.forward_backward` that replays a captured CUDA graph."""
 
-    def __init__(self, params: list, seq_len: int, rows: int, pad_id: int, dtype: torch.dtype, say=print):
+    def __init__(self, params: list, seq_len: int, rows: int, pad_id: int, dtype: torch.dtype,
+                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], say=print):
         self.params, self.T, self.B, self.pad_id, self.dtype, self.say = params, seq_len, rows, pad_id, dtype, say
+        self.loss_fn = loss_fn
         self.graph, self.cap, self.grads = None, 0, None
 
     # ----------------------------------------------------------------- static inputs
@@ -107,10 +114,15 @@ class GraphedForwardBackward:
 
     # ----------------------------------------------------------------- capture and replay
     def _run(self, token_loss) -> torch.Tensor:
-        # the module's own forward (not accelerate's autocast wrapper): autocast's cast cache must be
-        # off inside a capture
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
-            loss = type(token_loss).forward(token_loss, **self.static, **self.attn)
+        # the module's own forward, not accelerate's autocast wrapper (an instance attribute that shadows
+        # the class's): autocast's cast cache must be off inside a capture
+        wrapper = token_loss.__dict__.pop("forward", None)
+        try:
+            with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+                loss = self.loss_fn(token_loss, {**self.static, **self.attn})
+        finally:
+            if wrapper is not None:
+                token_loss.forward = wrapper
         (loss * self.scale).backward()
         return loss.detach()
 
@@ -130,8 +142,14 @@ class GraphedForwardBackward:
                 p.grad.zero_()  # only .grad refers to it: autograd then accumulates in place
         self.grads = None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._run(token_loss)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = self._run(token_loss)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"config key 'cuda_graphs': micro_batch_loss cannot be captured as a CUDA graph "
+                              f"({first[:200]}); a host sync (.item(), print of a tensor) or a data-dependent "
+                              "shape cannot run inside one: set --cuda_graphs false") from None
         self.grads = [p.grad for p in self.params]
         torch.cuda.synchronize()
 

@@ -28,13 +28,16 @@ from pathlib import Path
 
 import torch
 
+from . import attention
 from .config import Config, ConfigError
 from .data import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from .formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
 from .cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag
 from .inference import load_for_inference
+from .loss import TokenLoss, mean_token_loss
 from .model import ModelLoadError
+from .packing import eval_batches, model_inputs
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]
 
@@ -89,12 +92,9 @@ def eval_prompts(rows: list[dict], formatter: str, tokenizer, system_prompt: str
 def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, max_seq_len: int = 0,
               device=None) -> tuple[float, int]:
     """(token-mean response-only cross-entropy, supervised tokens): the training loss with no dropout
-    (qlora.loss.mean_token_loss, as train.py's eval passes), over rows packed as in training (capacity
-    max(max_seq_len, longest example), so no row is dropped)."""
-    from . import attention
-    from .loss import TokenLoss, mean_token_loss
-    from .packing import eval_batches
-
+    (qlora.loss.mean_token_loss, as train.py's eval passes, without any term added in train.py's
+    `micro_batch_loss`), over rows packed as in training (capacity max(max_seq_len, longest example), so
+    no row is dropped)."""
     if not examples:
         return float("nan"), 0
     device = device or next(model.parameters()).device
@@ -102,7 +102,8 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, 
     backend = attention.use_packed_attention(model, "sdpa")
     try:
         batches = eval_batches(examples, capacity, batch_size, pad_id, packing=True)
-        return mean_token_loss(TokenLoss(model), batches, backend, device)
+        token_loss = TokenLoss(model)
+        return mean_token_loss(token_loss, batches, lambda b: token_loss(**model_inputs(b, backend, device)))
     finally:
         attention.use_default_attention(model, "sdpa")
 

@@ -7,6 +7,8 @@ gradient is the exact token mean over the window, not a mean of micro-batch mean
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,7 @@ class TokenLoss(nn.Module):
         # Only supervised positions reach the vocab projection: prompts and padding cost no logits.
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
+        self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
         plain_head = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
         if self.ce == "liger" and plain_head and h.is_cuda and torch.is_grad_enabled():
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
@@ -58,6 +61,17 @@ class TokenLoss(nn.Module):
             logits = lm_head(h[s:s + CE_CHUNK]).float()
             total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
         return total
+
+
+def supervised_logits(loss_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, real) of the last forward of `loss_model` (a `TokenLoss`, or DDP's wrapper of one), for a
+    loss term in train.py's `micro_batch_loss`: fp32 logits [positions, vocab] of its supervised positions
+    (differentiable), and a 0/1 float mask of them that is 0 at the padding positions a CUDA graph adds to
+    keep its shapes static. Materialises positions x vocab logits: at a 128k vocabulary and 8k positions
+    that is 4 GiB."""
+    token_loss = getattr(loss_model, "module", loss_model)
+    h, y = token_loss.last_supervised
+    return token_loss._parts()[1](h).float(), (y != -100).float()
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -97,19 +111,17 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
-def mean_token_loss(loss_model, batches, backend: str, device) -> tuple[float, int]:
-    """(token-mean response-only cross-entropy, supervised tokens) over prebuilt micro-batches: the
-    training objective in eval mode (no dropout). The one eval loss of the project: train.py's eval
-    passes and `python -m qlora.evaluate` both call it."""
-    from . import attention
-    from .packing import to_device
-
+def mean_token_loss(loss_model, batches, loss_of: Callable[[dict], torch.Tensor]) -> tuple[float, int]:
+    """(token-mean loss, supervised tokens) over prebuilt micro-batches, with `loss_model` in eval mode
+    (no dropout); `loss_of(batch)` is a micro-batch's summed loss: train.py passes its `micro_batch_loss`
+    (so an eval pass measures the objective you train), `python -m qlora.evaluate` the plain
+    cross-entropy of `TokenLoss`."""
     was_training = loss_model.training
     loss_model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
-            total += float(loss_model(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device)))
+            total += float(loss_of(batch))
             count += batch["n_supervised"]
     finally:
         loss_model.train(was_training)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention
 from .data import IGNORE, DataError, Example
 
 PAD_MULTIPLE = 8  # pad row length to a multiple of 8 for tensor-core friendly shapes
@@ -172,3 +173,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
     if device.type != "cuda":
         return {k: batch[k] for k in MODEL_INPUTS}
     return {k: batch[k].pin_memory().to(device, non_blocking=True) for k in MODEL_INPUTS}
+
+
+def model_inputs(batch: dict, backend: str, device: torch.device) -> dict:
+    """A collated micro-batch as the loss module (and train.py's `micro_batch_loss`) takes it: its
+    tensors on `device` plus the packed-attention inputs of `backend`."""
+    return {**to_device(batch, device), **attention.batch_kwargs(batch, backend, device)}

@@ -8,6 +8,17 @@ from __future__ import annotations
 import torch
 
 from qlora import attention
+from qlora.loss import supervised_logits
+
+
+def with_logits_term(seam, c: float = 0.01):
+    """README "Changing the loop", the loss-term recipe: train.py's `micro_batch_loss` (`seam`) plus
+    c * mean(logits**2) over the micro-batch's supervised positions."""
+    def micro_batch_loss(loss_model, inputs):
+        loss = seam(loss_model, inputs)
+        logits, real = supervised_logits(loss_model)
+        return loss + c * (logits.pow(2).mean(-1) * real).sum() / real.sum()
+    return micro_batch_loss
 
 
 def lora_params(model) -> dict:

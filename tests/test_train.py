@@ -1,25 +1,28 @@
 """The training step and the loop: exact accumulation, adapters that reload, the 4-bit path learning,
 and end-to-end runs of train.py and generate.py."""
 
-import functools
 import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 import train
 from qlora import attention
 from qlora.checkpoint import save_adapter
 from qlora.data import load_datasets
-from qlora.loss import TokenLoss
+from qlora.loss import TokenLoss, supervised_logits
 from qlora.model import load_base_model, load_model
-from qlora.packing import collate
+from qlora.packing import collate, model_inputs
 
 from conftest import ROOT, tiny_cfg
-from helpers import lora_params, randomise_lora_
+from helpers import lora_params, randomise_lora_, with_logits_term
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +42,13 @@ class GradRecorder(torch.optim.Optimizer):
         self.seen.append({id(p): p.grad.clone() for g in self.param_groups for p in g["params"]})
 
 
-def step_grads(model, micro, loss_fn=train.micro_batch_loss):
+def step_grads(model, micro):
     """The gradients train.train_step hands to the optimizer for the window `micro`, by parameter name."""
-    from accelerate import Accelerator
 
     loss_model = TokenLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = GradRecorder(params)
-    fwd_bwd = functools.partial(train.forward_backward, loss_fn=loss_fn)
-    res = train.train_step(Accelerator(cpu=True), loss_model, opt, params, micro, 0.0, 0.0, "sdpa", fwd_bwd)
+    res = train.train_step(Accelerator(cpu=True), loss_model, opt, params, micro, 0.0, 0.0, "sdpa")
     assert res.stepped
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[i]: g for i, g in opt.seen[-1].items()}, res
@@ -76,7 +77,7 @@ def test_accumulation_equals_one_big_batch(sql_examples):
     model.zero_grad(set_to_none=True)
     lm = TokenLoss(model)
     for b in small:
-        (train.micro_batch_loss(lm, b, "sdpa", torch.device("cpu")) / b["n_supervised"] / 3).backward()
+        (train.micro_batch_loss(lm, model_inputs(b, "sdpa", CPU)) / b["n_supervised"] / 3).backward()
     naive = {n: p.grad for n, p in lora_params(model).items()}
     assert max((naive[n] - g_big[n]).abs().max().item() for n in g_big) > 1e-4
 
@@ -168,22 +169,42 @@ def _log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_recipe_loss_term_changes_the_gradient_as_expected(sql_examples):
-    """A loss term added in `micro_batch_loss` (passed as loss_fn) reaches the gradient exactly: the term
-    c * sum(LoRA weights) adds c / (supervised tokens in the window) to every LoRA gradient element."""
-    model = load_model(tiny_cfg(), torch.device("cpu"))
+def test_recipe_loss_term_reaches_the_gradient_and_the_eval_loss(sql_examples, monkeypatch):
+    """The README's loss-term recipe (c * mean(logits**2) over supervised positions, added in
+    `micro_batch_loss`) moves the step's gradient by exactly the term's own gradient over the window's
+    supervised tokens, the logged loss by the term's value, and an eval pass (`eval_loss`) by the same."""
+    model = load_model(tiny_cfg(), CPU)
     randomise_lora_(model, seed=2)
     attention.use_packed_attention(model, "sdpa")
     micro = [collate([[e] for e in sql_examples[:3]], 0)]
-    c = 0.5
-
-    def with_term(loss_model, batch, backend, device):
-        extra = sum(p.sum() for p in lora_params(loss_model.model).values())
-        return train.micro_batch_loss(loss_model, batch, backend, device) + c * extra
-
-    (plain, res), (added, _) = step_grads(model, micro), step_grads(model, micro, loss_fn=with_term)
-    for n in plain:
-        assert torch.allclose(added[n] - plain[n], torch.full_like(plain[n], c / res.n_supervised), atol=1e-6), n
+    n_sup, c = micro[0]["n_supervised"], 5e3  # a term whose gradient is of the cross-entropy's size
+    lm = TokenLoss(model)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), loss_model=lm, evals=micro, backend="sdpa", device=CPU)
+    g_plain, plain = step_grads(model, micro)
+    eval_plain = train.eval_loss(run)
+    # the term alone, by autograd; in eval mode too (no dropout there)
+    lm.eval()
+    with torch.no_grad():
+        lm(**model_inputs(micro[0], "sdpa", CPU))
+        logits, real = supervised_logits(lm)
+        term_eval = c * (logits.pow(2).mean(-1) * real).sum() / real.sum()
+    model.zero_grad(set_to_none=True)
+    lm.train()
+    lm(**model_inputs(micro[0], "sdpa", CPU))
+    logits, real = supervised_logits(lm)
+    term = c * (logits.pow(2).mean(-1) * real).sum() / real.sum()
+    (term / n_sup).backward()
+    g_term = {n: p.grad.clone() for n, p in lora_params(model).items()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(train, "micro_batch_loss", with_logits_term(train.micro_batch_loss, c))
+    g_added, added = step_grads(model, micro)
+    assert added.loss - plain.loss == pytest.approx(term.item() / n_sup, abs=1e-6 * plain.loss)
+    # the summed fp32 loss rounds at ~1.2e-7 of itself: a few of those ulps of the eval loss
+    assert train.eval_loss(run) - eval_plain == pytest.approx(term_eval.item() / n_sup, abs=1e-6 * eval_plain)
+    for n in g_plain:  # fp32 summation order: measured max 1.9e-6 of the tensor's largest gradient
+        scale = g_plain[n].abs().max().item()
+        assert g_term[n].abs().max() > 1e-2 * scale, n
+        assert (g_added[n] - g_plain[n] - g_term[n]).abs().max() <= 1e-5 * scale, n
 
 
 def test_recipe_schedule_is_read_from_lr_at(tmp_path, monkeypatch):
@@ -226,10 +247,10 @@ def test_recipe_optimizer_comes_from_make_optimizer(tmp_path, monkeypatch):
         assert any(v.shape == want.shape and torch.allclose(v, -lr0 * want, atol=1e-7) for v in b_saved)
 
 
-def test_recipe_eval_is_evaluate(tmp_path, monkeypatch):
-    """What an eval pass measures is `evaluate(run)`: its value is what is logged, at step 0, every
+def test_recipe_eval_is_eval_loss(tmp_path, monkeypatch):
+    """What an eval pass measures is `eval_loss(run)`: its value is what is logged, at step 0, every
     eval_every steps and at the end."""
-    monkeypatch.setattr(train, "evaluate", lambda run: 1.25 + run.step)
+    monkeypatch.setattr(train, "eval_loss", lambda run: 1.25 + run.step)
     train.main(tiny_cfg(tmp_path, max_steps=4, eval_every=3, save_every=0))
     evals = [(r["step"], r["eval_loss"]) for r in _log(tmp_path / "run") if r["kind"] == "eval"]
     assert evals == [(0, 1.25), (3, 4.25), (4, 5.25)]
