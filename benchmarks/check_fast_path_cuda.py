@@ -46,7 +46,9 @@ from qlora.data import IGNORE, Example  # noqa: E402
 from helpers import FixedMaskDropout  # noqa: E402
 from qlora.loss import TokenLoss  # noqa: E402
 from qlora.model import describe_speedups, load_model  # noqa: E402
-from qlora.packing import Batches, to_device  # noqa: E402
+from qlora.packing import Batches, model_inputs  # noqa: E402
+import train  # noqa: E402  (the loss seam, micro_batch_loss)
+from helpers import with_logits_term  # noqa: E402
 
 TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
 # FP8 variants change the numerics on purpose (e4m3: 3.6% relative error per GEMM output, tests/test_fp8.py),
@@ -73,7 +75,8 @@ class SeededMaskDropout(torch.nn.Module):
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
-        fp8=False):
+        fp8=False, seam=None):
+    seam = seam or train.micro_batch_loss
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
                       compute_dtype="bfloat16" if device.type == "cuda" else "float32",
@@ -116,7 +119,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
         from qlora.cuda_graphs import GraphedForwardBackward
         acc = Accelerator(mixed_precision="bf16")
         params = list(lora.values())
-        fb = GraphedForwardBackward(params, args.seq, 2, 0, torch.bfloat16)
+        fb = GraphedForwardBackward(params, args.seq, 2, 0, torch.bfloat16, seam)
         scale = torch.tensor(1.0 / batch["n_supervised"], device=device)
         for p in params:
             p.grad = None
@@ -135,7 +138,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
         loss = loss_sum / batch["n_supervised"]
     else:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss_sum = lm(**to_device(batch, device), **attention.batch_kwargs(batch, backend, device))
+            loss_sum = seam(lm, model_inputs(batch, backend, device))
             loss = loss_sum / batch["n_supervised"]
         loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in lora.items()}
@@ -146,12 +149,46 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
     return loss.item(), grads, desc
 
 
+def check_loss_term(args, attn: str, tol_grad: float) -> int:
+    """README "Changing the loop": a term added in train.py's `micro_batch_loss` must move the gradient by
+    exactly the term's own gradient on every path. Per path: (grad with c * mean(logits**2)) - (grad
+    without), against the term's gradient alone (cross-entropy times 0, eager, same base GEMMs), relative
+    L2 error; c is set so that the term's gradient is as large as the cross-entropy's. PASS within the
+    bf16 bound of the noise row (FP8's own bound where the base GEMMs are FP8: its backward quantises the
+    incoming gradient, so any change to it moves the rounding of the whole gradient)."""
+    def only_term(m, x):
+        return 0.0 * m(**x)
+
+    def norm(g):
+        return sum(t.float().pow(2).sum() for t in g.values()).sqrt().item()
+
+    cuda = args.device == "cuda"
+    paths = [("eager fused", {})] + ([("graphs", {"seeded": True, "graphs": True, "ce": "fused"}),
+                                       ("fp8", {"fp8": True}),
+                                       ("fp8 + graphs", {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
+                                      if cuda else [("fp8", {"fp8": True})])
+    failed = 0
+    for name, opts in paths:
+        eager = {k: v for k, v in opts.items() if k != "graphs"}
+        _, unit, _ = run(args, 0.0, True, "none", -1, attn, seam=with_logits_term(only_term, 1.0), **eager)
+        _, plain, _ = run(args, 0.0, True, "none", -1, attn, **opts)
+        c = norm(plain) / norm(unit)
+        _, added, _ = run(args, 0.0, True, "none", -1, attn, seam=with_logits_term(train.micro_batch_loss, c), **opts)
+        err = max(((added[n] - plain[n] - c * unit[n]).norm() / (c * unit[n]).norm()).item() for n in unit)
+        moved = max(((added[n] - plain[n]).norm() / plain[n].norm()).item() for n in unit)
+        bound = FP8_GRAD if opts.get("fp8") else tol_grad
+        ok = err <= bound and moved > bound
+        failed += not ok
+        print(f"  loss term on {name:<14} c {c:.3g}: gradient moved {moved:.2e} (relative); minus the term's own "
+              f"gradient: {err:.2e} (bound {bound:.1e})  {'PASS' if ok else 'FAIL'}", flush=True)
+    return failed
+
+
 def full_rows(batch: dict, seq: int) -> dict:
     """The batch padded to `seq`-token rows, as the CUDA-graph step feeds it: the seeded dropout mask
     is a function of each element's flat index, so every variant must see the same row length."""
-    from qlora.cuda_graphs import GraphedForwardBackward
-
-    host = GraphedForwardBackward([], seq, batch["input_ids"].shape[0], 0, torch.float32)._host_inputs(batch, "sdpa")
+    from qlora.cuda_graphs import padded_inputs
+    host = padded_inputs(batch, "sdpa", seq, batch["input_ids"].shape[0], 0)
     n = batch["n_supervised"]
     return {**batch, "input_ids": host["input_ids"], "position_ids": host["position_ids"],
             "targets": host["targets"], "sup_index": host["sup_index"][:n].clone()}
@@ -259,6 +296,7 @@ def main():
                 verdict = ("PASS" if ok else "FAIL") + (f" (fp8 bounds {bl:.0e}, {bg:.2f})" if opts.get("fp8") else "")
             print(f"  {name:<26} loss {loss:.6f} |diff| {dl:.2e}  worst grad rel err {worst:.2e}  {verdict}  "
                   f"[{desc}]", flush=True)
+    failed += check_loss_term(args, auto, tol_grad)
     print("all PASS" if not failed else f"{failed} FAIL")
     return 1 if failed else 0
 

@@ -53,6 +53,32 @@ def check_graphs(cfg, accelerator) -> None:
         raise ConfigError(f"config key 'cuda_graphs' needs {why}; set --cuda_graphs false or change that")
 
 
+def padded_inputs(batch: dict, backend: str, T: int, rows: int, pad_id: int) -> dict:
+    """The batch on the host, padded to [rows, T] as a captured graph takes it, plus the attention inputs."""
+    B, Tb = batch["input_ids"].shape
+    if B != rows or Tb > T:
+        raise ValueError(f"cuda_graphs: micro-batch of shape {B}x{Tb} does not fit the captured {rows}x{T}")
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt = torch.full((B, T), -100, dtype=torch.long)
+    pos = torch.arange(T - Tb).repeat(B, 1)  # the extra tail: a padding pseudo-example of its own
+    pos = torch.cat([batch["position_ids"], pos], 1)
+    ids[:, :Tb], tgt[:, :Tb] = batch["input_ids"], batch["targets"]
+    sup = batch["sup_index"]
+    sup = sup // Tb * T + sup % Tb  # row-major indices of the wider rows
+    full_sup = torch.full((B * T,), B * T - 1, dtype=torch.long)  # the last position's target is -100
+    full_sup[: sup.numel()] = sup
+    out = {"input_ids": ids, "position_ids": pos, "targets": tgt, "sup_index": full_sup}
+    if backend == "varlen":
+        cu = attention.packing_kwargs(pos, "varlen")["cu_seq_lens_q"]  # CPU: no device sync
+        out["n_seqs"] = cu.numel() - 1
+        out["cu"] = cu
+    elif backend == "sdpa":
+        out["mask"] = attention.packing_kwargs(pos, "sdpa")["attention_mask"]
+    else:
+        raise ValueError(f"cuda_graphs needs attn_backend varlen or sdpa, not {backend!r}")
+    return out
+
+
 class GraphedForwardBackward:
     """Drop-in for `train.forward_backward` that replays a captured CUDA graph."""
 
@@ -64,30 +90,7 @@ class GraphedForwardBackward:
 
     # ----------------------------------------------------------------- static inputs
     def _host_inputs(self, batch: dict, backend: str) -> dict:
-        """The batch on the host, padded to [rows, seq_len], plus the attention inputs."""
-        B, Tb = batch["input_ids"].shape
-        T = self.T
-        if B != self.B or Tb > T:
-            raise ValueError(f"cuda_graphs: micro-batch of shape {B}x{Tb} does not fit the captured {self.B}x{T}")
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        tgt = torch.full((B, T), -100, dtype=torch.long)
-        pos = torch.arange(T - Tb).repeat(B, 1)  # the extra tail: a padding pseudo-example of its own
-        pos = torch.cat([batch["position_ids"], pos], 1)
-        ids[:, :Tb], tgt[:, :Tb] = batch["input_ids"], batch["targets"]
-        sup = batch["sup_index"]
-        sup = sup // Tb * T + sup % Tb  # row-major indices of the wider rows
-        full_sup = torch.full((B * T,), B * T - 1, dtype=torch.long)  # the last position's target is -100
-        full_sup[: sup.numel()] = sup
-        out = {"input_ids": ids, "position_ids": pos, "targets": tgt, "sup_index": full_sup}
-        if backend == "varlen":
-            cu = attention.packing_kwargs(pos, "varlen")["cu_seq_lens_q"]  # CPU: no device sync
-            out["n_seqs"] = cu.numel() - 1
-            out["cu"] = cu
-        elif backend == "sdpa":
-            out["mask"] = attention.packing_kwargs(pos, "sdpa")["attention_mask"]
-        else:
-            raise ValueError(f"cuda_graphs needs attn_backend varlen or sdpa, not {backend!r}")
-        return out
+        return padded_inputs(batch, backend, self.T, self.B, self.pad_id)
 
     def _allocate(self, host: dict, backend: str, device) -> None:
         self.static = {k: torch.empty_like(host[k], device=device)

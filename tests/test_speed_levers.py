@@ -92,7 +92,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(sql_examples):
 def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_examples):
     """The CUDA-graph step feeds fixed-shape buffers: rows padded to max_seq_len, every position in the
     supervised index (padding points at a -100 target), cu_seqlens padded. The same loss and gradients."""
-    from qlora.cuda_graphs import GraphedForwardBackward
+    from qlora.cuda_graphs import padded_inputs
 
     model = load_model(tiny_cfg(quant="nf4"), torch.device("cpu"))
     randomise_lora_(model)
@@ -100,7 +100,7 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
     lm = TokenLoss(model)
     batch = collate([[sql_examples[0]], [sql_examples[1], sql_examples[2]]], 0)
     assert batch["input_ids"].shape[1] < 640
-    host = GraphedForwardBackward([], 640, 2, 0, torch.float32)._host_inputs(batch, backend)
+    host = padded_inputs(batch, backend, 640, 2, 0)
     assert host["input_ids"].shape == (2, 640) and host["sup_index"].numel() == 1280
     kw = attention.packing_kwargs(batch["position_ids"], backend)
     want = lm(batch["input_ids"], batch["position_ids"], batch["targets"], batch["sup_index"], **kw)
@@ -114,7 +114,7 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
     for n, p in model.named_parameters():
         if p.requires_grad:  # fp32, other matmul shapes: other summation orders (measured ~1e-6 relative)
             assert (p.grad - g_want[n]).norm() <= 1e-5 * g_want[n].norm(), n
-    cu = GraphedForwardBackward([], 640, 2, 0, torch.float32)._host_inputs(batch, "varlen")["cu"]
+    cu = padded_inputs(batch, "varlen", 640, 2, 0)["cu"]
     assert cu[0] == 0 and cu[-1] == 1280 and (cu[1:] >= cu[:-1]).all()
 
 
