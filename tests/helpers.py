@@ -13,11 +13,12 @@ from qlora.loss import supervised_logits
 
 def with_logits_term(seam, c: float = 0.01):
     """README "Changing the loop", the loss-term recipe: train.py's `micro_batch_loss` (`seam`) plus
-    c * mean(logits**2) over the micro-batch's supervised positions."""
+    c * mean(logits**2) per supervised position, summed like the cross-entropy (train_step divides by the
+    window's supervised tokens, so the term is the same however the window is split into micro-batches)."""
     def micro_batch_loss(loss_model, inputs):
         loss = seam(loss_model, inputs)
         logits, real = supervised_logits(loss_model)
-        return loss + c * (logits.pow(2).mean(-1) * real).sum() / real.sum()
+        return loss + c * (logits.pow(2).mean(-1) * real).sum()
     return micro_batch_loss
 
 

@@ -431,6 +431,25 @@ def test_fsdp2_8bit_adamw_trains_like_one_process(tmp_path):
         assert (a[k] - b[k]).norm() <= 5e-3 * b[k].norm(), k
 
 
+def test_fsdp2_runs_the_loss_term_added_in_micro_batch_loss(tmp_path):
+    """The README's loss-term recipe under FSDP2 (2 ranks) trains exactly as in one process with the same
+    term, and measurably unlike the run without it: the seam is the one FSDP2 runs too."""
+    run = [*TINY, "--lora_dropout", "0", "--max_steps", "2", "--eval_every", "0", "--save_every", "0"]
+    r = subprocess.run(torchrun_cmd("train_term_fsdp2", *run, "--micro_batch_size", "1", "--output_dir",
+                                    tmp_path / "fsdp"), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(HERE), "train_term_one", *run, "--micro_batch_size", "2", "--output_dir",
+                        str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train_one(*run, "--micro_batch_size", "2", "--output_dir", str(tmp_path / "plain"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    fsdp, one, plain = (train_log(tmp_path / d) for d in ("fsdp", "one", "plain"))
+    for step in (1, 2):  # as in the test above: fp32 summation order, measured ~2e-7 relative
+        assert fsdp[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=0), step
+        assert fsdp[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4, abs=0), step
+        assert abs(one[step]["grad_norm"] - plain[step]["grad_norm"]) > 1e-2 * plain[step]["grad_norm"], step
+
+
 def test_fsdp2_reads_a_checkpoint_one_layer_at_a_time_as_from_pretrained_does(tmp_path):
     """Under FSDP2 a safetensors checkpoint is read one decoder layer at a time (`fsdp_low_memory_load`,
     qlora/layerwise.py) instead of whole by from_pretrained: the same 4-bit model, so the same run."""
@@ -576,6 +595,17 @@ def worker_main(argv: list[str]) -> None:
         sys.path.insert(0, str(ROOT))
         sys.argv = ["train.py", *argv[1:]]
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        return
+    if argv[0].startswith("train_term"):  # train.py with the README's loss term in micro_batch_loss
+        if argv[0] == "train_term_fsdp2":
+            force_fsdp2()
+        sys.path.insert(0, str(ROOT))
+        import train
+        from helpers import with_logits_term
+        from qlora.config import load_config
+
+        train.micro_batch_loss = with_logits_term(train.micro_batch_loss, 300.0)
+        train.main(load_config(argv[1:]))
         return
     name, out, *args = argv
     result = WORKERS[name](Path(out), *args)
