@@ -26,14 +26,13 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from qlora import attention, fp8
+from qlora import attention
 from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
                               load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                               savable_adapter, set_rng_state)
 from qlora.config import Config, ConfigError, load_config, save_config
-from qlora.cuda_graphs import GraphedForwardBackward, check_graphs
+from qlora.cuda_graphs import GraphedForwardBackward
 from qlora.data import DataError, load_datasets
-from qlora.fsdp import check_fsdp_config
 from qlora.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint
 from qlora.kernels import resolve_kernels
 from qlora.lora_fused import dropout_seed
@@ -44,6 +43,7 @@ from qlora.model import (ModelLoadError, count_parameters, describe_speedups, lo
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, model_inputs
 from qlora.signals import StopRequest
+from qlora.switches import Where, check_switches
 from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
 
@@ -94,11 +94,7 @@ def setup(cfg: Config) -> Run:
     asked = cfg.compute_dtype
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
     device = accelerator.device
-    check_graphs(cfg, accelerator)
-    fp8.check(cfg, device)
-    attention.check_training_backend(cfg.attn_backend, device)
-    if accelerator.is_fsdp2:
-        check_fsdp_config(cfg)
+    check_switches(cfg, Where(device, accelerator.num_processes, accelerator.is_fsdp2))
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     talk = say if accelerator.is_main_process else (lambda *_: None)

@@ -74,7 +74,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from qlora import attention, fp8
+    from qlora import attention
+    from qlora.switches import Where, check_switches
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
@@ -86,15 +87,15 @@ def run_ours(spec: dict, rec: dict) -> None:
     cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
                       max_seq_len=spec["max_seq_len"], micro_batch_size=spec["micro_batch"],
                       grad_accum=spec["accum"], packing=spec["packing"], attn_backend=spec["attn"],
-                      gradient_checkpointing=spec["ckpt"], checkpoint_layers=spec["ckpt_layers"],
+                      recompute=spec["ckpt"], recompute_layers=spec["ckpt_layers"],
                       fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
-                      seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_checkpoints=spec["offload"],
+                      seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_recompute=spec["offload"],
                       base_fp8=spec["fp8"], fp8_exclude=spec["fp8_exclude"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
                       max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
-    fp8.check(cfg, device)  # as train.py's setup
+    check_switches(cfg, Where(device))  # as train.py's setup
     set_seed(cfg.seed)
     probe = common.Probe(device)
     rec.update(impl="ours", **common.env_info(device), mixed_precision=accelerator.mixed_precision)
@@ -173,8 +174,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     common.memory_fields(rec, base_gib, after_setup, after_first, peak, reserved)
     rec.update(device_used_end_gib=probe.device_used(), loss_first=losses[0], loss_last=losses[-1])
     n_layers = model.config.num_hidden_layers
-    ckpt_frac = (n_layers if cfg.checkpoint_layers < 0 else min(cfg.checkpoint_layers, n_layers)) / n_layers \
-        if cfg.gradient_checkpointing else 0.0
+    ckpt_frac = (n_layers if cfg.recompute_layers < 0 else min(cfg.recompute_layers, n_layers)) / n_layers \
+        if cfg.recompute else 0.0
     common.summarise(rec, ends, per_step, spec["warmup"], ckpt_frac, shape,
                      sum(p.numel() for p in params))
 

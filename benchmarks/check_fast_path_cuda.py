@@ -80,9 +80,9 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
                       compute_dtype="bfloat16" if device.type == "cuda" else "float32",
-                      lora_dropout=dropout, fused_lora=fused, kernels=kernels, checkpoint_layers=ckpt_layers,
+                      lora_dropout=dropout, fused_lora=fused, kernels=kernels, recompute_layers=ckpt_layers,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
-                      seeded_dropout=seeded and fused, offload_checkpoints=offload, base_fp8=fp8)
+                      seeded_dropout=seeded and fused, offload_recompute=offload, base_fp8=fp8)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)

@@ -40,7 +40,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cfg = load_config([], model=args.model, quant="nf4", compute_dtype="bfloat16", base_fp8=True, fp8_exclude=[],
-                      lora_dropout=0.0, gradient_checkpointing=False, max_seq_len=args.max_seq_len)
+                      lora_dropout=0.0, recompute=False, max_seq_len=args.max_seq_len)
     tok = load_tokenizer(cfg)
     rows = load_datasets(args.datasets.split(","), tok, args.max_seq_len, "drop", 0.0, seed=0)[0][:args.rows]
     model = load_model(cfg, device)

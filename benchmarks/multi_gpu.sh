@@ -41,8 +41,8 @@ echo "host: $NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>
 COMMON="train.py --tokenizer .tok/smollm2 --datasets $DATA --max_seq_len 2048 --lora_dropout 0 --lr 2e-4
  --warmup_steps 2 --eval_every 0 --eval_batches 1 --sample_prompts 0 --save_every 0 --log_every 1 --tracker none
  --optimizer paged_adamw_8bit"
-M7B="--model random:llama2-7b:49152 --checkpoint_layers 21 --micro_batch_size 4"
-M70B="--model random:llama2-70b:49152 --checkpoint_layers -1 --micro_batch_size 1 --max_steps $BIG_STEPS"
+M7B="--model random:llama2-7b:49152 --recompute_layers 21 --micro_batch_size 4"
+M70B="--model random:llama2-70b:49152 --recompute_layers -1 --micro_batch_size 1 --max_steps $BIG_STEPS"
 FSDP="--quant_storage bfloat16 --compute_dtype bfloat16"
 launch() {  # launch NAME GPUS args...: accelerate launch with the config for that many GPUs
   local n=$1; shift

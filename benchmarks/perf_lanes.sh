@@ -43,7 +43,7 @@ lane2() {
   $B --tag L0 --micro_batch 2 --accum 4 --ckpt_layers=4 --graphs on --lora_dropout 0
   $B --tag T --data guanaco --model random:llama2-7b:49152 --micro_batch 1 --accum 8 --ckpt off --seeded on --graphs on
   python3 train.py --model random:llama2-7b:49152 --tokenizer .tok --datasets .gpudata/guanaco-llama2-1k.parquet:guanaco \
-    --max_seq_len 2048 --micro_batch_size 1 --grad_accum 8 --gradient_checkpointing false --seeded_dropout true \
+    --max_seq_len 2048 --micro_batch_size 1 --grad_accum 8 --recompute false --seeded_dropout true \
     --cuda_graphs true --max_steps 12 --warmup_steps 2 --eval_fraction 0 --save_every 0 --sample_prompts 0 \
     --tracker none --output_dir "$OUT/l2/train"
 }

@@ -270,14 +270,6 @@ def _varlen_available() -> bool:
         return False
 
 
-def check_training_backend(backend: str, device) -> None:
-    """Refuse, before any model is loaded, a backend that cannot train on `device`."""
-    if backend == "flex" and torch.device(device).type != "cuda":
-        raise ConfigError("config key 'attn_backend' = 'flex' trains on CUDA only (FlexAttention has no CPU "
-                          "backward): use auto or sdpa")
-    _resolve(backend, torch.device(device))
-
-
 def use_packed_attention(model, backend: str) -> str:
     """Register the packed attention functions and switch ``model`` (peft-wrapped or not) to one.
 

@@ -35,9 +35,9 @@ class Config:
     fsdp_low_memory_load: bool = True  # FSDP2: read (or build) the base one decoder layer at a time and park each
     # in host memory until FSDP moves its shard to the GPU, so no GPU holds the whole model (host RAM: one 4-bit
     # model per rank). false: from_pretrained, the whole 4-bit model on every GPU before sharding
-    gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
-    checkpoint_layers: int = -1  # how many decoder layers (from the first) recompute; -1 = all. Fewer = faster,
-    # more memory: on a big GPU checkpoint only what does not fit (benchmarks/NOTES.md)
+    recompute: bool = True  # recompute activations in backward (non-reentrant activation checkpointing)
+    recompute_layers: int = -1  # how many decoder layers (from the first) recompute; -1 = all. Fewer = faster,
+    # more memory: on a big GPU recompute only what does not fit (benchmarks/NOTES.md)
     fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/lora_fused.py); off = peft's forward
     absmax_cache: bool = True  # fused path: keep double-quant scales dequantised (+0.5 bit/param: 0.4 GiB at 7B)
     kernels: str = "auto"  # fused RMSNorm/RoPE/SwiGLU: "auto" (liger-kernel on CUDA if installed), "liger", "none"
@@ -45,7 +45,7 @@ class Config:
     # mask (-36 KB/token/layer at 7B), no RNG state; needed by cuda_graphs when lora_dropout > 0
     cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/cuda_graphs.py):
     # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
-    offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned host memory (long rows)
+    offload_recompute: bool = False  # recomputed layers keep their inputs in pinned host memory (long rows)
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
     # (qlora/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:
@@ -175,16 +175,26 @@ ALIASES = {
 }
 
 
+# keys that were renamed: an old YAML (a saved config.yaml too) gets one line naming the new key
+RENAMED = {"gradient_checkpointing": "recompute", "checkpoint_layers": "recompute_layers",
+           "offload_checkpoints": "offload_recompute"}
+
+
 def suggest(key: str, known) -> str:
     """'; did you mean X?' from the alias table or string similarity, else ''."""
     match = ALIASES.get(key) or next(iter(difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)), None)
     return f"; did you mean '{match}'?" if match else ""
 
 
-def _apply(values: dict, overrides: dict, source: str, sources: dict) -> None:
+def _apply(values: dict, overrides: dict, source: str, sources: dict, accept_renamed: bool = False) -> None:
     types_ = _field_types()
     for key, value in overrides.items():
         norm = str(key).replace("-", "_")
+        if norm in RENAMED and accept_renamed:
+            norm = RENAMED[norm]
+        elif norm in RENAMED:
+            raise ConfigError(f"config key '{norm}' in {source} was renamed to '{RENAMED[norm]}': use "
+                              f"{RENAMED[norm]} (same meaning)")
         if norm not in types_:
             raise ConfigError(f"unknown config key '{key}' in {source}{suggest(norm, types_)} "
                               "(see qlora/config.py for all keys)")
@@ -260,8 +270,10 @@ def read_yaml(path: Path, what: str = "config file"):
         raise ConfigError(f"{what} {path} is not valid YAML{where}: {why}") from None
 
 
-def load_config(argv: list[str] | None = None, **overrides) -> Config:
-    """Resolve defaults < YAML preset < CLI flags < keyword overrides into a validated `Config`."""
+def load_config(argv: list[str] | None = None, accept_renamed: bool = False, **overrides) -> Config:
+    """Resolve defaults < YAML preset < CLI flags < keyword overrides into a validated `Config`.
+    `accept_renamed`: read renamed keys of the preset under their new names (the saved config of an
+    adapter written before the rename), instead of stopping with a line that names the new key."""
     preset, cli = parse_cli(list(sys.argv[1:] if argv is None else argv))
     values = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
     sources: dict[str, str] = {}
@@ -272,7 +284,7 @@ def load_config(argv: list[str] | None = None, **overrides) -> Config:
         data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {preset} must be a mapping of key: value")
-        _apply(values, data, f"config file {preset}", sources)
+        _apply(values, data, f"config file {preset}", sources, accept_renamed)
     _apply(values, cli, "the command line", sources)
     _apply(values, overrides, "keyword arguments", sources)
     cfg = Config(**values)
@@ -292,7 +304,7 @@ _CHOICES = {
 }
 # the allowed range of every numeric field, and what its edge values mean
 _RANGES = {
-    "checkpoint_layers": ">= -1", "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "recompute_layers": ">= -1", "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     "eval_fraction": "[0, 1)", "max_seq_len": ">= 1", "max_steps": ">= 1", "micro_batch_size": ">= 1",
     "grad_accum": ">= 1", "lr": "> 0", "min_lr_ratio": "[0, 1]", "warmup_steps": ">= 0", "weight_decay": ">= 0",
     "max_grad_norm": ">= 0", "seed": "[0, 4294967295]", "eval_every": ">= 0", "eval_batches": ">= 0",
@@ -300,7 +312,7 @@ _RANGES = {
     "max_new_tokens": ">= 1",
 }
 _NOTES = {
-    "checkpoint_layers": "-1 = all layers", "lora_alpha": "scale = lora_alpha / lora_r",
+    "recompute_layers": "-1 = all layers", "lora_alpha": "scale = lora_alpha / lora_r",
     "min_lr_ratio": "the final lr is lr * min_lr_ratio", "max_grad_norm": "0 turns clipping off",
     "eval_every": "0 = only at the end", "eval_batches": "0 = the whole eval split",
     "save_every": "0 = only the final adapter", "sample_prompts": "0 = none",

@@ -32,27 +32,6 @@ from . import attention
 from .config import ConfigError
 
 
-def check_graphs(cfg, accelerator) -> None:
-    """Refuse `cuda_graphs: true` where it cannot work, naming what to change."""
-    if not cfg.cuda_graphs:
-        return
-    why = None
-    if accelerator.device.type != "cuda":
-        why = "a CUDA device"
-    elif accelerator.num_processes > 1:
-        why = "one process (DDP/FSDP all-reduce gradients inside backward)"
-    elif cfg.lora_dropout > 0 and not cfg.fused_lora:
-        why = "fused_lora true when lora_dropout > 0 (the seeded dropout lives in the fused node)"
-    elif cfg.attn_backend == "flex":
-        why = "attn_backend varlen, sdpa or auto (flex builds its block mask per micro-batch)"
-    elif cfg.attn_backend == "cudnn":
-        why = "attn_backend varlen, sdpa or auto (cuDNN's attention fails inside a graph capture on torch 2.11)"
-    elif cfg.offload_checkpoints:
-        why = "offload_checkpoints false (host copies cannot be captured)"
-    if why:
-        raise ConfigError(f"config key 'cuda_graphs' needs {why}; set --cuda_graphs false or change that")
-
-
 def padded_inputs(batch: dict, backend: str, T: int, rows: int, pad_id: int) -> dict:
     """The batch on the host, padded to [rows, T] as a captured graph takes it, plus the attention inputs."""
     B, Tb = batch["input_ids"].shape

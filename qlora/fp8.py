@@ -35,32 +35,7 @@ TINY = 1e-12  # an all-zero row gets this amax, so its scale is not 0 (its value
 SCALES_ATTR = "_qlora_fp8_scales"
 
 
-def check(cfg, device: torch.device) -> None:
-    """Refuse `base_fp8: true` where it cannot work, naming what to change."""
-    if not getattr(cfg, "base_fp8", False):
-        return
-    from .config import ConfigError
-
-    why = None
-    if not cfg.fused_lora:
-        why = "fused_lora true (the FP8 GEMMs live in the fused NF4+LoRA node)"
-    elif cfg.quant not in ("nf4", "fp4"):
-        why = "a 4-bit base (quant nf4 or fp4): it replaces the 4-bit weight's dequantise-and-multiply"
-    elif device.type == "cuda" and torch.version.hip:
-        why = "an NVIDIA GPU (ROCm's FP8 types are the fnuz kind, not e4m3fn)"
-    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        why = (f"a GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
-               f"{torch.cuda.get_device_name(device)} is {cap}")
-    elif device.type not in ("cuda", "cpu"):
-        why = f"a CUDA GPU or the CPU, not {device.type}"
-    elif device.type == "cuda":
-        why = _probe(device)
-    if why:
-        raise ConfigError(f"config key 'base_fp8' needs {why}; set --base_fp8 false or change that")
-
-
-def _probe(device: torch.device) -> str | None:
+def unsupported_reason(device: torch.device) -> str | None:
     """None if this GPU and torch build run what `base_fp8` needs (a per-row scaled e4m3 GEMM, and the
     Triton quantiser where Triton is present), else why not: measured on Hopper only, refused early."""
     try:

@@ -18,31 +18,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
 
 
 def is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def check_fsdp_config(cfg) -> None:
-    """Refuse (ConfigError naming the key) an FSDP2 run whose 4-bit weights would not shard or would be
-    corrupted: FSDP shards only floating-point tensors (uint8-packed weights stay whole on every rank),
-    and its mixed precision casts every parameter to the compute dtype, which would rewrite packed
-    bytes stored in any other float dtype. `cfg.compute_dtype` must already be resolved (not `auto`)."""
-    from .config import ConfigError
-
-    if cfg.quant == "none" or cfg.quant_storage == cfg.compute_dtype:
-        return
-    if cfg.quant_storage == "uint8":
-        why = "FSDP shards only floating-point tensors, so every rank would hold the whole 4-bit model"
-    else:
-        why = (f"FSDP casts parameters to the compute dtype ({cfg.compute_dtype}), which would rewrite the "
-               f"packed 4-bit bytes stored as {cfg.quant_storage}")
-    raise ConfigError(f"config key 'quant_storage' is '{cfg.quant_storage}' under FSDP: {why}; pass "
-                      f"--quant_storage {cfg.compute_dtype} (the compute dtype)")
 
 
 # --------------------------------------------------------------------------- 8-bit AdamW on local shards

@@ -100,7 +100,8 @@ def inference_config(adapter: str | None, model: str | None = None, quant: str |
         overrides.setdefault("quant", "none")
     if model:
         overrides["model"] = model
-    cfg = load_config(["--config", str(preset)] if preset is not None and preset.is_file() else [], **overrides)
+    cfg = load_config(["--config", str(preset)] if preset is not None and preset.is_file() else [],
+                      accept_renamed=True, **overrides)
     return cfg, adapter_cfg
 
 

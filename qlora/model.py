@@ -119,7 +119,7 @@ def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
 
 
 def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
-    """LoRA, checkpointing of `cfg.checkpoint_layers`, fused NF4+LoRA linears and kernels on a loaded
+    """LoRA, checkpointing of `cfg.recompute_layers`, fused NF4+LoRA linears and kernels on a loaded
     base. Under FSDP2 the fused node runs on each layer's gathered 4-bit weights (qlora/fsdp.py)."""
     from qlora.kernels import use_kernels
     from qlora.lora_fused import fuse_lora
@@ -129,10 +129,10 @@ def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
     model = add_lora(base, cfg)
     fused = cfg.fused_lora
     seeded = fused and cfg.lora_dropout > 0 and (cfg.seeded_dropout or cfg.cuda_graphs)
-    if cfg.gradient_checkpointing:
+    if cfg.recompute:
         # only torch's dropout draws random numbers in a layer; a seeded mask needs no RNG state
-        enable_checkpointing(model, cfg.checkpoint_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
-                             offload=cfg.offload_checkpoints)
+        enable_checkpointing(model, cfg.recompute_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
+                             offload=cfg.offload_recompute)
     if fused:
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
                   cfg.fp8_exclude)

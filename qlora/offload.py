@@ -1,5 +1,5 @@
 """Checkpointed layers whose inputs wait for backward in pinned host memory (config key
-`offload_checkpoints`), for rows too long for the GPU.
+`offload_recompute`), for rows too long for the GPU.
 
 With activation checkpointing a decoder layer keeps only its input for backward, but over a very
 long row that is still hidden_size x 2 bytes per token per layer: 32 GiB for one 131,072-token row

@@ -37,7 +37,7 @@ def tiny_cfg(tmp_path=None, **kw):
 
     base = dict(model="random:tiny", quant="none", compute_dtype="float32", lora_dropout=0.0,
                 max_seq_len=256, micro_batch_size=2, grad_accum=1, tracker="none", sample_prompts=0,
-                gradient_checkpointing=False, optimizer="adamw", warmup_steps=0)
+                recompute=False, optimizer="adamw", warmup_steps=0)
     if tmp_path is not None:
         base["output_dir"] = str(tmp_path / "run")
     base.update(kw)

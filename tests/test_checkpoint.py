@@ -23,7 +23,7 @@ TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", 
 VARIANTS = {
     "fp32": ["--quant", "none", "--compute_dtype", "float32", "--optimizer", "adamw"],
     "nf4_paged8bit": ["--quant", "nf4", "--compute_dtype", "float32", "--optimizer", "paged_adamw_8bit",
-                      "--gradient_checkpointing", "true"],
+                      "--recompute", "true"],
 }
 
 

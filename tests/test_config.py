@@ -38,7 +38,7 @@ def test_preset_then_cli_override(tmp_path):
     (["--max_steps"], "has no value"),
     (["stray"], "unexpected argument 'stray'"),
     (["--config", "nope.yaml"], "config file nope.yaml not found"),
-    (["--checkpoint_layers", "-2"], "config key 'checkpoint_layers' from the command line must be >= -1 (-1 = all"),
+    (["--recompute_layers", "-2"], "config key 'recompute_layers' from the command line must be >= -1 (-1 = all"),
     (["--kernels", "triton"], "config key 'kernels' from the command line = 'triton' must be one of"),
 ])
 def test_bad_cli_is_a_clear_error(argv, needle):
@@ -82,13 +82,13 @@ OUT_OF_RANGE = [
     ("max_steps", "0", ">= 1"), ("micro_batch_size", "0", ">= 1"), ("grad_accum", "0", ">= 1"),
     ("seed", "-1", "in [0, 4294967295]"), ("seed", str(2 ** 32), "in [0, 4294967295]"),
     ("log_every", "0", ">= 1"), ("keep_last", "0", ">= 1"), ("sample_prompts", "-1", ">= 0"),
-    ("max_new_tokens", "0", ">= 1"), ("checkpoint_layers", "-2", ">= -1"),
+    ("max_new_tokens", "0", ">= 1"), ("recompute_layers", "-2", ">= -1"),
     ("adam_betas", "0.9,1.0", "two numbers in [0, 1)"), ("adam_betas", "0.9,nan", "expected a finite number"),
     ("adam_betas", "0.9", "two numbers in [0, 1)"), ("adam_betas", "-0.1,0.9", "two numbers in [0, 1)"),
 ]
 ON_THE_EDGE = [("min_lr_ratio", "0"), ("min_lr_ratio", "1"), ("max_grad_norm", "0"), ("warmup_steps", "0"),
                ("seed", "0"), ("seed", str(2 ** 32 - 1)), ("adam_betas", "0,0.999"), ("lora_dropout", "0"),
-               ("eval_every", "0"), ("checkpoint_layers", "-1"), ("lora_alpha", "0.5")]
+               ("eval_every", "0"), ("recompute_layers", "-1"), ("lora_alpha", "0.5")]
 
 
 @pytest.mark.parametrize("key, value, needle", OUT_OF_RANGE, ids=[f"{k}={v}" for k, v, _ in OUT_OF_RANGE])
@@ -187,3 +187,24 @@ def test_dash_spelling_of_keys_is_accepted_and_corrected():
     with pytest.raises(ConfigError) as e:
         load_config(["--max-step", "5"])
     assert "unknown config key 'max-step' in the command line; did you mean 'max_steps'?" in str(e.value)
+
+
+def test_readme_switch_table_is_the_switch_table():
+    """The README's table of speed/memory switches is `qlora.switches`' (regenerate it with
+    `python -m qlora.switches`), and every switch is a Config key."""
+    from qlora.switches import SWITCHES, markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text()
+    assert {s.key for s in SWITCHES} <= set(vars(Config()))
+
+
+@pytest.mark.parametrize("old,new", [("gradient_checkpointing", "recompute"), ("checkpoint_layers", "recompute_layers"),
+                                     ("offload_checkpoints", "offload_recompute")])
+def test_a_renamed_key_names_its_new_name(tmp_path, old, new):
+    (tmp_path / "old.yaml").write_text(f"{old}: true\n" if old != "checkpoint_layers" else f"{old}: 4\n")
+    with pytest.raises(ConfigError, match=f"'{old}' in config file .* was renamed to '{new}'"):
+        load_config(["--config", str(tmp_path / "old.yaml")])
+    with pytest.raises(ConfigError, match=f"'{old}' in the command line was renamed to '{new}'"):
+        load_config([f"--{old}", "1"])
+    # an adapter's saved config from before the rename still loads for inference
+    assert getattr(load_config(["--config", str(tmp_path / "old.yaml")], accept_renamed=True), new) in (True, 4)

@@ -24,7 +24,7 @@ from conftest import ROOT
 TINY = ["--model", "random:tiny", "--quant", "none", "--compute_dtype", "float32", "--optimizer", "adamw",
         "--lora_dropout", "0", "--max_seq_len", "256", "--grad_accum", "2", "--max_steps", "3", "--warmup_steps", "0",
         "--lr", "1e-3", "--tracker", "none", "--sample_prompts", "0", "--eval_every", "0", "--eval_batches", "1",
-        "--save_every", "2", "--gradient_checkpointing", "true"]
+        "--save_every", "2", "--recompute", "true"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo test; on GPUs --multi_gpu uses NCCL")
 

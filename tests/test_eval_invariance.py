@@ -27,7 +27,7 @@ from conftest import tiny_cfg
 QV = ["q_proj", "v_proj"]
 QVD = ["q_proj", "v_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CASES = [  # (targets, fused_lora, gradient_checkpointing)
+CASES = [  # (targets, fused_lora, recompute)
     (QV, True, False), (QV, False, True),
     (QVD, True, True), (QVD, False, False),
     (ALL7, True, False), (ALL7, False, True),
@@ -53,7 +53,7 @@ def run(data, out, evals: bool, targets, fused: bool, ckpt: bool):
     held_out = dict(eval_datasets=[str(data / "eval.jsonl")], eval_every=1, eval_batches=1) if evals \
         else dict(eval_fraction=0.0)
     cfg = tiny_cfg(output_dir=str(out), quant="nf4", compute_dtype="float32", datasets=[str(data / "train.jsonl")],
-                   lora_targets=targets, fused_lora=fused, gradient_checkpointing=ckpt, lora_dropout=0.05,
+                   lora_targets=targets, fused_lora=fused, recompute=ckpt, lora_dropout=0.05,
                    max_seq_len=128, micro_batch_size=2, max_steps=2, lr=2e-3, save_every=0, **held_out)
     train.main(cfg)
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

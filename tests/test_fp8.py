@@ -11,6 +11,7 @@ import torch
 
 from qlora import fp8, lora_fused
 from qlora.config import ConfigError
+from qlora.switches import Where, check_switches
 
 import helpers
 from conftest import tiny_cfg
@@ -169,9 +170,9 @@ def test_fp8_exclude_must_name_adapted_projections_and_saved_configs_load_back(t
 
 def test_base_fp8_is_refused_where_it_cannot_run():
     for kw, needs in (({"fused_lora": False}, "fused_lora true"), ({"quant": "none"}, "4-bit base")):
-        with pytest.raises(ConfigError, match=f"config key 'base_fp8' needs .*{needs}"):
-            fp8.check(tiny_cfg(base_fp8=True, **kw), torch.device("cpu"))
-    fp8.check(tiny_cfg(quant="nf4", base_fp8=True), torch.device("cpu"))  # CPU: torch's own _scaled_mm
+        with pytest.raises(ConfigError, match=f"config key 'base_fp8' = True needs .*{needs}"):
+            check_switches(tiny_cfg(base_fp8=True, **kw), Where(torch.device("cpu")))
+    check_switches(tiny_cfg(quant="nf4", base_fp8=True), Where(torch.device("cpu")))  # CPU: torch's _scaled_mm
 
 
 def test_train_py_in_fp8_trains_and_saves_an_adapter_that_loads(tmp_path):

@@ -146,7 +146,7 @@ def test_fused_node_runs_on_fsdp_gathered_4bit_weights(tmp_path):
     for case in res["cases"]:
         # every projection of both layers took the fused node on both passes: forward, and again in
         # backward where the layer recomputes (2 layers of 7 projections)
-        recomputing = 2 if case["checkpoint_layers"] == -1 else case["checkpoint_layers"]
+        recomputing = 2 if case["recompute_layers"] == -1 else case["recompute_layers"]
         assert case["fused_linears"] == 14 and case["fused_calls"] == 2 * (14 + 7 * recomputing), case
         # same maths, same fp32 kernels; FSDP averages the two ranks' identical gradients ((g + g) / 2 is
         # exact): measured bit-identical. Bound 1e-6 relative, far below a wrong weight or scale (>1e-2)
@@ -257,12 +257,12 @@ def worker_fused(out: Path) -> dict:
     # all layers recompute / layer 1 keeps its forward's tensors for backward; bf16 storage and compute (GPUs)
     for p, layers, dtype in ((0.0, -1, "float32"), (0.1, 1, "float32"), (0.1, -1, "bfloat16")):
         cfg = load_config([], model="random:tiny", quant="nf4", quant_storage=dtype, compute_dtype=dtype,
-                          lora_dropout=p, checkpoint_layers=layers, kernels="none", absmax_cache=True)
+                          lora_dropout=p, recompute_layers=layers, kernels="none", absmax_cache=True)
         ref = TokenLoss(tiny_lora_model(cfg, fsdp=False)).train()
         sharded = tiny_lora_model(cfg, fsdp=False)  # fused as on one process, then made FSDP-aware
         n_fused = fuse_on_gathered_weights(sharded)
         wrapped = prepare(acc, TokenLoss(sharded)).train()
-        case = {"dropout": p, "checkpoint_layers": layers, "dtype": dtype, "fused_linears": n_fused, "losses": []}
+        case = {"dropout": p, "recompute_layers": layers, "dtype": dtype, "fused_linears": n_fused, "losses": []}
         calls[0], errs = 0, []
         for seed in (1, 2):
             batch = token_batch(seed)
@@ -488,7 +488,7 @@ def test_fsdp2_refuses_4bit_storage_it_would_replicate_or_corrupt(tmp_path, stor
     out = tmp_path / "out"
     # one process is enough: the check runs before the model is built (no process group needed)
     r = run_cli([str(HERE), "train", *FAST_TRAIN, "--quant", "nf4", "--quant_storage", storage, "--output_dir", str(out)])
-    line = assert_one_error(r, "quant_storage", f"'{storage}' under FSDP", "--quant_storage float32")
+    line = assert_one_error(r, f"'quant_storage' = '{storage}'", "compute dtype under FSDP2", "--quant_storage float32")
     assert ("whole 4-bit model" in line) == (storage == "uint8")
     assert snapshot(out) == {}
 

@@ -67,7 +67,7 @@ def test_fused_matches_peft_with_the_same_dropout_mask(sql_examples, monkeypatch
 
 
 def test_fused_with_partial_checkpointing_matches_peft(sql_examples):
-    plain, fused, batches = two_models(sql_examples, gradient_checkpointing=True, checkpoint_layers=1)
+    plain, fused, batches = two_models(sql_examples, recompute=True, recompute_layers=1)
     assert [b.gradient_checkpointing for b in decoder_layers(fused)] == [True, False]
     compare(plain, fused, batches)
 
@@ -109,7 +109,7 @@ def test_dropout_mask_is_replayed_by_checkpoint_recompute(sql_examples):
     grads = []
     for ck in (False, True):
         torch.manual_seed(0)
-        model = load_model(tiny_cfg(quant="nf4", lora_dropout=0.3, gradient_checkpointing=ck), torch.device("cpu"))
+        model = load_model(tiny_cfg(quant="nf4", lora_dropout=0.3, recompute=ck), torch.device("cpu"))
         randomise_lora_(model)
         batches = [collate([[e] for e in sql_examples[:2]], pad_id=0)]
         lm = TokenLoss(model)
@@ -122,7 +122,7 @@ def test_dropout_mask_is_replayed_by_checkpoint_recompute(sql_examples):
 
 def test_only_the_chosen_layers_recompute(sql_examples):
     """Backward re-runs the forward of checkpointed layers only: count MLP calls per layer."""
-    model = load_model(tiny_cfg(gradient_checkpointing=True, checkpoint_layers=1), torch.device("cpu"))
+    model = load_model(tiny_cfg(recompute=True, recompute_layers=1), torch.device("cpu"))
     calls = []
     for i, block in enumerate(decoder_layers(model)):
         block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.append(i))  # pre: recompute stops early

@@ -116,7 +116,7 @@ def test_without_the_guard_an_eval_pass_blocks_the_gradient(batches):
 
 
 @pytest.mark.parametrize("kw", [dict(lora_targets=QV), dict(lora_targets=QV, fused_lora=False),
-                                dict(lora_targets=ALL7, gradient_checkpointing=True),
+                                dict(lora_targets=ALL7, recompute=True),
                                 dict(lora_targets=ALL7, fused_lora=False)])
 def test_every_4bit_linear_of_a_training_model_is_guarded(kw):
     """On any CPU: every Linear4bit of a loaded training model has the repack turned off."""

@@ -52,13 +52,13 @@ def _train_grads(examples, **kw):
 def test_seeded_dropout_recompute_and_advance(sql_examples):
     """With checkpointing the recompute draws the very masks of the forward (no RNG state is kept):
     gradients equal a run without checkpointing; the seed advances once per micro-batch."""
-    g_ckpt, seed = _train_grads(sql_examples, seeded_dropout=True, gradient_checkpointing=True)
-    g_full, _ = _train_grads(sql_examples, seeded_dropout=True, gradient_checkpointing=False)
+    g_ckpt, seed = _train_grads(sql_examples, seeded_dropout=True, recompute=True)
+    g_full, _ = _train_grads(sql_examples, seeded_dropout=True, recompute=False)
     assert int(seed) == 42 * 1_000_003 + 2  # two micro-batches
     for n in g_full:
         assert g_full[n].abs().max() > 0
         torch.testing.assert_close(g_ckpt[n], g_full[n], rtol=1e-5, atol=1e-7, msg=n)
-    g_torch, none = _train_grads(sql_examples, seeded_dropout=False, gradient_checkpointing=False)
+    g_torch, none = _train_grads(sql_examples, seeded_dropout=False, recompute=False)
     assert none is None
     assert max((g_torch[n] - g_full[n]).abs().max() for n in g_full) > 1e-4  # other masks: the flag matters
 
@@ -81,8 +81,8 @@ def test_linear_cross_entropy_matches_plain_ce():
 
 
 def test_offloaded_checkpoints_give_the_same_gradients(sql_examples):
-    plain, _ = _train_grads(sql_examples, gradient_checkpointing=True)
-    off, _ = _train_grads(sql_examples, gradient_checkpointing=True, offload_checkpoints=True)
+    plain, _ = _train_grads(sql_examples, recompute=True)
+    off, _ = _train_grads(sql_examples, recompute=True, offload_recompute=True)
     assert plain.keys() == off.keys()
     for n in plain:  # layer 0's adapters included: its input (frozen embeddings) does not require grad
         assert off[n].abs().max() > 0, n
@@ -119,17 +119,18 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
 
 
 @pytest.mark.parametrize("change,why", [({"attn_backend": "flex"}, "flex builds its block mask"),
-                                        ({"attn_backend": "cudnn"}, "fails inside a graph capture"),
-                                        ({"offload_checkpoints": True}, "host copies cannot be captured"),
+                                        ({"attn_backend": "cudnn"}, "fails inside a capture"),
+                                        ({"offload_recompute": True}, "host copies cannot be captured"),
                                         ({"fused_lora": False}, "seeded dropout lives in the fused node")])
 def test_cuda_graphs_refuses_what_cannot_be_captured(change, why):
-    """The refusals that need a CUDA device to be reached, with a stand-in accelerator on one GPU."""
-    from types import SimpleNamespace
-
+    """The refusals that need a CUDA device to be reached (the switch table's validator, told it runs on
+    one GPU)."""
     from qlora.config import ConfigError, load_config
-    from qlora.cuda_graphs import check_graphs
+    from qlora.switches import Where, check_switches
 
-    gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
-    check_graphs(load_config([], cuda_graphs=True, seeded_dropout=True), gpu)  # the plain case passes
-    with pytest.raises(ConfigError, match=f"'cuda_graphs' needs .*{why}"):
-        check_graphs(load_config([], cuda_graphs=True, **change), gpu)
+    gpu = Where(torch.device("cuda"))
+    check_switches(load_config([], cuda_graphs=True, seeded_dropout=True), gpu)  # the plain case passes
+    with pytest.raises(ConfigError, match=f"'cuda_graphs' = True needs .*{why}"):
+        check_switches(load_config([], cuda_graphs=True, **change), gpu)
+    with pytest.raises(ConfigError, match="'cuda_graphs' = True needs one process"):
+        check_switches(load_config([], cuda_graphs=True), Where(torch.device("cuda"), processes=2))

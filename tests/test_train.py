@@ -113,7 +113,7 @@ def test_4bit_path_trains_and_loss_falls(tmp_path):
 
     cfg = tiny_cfg(tmp_path, model="smollm2", quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit",
                    lr=1e-3, max_steps=8, warmup_steps=1, eval_every=8, eval_batches=2, save_every=0,
-                   micro_batch_size=2, max_seq_len=320, gradient_checkpointing=True, lora_dropout=0.05)
+                   micro_batch_size=2, max_seq_len=320, recompute=True, lora_dropout=0.05)
     result = train.main(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if r["kind"] == "train"]
