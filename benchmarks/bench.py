@@ -43,6 +43,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline_only", action="store_true", help="run only the seed recipe")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: random:tiny, short rows, 2+1 steps, fp32")
     p.add_argument("--out", default="", help="folder for bench.jsonl/csv/png (default: a new folder in /tmp, so a "
-                   "run never appends to the records committed under benchmarks/results/)")
+                   "run never appends to the committed records; keep one as results/<YYYY-MM-DD>-<what>/)")
     p.add_argument("--tag", default="", help="free text stored with every record")
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess before it is recorded as timeout")
     p.add_argument("--no_plot", action="store_true")
@@ -375,7 +376,6 @@ def main(argv=None) -> int:
     if args.plot_only and not args.out:
         raise SystemExit("error: --plot_only needs --out FOLDER (the folder that holds bench.jsonl)")
     if not args.out:
-        import tempfile
         args.out = tempfile.mkdtemp(prefix="qlora-bench-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

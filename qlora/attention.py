@@ -216,7 +216,7 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
 
 def _dense_cudnn(query, key, value, scale=None):
     """Causal attention on [B, H, T, D] (fewer K/V heads for GQA) through SDPA restricted to its cuDNN
-    kernel (GQA checked on an H100: benchmarks/results/2026-11-28-cudnn-longrow/probe.log)."""
+    kernel (GQA checked on an H100: results/2026-11-28-cudnn-longrow/probe.log)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

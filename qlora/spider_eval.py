@@ -2,7 +2,7 @@
 confidence interval and Spider's hardness breakdown, as one JSON report.
 
     python -m qlora.evaluate --adapter runs/spider/final --data ../shared/data/spider/dev.json:spider \\
-        --out eval/spider/adapter_spider_dev.json
+        --out adapter_spider_dev.json
 
 Every row whose database file exists is scored, unless its gold query fails (skipped and counted):
 execution match compares the gold and the predicted result as multisets of rows, as lists when the gold

@@ -186,7 +186,7 @@ def test_report_rows_and_counts(tmp_path, tok):
 def test_committed_reports_match_their_rows():
     from conftest import ROOT
 
-    reports = sorted((ROOT / "eval").glob("**/*spider*dev*.json"))
+    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
     if not reports:
         pytest.skip("no Spider reports committed")
     for path in reports:
@@ -201,7 +201,7 @@ def test_committed_reports_rescore_on_the_real_databases():
     """Every 40th row of each committed report, re-run against the Spider database: the same verdict."""
     from conftest import ROOT
 
-    reports = sorted((ROOT / "eval").glob("**/*spider*dev*.json"))
+    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
     if not reports:
         pytest.skip("no Spider reports committed")
     spider_file("dev.json")  # skips without ../shared
