@@ -78,7 +78,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora import attention, fp8
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
-    from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
+    from qlora.base_model import load_base_model
+    from qlora.model import count_parameters, describe_speedups, finish_model
     from qlora.optim import lr_at, make_optimizer
     from qlora.packing import Batches
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs

@@ -193,7 +193,7 @@ def main_spider(args) -> int:
     from .data import parse_source
     from .cli import check_writable, dequantize_choice
     from .inference import load_for_inference
-    from .model import ModelLoadError
+    from .base_model import ModelLoadError
 
     source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
     try:

@@ -1,13 +1,22 @@
 """Test helpers shared by several test files (and benchmarks/check_fast_path_cuda.py, fp8_probe.py): LoRA
 weights with values, the gradients a window of micro-batches gives, a fixed dropout mask that the fused
-node and peft's dropout module can both draw, so the two paths compare with dropout on, and a 4-bit weight
-built from a tensor."""
+node and peft's dropout module can both draw, so the two paths compare with dropout on, a 4-bit weight
+built from a tensor, and the supervised text of an encoded example."""
 
 from __future__ import annotations
 
 import torch
 
 from qlora import attention
+from qlora.data import IGNORE
+
+
+def supervised_text(tok, ex) -> str:
+    """The text at an example's supervised positions, decoded from its input ids (where the label is not
+    IGNORE); also checks that each supervised label is the token at its own position."""
+    ids = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    assert ids == [label for label in ex.labels if label != IGNORE], "a supervised label is not its own token"
+    return tok.decode(ids, skip_special_tokens=False)
 
 
 def lora_params(model) -> dict:

@@ -193,7 +193,7 @@ def test_train_py_in_fp8_trains_and_saves_an_adapter_that_loads(tmp_path):
     assert low[0] != plain[0] and low[0] == pytest.approx(plain[0], rel=0.03)
     from peft import PeftModel
 
-    from qlora.model import load_base_model
+    from qlora.base_model import load_base_model
 
     base = load_base_model(tiny_cfg(), torch.device("cpu"))
     PeftModel.from_pretrained(base, str(tmp_path / "True" / "run" / "final"))

@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 from badinput import assert_one_error, run_cli
 from conftest import SHARED, shared_file
+from helpers import supervised_text
 
-from qlora.data import IGNORE, DataStats, build_examples, parse_source, supervised_text
+from qlora.data import IGNORE, DataStats, build_examples, parse_source
 from qlora.spider import compact_create, connect_ro, database_path, hardness, schema_text
 from qlora.spider_eval import answer_sql, bootstrap_ci, evaluate_spider, summarise
 from qlora.sqlscore import collapse_whitespace, execute_db, score_db_row

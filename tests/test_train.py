@@ -15,7 +15,8 @@ from qlora import attention
 from qlora.checkpoint import save_adapter
 from qlora.data import load_datasets
 from qlora.loss import TokenLoss
-from qlora.model import load_base_model, load_model
+from qlora.base_model import load_base_model
+from qlora.model import load_model
 from qlora.packing import collate
 
 from conftest import ROOT, tiny_cfg
