@@ -20,7 +20,7 @@ from qlora.config import ConfigError
 from qlora.generation import generate_ids, prompt_ids
 from qlora.cli import ArgParser, add_model_args, count, dequantize_choice
 from qlora.inference import load_for_inference
-from qlora.model import ModelLoadError
+from qlora.base_model import ModelLoadError
 
 
 def read_prompts(args) -> list[str]:

@@ -38,8 +38,9 @@ from qlora.kernels import resolve_kernels
 from qlora.lora_fused import dropout_seed
 from qlora.generation import generate_ids
 from qlora.loss import TokenLoss, mean_token_loss
-from qlora.model import (ModelLoadError, count_parameters, describe_speedups, load_model, load_tokenizer,
-                         model_vocab_size, resolve_compute_dtype, untrained_adapters)
+from qlora.base_model import ModelLoadError, load_tokenizer, model_vocab_size
+from qlora.model import count_parameters, describe_speedups, load_model, untrained_adapters
+from qlora.quant import resolve_compute_dtype
 from qlora.optim import lr_at, make_optimizer, set_lr
 from qlora.packing import Batches, DataState, eval_batches, model_inputs
 from qlora.signals import StopRequest

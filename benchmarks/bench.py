@@ -43,6 +43,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora.switches import Where, check_switches
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
-    from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
+    from qlora.base_model import load_base_model
+    from qlora.model import count_parameters, describe_speedups, finish_model
     from qlora.optim import lr_at, make_optimizer
     from qlora.packing import Batches
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
@@ -216,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline_only", action="store_true", help="run only the seed recipe")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: random:tiny, short rows, 2+1 steps, fp32")
     p.add_argument("--out", default="", help="folder for bench.jsonl/csv/png (default: a new folder in /tmp, so a "
-                   "run never appends to the records committed under benchmarks/results/)")
+                   "run never appends to the committed records; keep one as results/<YYYY-MM-DD>-<what>/)")
     p.add_argument("--tag", default="", help="free text stored with every record")
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess before it is recorded as timeout")
     p.add_argument("--no_plot", action="store_true")
@@ -376,7 +378,6 @@ def main(argv=None) -> int:
     if args.plot_only and not args.out:
         raise SystemExit("error: --plot_only needs --out FOLDER (the folder that holds bench.jsonl)")
     if not args.out:
-        import tempfile
         args.out = tempfile.mkdtemp(prefix="qlora-bench-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ TOL_LOSS, TOL_GRAD = 5e-3, 3e-2
 # FP8 variants change the numerics on purpose (e4m3: 3.6% relative error per GEMM output, tests/test_fp8.py),
 # so they get their own bounds, set from a measurement, not derived: this random 2-layer model amplifies
 # per-op rounding ~7x into the LoRA gradients (the noise row: bf16's ~0.4% per op -> 2.9%), and FP8 moved
-# them by 0.42-0.43 and the loss by up to 9e-3 on an H200 (results/2026-11-28-fp8/check_call*.txt; a first
+# them by 0.42-0.43 and the loss by up to 9e-3 on an H200 (results/2026-11-28-fp8/check*.txt; a first
 # bound of 0.25 failed there and was raised to this). With random weights these bounds cannot tell a subtle
 # scale bug from FP8 rounding: what guards the arithmetic is the bit-for-bit kernel check above and the CPU
 # unit tests of the torch path against the exact products (tests/test_fp8.py).

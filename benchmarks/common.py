@@ -134,7 +134,7 @@ def make_guanaco_lengths(parquet: str | Path, out: Path = LENGTHS_FILE) -> dict:
 
     from qlora.config import load_config
     from qlora.data import load_datasets
-    from qlora.model import load_tokenizer
+    from qlora.base_model import load_tokenizer
 
     parquet = Path(parquet)
     cfg = load_config([])
@@ -143,7 +143,7 @@ def make_guanaco_lengths(parquet: str | Path, out: Path = LENGTHS_FILE) -> dict:
     data = {
         "source": f"{parquet.name} (mlabonne/guanaco-llama2-1k), sha256 "
                   f"{hashlib.sha256(parquet.read_bytes()).hexdigest()}",
-        "tokenizer": "embedded SmolLM2-135M-Instruct (qlora.model.load_tokenizer(load_config([]))) with its chat "
+        "tokenizer": "embedded SmolLM2-135M-Instruct (qlora.base_model.load_tokenizer(load_config([]))) with its chat "
                      "template and default system prompt; the Llama-2 tokenizer is not available offline",
         "how": "qlora.data.load_datasets(guanaco formatter, max_len unlimited, eval_fraction 0): per example "
                "[total tokens, supervised tokens] (supervised = assistant response + its EOS)",

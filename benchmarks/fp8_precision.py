@@ -23,7 +23,8 @@ from qlora.config import load_config  # noqa: E402
 from qlora.data import load_datasets  # noqa: E402
 from qlora.loss import TokenLoss  # noqa: E402
 from qlora.lora_fused import FP8_ATTR  # noqa: E402
-from qlora.model import load_model, load_tokenizer  # noqa: E402
+from qlora.base_model import load_tokenizer  # noqa: E402
+from qlora.model import load_model  # noqa: E402
 from qlora.packing import collate, to_device  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

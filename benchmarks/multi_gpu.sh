@@ -17,7 +17,7 @@
 # Models are random Llama shapes with SmolLM2's 49,152-token vocab, trained on the built-in SQL data (or
 # DATA) tokenised by SmolLM2's tokenizer; nothing is downloaded. Every run has its own timeout (T, BIG_T
 # seconds), so one failure does not take the rest down. Logs go to $OUT/runs.tgz (refreshed after each
-# run, so a call cut short still returns what finished), the table to $OUT/summary.md (+ summary.json).
+# run, so a run cut short still leaves what finished), the table to $OUT/summary.md (+ summary.json).
 # Load time = seconds from the launch to the "model:" line (data + model built) and to the "memory:"
 # line (sharded, optimizer made). Per-GPU peak = nvidia-smi's memory.used sampled every 0.5 s (CUDA
 # context and allocator cache included) and rank 0's allocator peak from the log.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Single-GPU speed measurements of one device call, run as four independent lanes, one per GPU of a
+# Single-GPU speed measurements on one 4-GPU host, run as four independent lanes, one per GPU of a
 # 4-GPU host (each lane sees one card: CUDA_VISIBLE_DEVICES). Every comparison (ours vs the seed
-# recipe, before vs after a lever) sits inside one lane, so it is on one card in one call.
+# recipe, before vs after a lever) sits inside one lane, so it is on one card in one run.
 #
 #   OUT=/tmp/perf bash benchmarks/perf_lanes.sh            # needs 4 GPUs; LANES="0 2" runs only those
 #

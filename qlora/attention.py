@@ -58,17 +58,6 @@ _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
 
 
 # --------------------------------------------------------------------------- position_ids helpers
-def seq_lens_to_position_ids(lens_per_row: list[list[int]], T: int) -> torch.LongTensor:
-    """[B,T] position_ids for rows packed with examples of the given lengths; the tail is padding."""
-    rows = []
-    for lens in lens_per_row:
-        if any(n <= 0 for n in lens) or sum(lens) > T:
-            raise ValueError(f"example lengths {lens} must be positive and fit in {T} tokens")
-        tail = [T - sum(lens)] if sum(lens) < T else []
-        rows.append(torch.cat([torch.arange(n) for n in list(lens) + tail]))
-    return torch.stack(rows).long()
-
-
 def _starts(position_ids: torch.Tensor) -> torch.Tensor:
     """Bool [B,T]: True where an example (or the padding pseudo-example) starts. A row always starts one."""
     starts = position_ids == 0
@@ -216,7 +205,7 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
 
 def _dense_cudnn(query, key, value, scale=None):
     """Causal attention on [B, H, T, D] (fewer K/V heads for GQA) through SDPA restricted to its cuDNN
-    kernel (GQA checked on an H100: benchmarks/results/2026-11-28-cudnn-longrow/probe.log)."""
+    kernel (GQA checked on an H100: results/2026-11-28-cudnn-longrow/probe.log)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

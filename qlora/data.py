@@ -201,7 +201,3 @@ def mix(examples: list[Example], weight: float, seed: int) -> list[Example]:
     return out
 
 
-def supervised_text(tok, ex: Example) -> str:
-    """Decode only the supervised tokens (for tests and inspection)."""
-    return tok.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
-

@@ -35,8 +35,8 @@ from .formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
 from .cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag
 from .inference import load_for_inference
+from .base_model import ModelLoadError
 from .loss import TokenLoss, mean_token_loss
-from .model import ModelLoadError
 from .packing import eval_batches, model_inputs
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]

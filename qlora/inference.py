@@ -15,7 +15,6 @@ a model directory whose weights are damaged or do not fit its config.json.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

@@ -14,7 +14,7 @@ only this rank's shard there, so no GPU ever holds the whole 4-bit model, only i
 
 - `build_random_layerwise`: `random:<shape>` models for benchmarks. Each layer draws its values from
   its own generator (seed, layer index), so every rank builds the same model whatever the world size;
-  the values differ from `qlora.model.build_random_model`'s (another draw order), the shapes do not.
+  the values differ from `qlora.base_model.build_random_model`'s (another draw order), the shapes do not.
 - `load_safetensors_layerwise`: a local Hugging Face checkpoint (`model.safetensors` or sharded with
   `model.safetensors.index.json`); the same 4-bit model as `from_pretrained` with bitsandbytes'
   config, bit for bit (tests/test_layerwise.py compares logits).

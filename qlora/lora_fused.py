@@ -191,10 +191,3 @@ def dropout_seed(model) -> torch.Tensor | None:
     """The seed counter the fused modules of `model` share (None: torch's own dropout)."""
     return next((getattr(m, SEED_ATTR) for m in model.modules() if getattr(m, SEED_ATTR, None) is not None), None)
 
-
-def unfuse_lora(model) -> None:
-    """Undo `fuse_lora` (peft's own forward again), e.g. before merging or under FSDP."""
-    for module in model.modules():
-        if getattr(module, FUSED_ATTR, False):
-            del module.forward
-            setattr(module, FUSED_ATTR, False)

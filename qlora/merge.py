@@ -35,7 +35,7 @@ from .config import ConfigError, load_config, save_config
 from .data import DataError
 from .cli import ArgParser, count
 from .inference import inference_config, load_for_inference
-from .model import ModelLoadError
+from .base_model import ModelLoadError
 
 EXACT_DTYPE = "float32"  # the precision whose merge error the docs state
 

@@ -8,7 +8,7 @@ That op has no autograd kernel, so once a model has been evaluated no gradient f
 such a layer in training any more, and it computes in bf16 whatever the compute dtype. One eval
 pass would silently stop the adapters upstream of every 4-bit linear without a fused LoRA node from
 training (and change the losses). `guard_cpu_4bit_repack` turns that path off per layer; every model
-`qlora.model.load_base_model` builds, for training or inference, gets it, so a training run, its eval
+`qlora.base_model.load_base_model` builds, for training or inference, gets it, so a training run, its eval
 passes, `qlora.evaluate`, generation and merge all compute the same thing on every CPU. Inference
 keeps the guard too: the repacked kernel rounds activations and block scales to bf16 (SmolLM2 NF4,
 fp32 compute: eval loss 0.5-0.6% lower than the fp32 path), and where speed matters on a CPU
@@ -114,7 +114,7 @@ def guard_cpu_4bit_repack(model: nn.Module) -> int:
     """Keep every `Linear4bit` of `model` on its trainable path on any CPU: no in-place repack into
     the bf16 inference layout at eval, so evaluating a model never changes how it trains or what it
     computes. Idempotent; returns how many layers it covers. Call it before the model's first eval
-    forward (`qlora.model.load_base_model` does); a layer that has already been repacked is an error."""
+    forward (`qlora.base_model.load_base_model` does); a layer that has already been repacked is an error."""
     layers = linears_4bit(model)
     done = [n for n, m in layers if is_repacked(m)]
     if done:

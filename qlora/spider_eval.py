@@ -2,7 +2,7 @@
 confidence interval and Spider's hardness breakdown, as one JSON report.
 
     python -m qlora.evaluate --adapter runs/spider/final --data ../shared/data/spider/dev.json:spider \\
-        --out eval/spider/adapter_spider_dev.json
+        --out adapter_spider_dev.json
 
 Every row whose database file exists is scored, unless its gold query fails (skipped and counted):
 execution match compares the gold and the predicted result as multisets of rows, as lists when the gold
@@ -193,7 +193,7 @@ def main_spider(args) -> int:
     from .data import parse_source
     from .cli import check_writable, dequantize_choice
     from .inference import load_for_inference
-    from .model import ModelLoadError
+    from .base_model import ModelLoadError
 
     source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
     try:

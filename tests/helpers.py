@@ -1,13 +1,14 @@
 """Test helpers shared by several test files (and benchmarks/check_fast_path_cuda.py, fp8_probe.py): LoRA
 weights with values, the gradients a window of micro-batches gives, a fixed dropout mask that the fused
-node and peft's dropout module can both draw, so the two paths compare with dropout on, and a 4-bit weight
-built from a tensor."""
+node and peft's dropout module can both draw, so the two paths compare with dropout on, a 4-bit weight
+built from a tensor, and the supervised text of an encoded example."""
 
 from __future__ import annotations
 
 import torch
 
 from qlora import attention
+from qlora.data import IGNORE
 from qlora.loss import supervised_logits
 
 
@@ -20,6 +21,14 @@ def with_logits_term(seam, c: float = 0.01):
         logits, real = supervised_logits(loss_model)
         return loss + c * (logits.pow(2).mean(-1) * real).sum()
     return micro_batch_loss
+
+
+def supervised_text(tok, ex) -> str:
+    """The text at an example's supervised positions, decoded from its input ids (where the label is not
+    IGNORE); also checks that each supervised label is the token at its own position."""
+    ids = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    assert ids == [label for label in ex.labels if label != IGNORE], "a supervised label is not its own token"
+    return tok.decode(ids, skip_special_tokens=False)
 
 
 def lora_params(model) -> dict:

@@ -23,7 +23,6 @@ import qlora.attention as qa  # noqa: E402
 from qlora.attention import (  # noqa: E402
     mask_cross_example_labels,
     packing_kwargs,
-    seq_lens_to_position_ids,
     use_default_attention,
     use_packed_attention,
 )
@@ -31,6 +30,16 @@ from qlora.attention import (  # noqa: E402
 LENS = [[7, 13], [1, 10, 5]]  # two rows of T=24: tails of 4 and 8 padding tokens, a 1-token example
 T = 24
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def position_ids(lens_per_row: list[list[int]], T: int) -> torch.Tensor:
+    """[B,T] position_ids of rows packed with examples of these lengths, written out position by position:
+    each example counts from 0, and the padding tail (if any) counts from 0 as one more pseudo-example."""
+    rows = []
+    for lens in lens_per_row:
+        row = [i for n in lens for i in range(n)]
+        rows.append(row + list(range(T - len(row))))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,7 +77,7 @@ def make_model(quant_dtype=None):
 def make_batch():
     g = torch.Generator().manual_seed(1)
     examples = [torch.randint(1, 128, (n,), generator=g) for row in LENS for n in row]
-    pos = seq_lens_to_position_ids(LENS, T)
+    pos = position_ids(LENS, T)
     ids = torch.zeros(len(LENS), T, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     spans, it = [], iter(examples)  # spans: (row, start, example) of every real example
@@ -298,7 +307,7 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
     monkeypatch.setattr(qa, "_dense_cudnn", dense)
     monkeypatch.setattr(qa, "_varlen_call", lambda: qa._adapt_varlen(varlen))
     monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
-    assert packing_kwargs(seq_lens_to_position_ids(LENS, T), "cudnn")["whole_rows"] is False
+    assert packing_kwargs(position_ids(LENS, T), "cudnn")["whole_rows"] is False
     assert_close(errors(make_model(), "cudnn"), 1e-5)  # packed rows: exactly the varlen path
     assert {c[0] for c in calls} == {"varlen"}
 
@@ -326,7 +335,7 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
     # position_ids alone cannot tell the tail from a second example, the collator's flag can
     calls.clear()
     lens = [[20], [13]]
-    tail_pos = seq_lens_to_position_ids(lens, T)
+    tail_pos = position_ids(lens, T)
     assert packing_kwargs(tail_pos, "cudnn")["whole_rows"] is False
     kw = packing_kwargs(tail_pos, "cudnn", whole_rows=True)
     with torch.no_grad():
@@ -369,7 +378,7 @@ def test_sdpa_packed_matches_unpacked_nf4(compute_dtype, tol, grad_tol):
 
 # ----------------------------------------------------------------------------- helpers and errors
 def test_packing_kwargs_shapes_and_values():
-    pos = seq_lens_to_position_ids(LENS, T)
+    pos = position_ids(LENS, T)
     assert pos[0].tolist() == list(range(7)) + list(range(13)) + list(range(4))
     kw = packing_kwargs(pos, "varlen")
     assert kw["cu_seq_lens_q"].tolist() == [0, 7, 20, 24, 25, 35, 40, 48] and kw["cu_seq_lens_q"].dtype == torch.int32
@@ -391,8 +400,6 @@ def test_errors():
         use_packed_attention(model, "varlen")
     with pytest.raises(ValueError, match="unknown"):
         packing_kwargs(torch.zeros(1, 4, dtype=torch.long), "nope")
-    with pytest.raises(ValueError, match="fit"):
-        seq_lens_to_position_ids([[3, 4]], 6)
     assert use_packed_attention(model, "auto") == "sdpa"  # CPU
     with pytest.raises(ValueError, match="packing_kwargs"):  # packed model without its kwargs
         model(input_ids=torch.ones(1, 4, dtype=torch.long))

@@ -45,7 +45,8 @@ def files(tmp_path_factory, tok):
     a data file and a finished 1-step run with checkpoint-1."""
     import train
     from qlora.config import load_config
-    from qlora.model import load_base_model, load_model
+    from qlora.base_model import load_base_model
+    from qlora.model import load_model
 
     root = tmp_path_factory.mktemp("bad_inference")
     cfg = tiny_cfg(quant="nf4")

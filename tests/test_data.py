@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qlora.data import (IGNORE, DataStats, Source, build_examples, encode, load_datasets, load_rows, mix, parse_source,
-                        supervised_text)
+from qlora.data import IGNORE, DataStats, Source, build_examples, encode, load_datasets, load_rows, mix, parse_source
 from qlora.formatters import FIELDS, FORMATTERS, DataError, detect_formatter
 
 from conftest import shared_file
+from helpers import supervised_text
 
 BIRD_ROWS = [  # written in the schema of meowterspace45/bird-sql-train-with-reasoning
     {"db_id": "shop", "schema": "CREATE TABLE orders (id INT, amount REAL);", "question": "Total order amount?",

@@ -194,7 +194,7 @@ def test_train_py_in_fp8_trains_and_saves_an_adapter_that_loads(tmp_path):
     assert low[0] != plain[0] and low[0] == pytest.approx(plain[0], rel=0.03)
     from peft import PeftModel
 
-    from qlora.model import load_base_model
+    from qlora.base_model import load_base_model
 
     base = load_base_model(tiny_cfg(), torch.device("cpu"))
     PeftModel.from_pretrained(base, str(tmp_path / "True" / "run" / "final"))
@@ -202,7 +202,7 @@ def test_train_py_in_fp8_trains_and_saves_an_adapter_that_loads(tmp_path):
 
 def test_the_real_model_in_fp8_scores_rows_close_to_bf16(tok):
     """SmolLM2-135M (the embedded model, NF4) on built-in SQL rows: the token loss with FP8 base GEMMs
-    (the default fp8_exclude) against bf16's. Measured (benchmarks/fp8_precision.py, RESULTS.md "Round 4"):
+    (the default fp8_exclude) against bf16's. Measured (benchmarks/fp8_precision.py, RESULTS.md "FP8 base GEMMs"):
     -1.81% on 8 SQL rows, +0.04% on 16 guanaco rows, within +-2.1% for any projection kind alone; 5%
     leaves room for these 4 rows."""
     from qlora import attention

@@ -62,7 +62,7 @@ def save_random_checkpoint(folder: Path, fields: dict, dtype=torch.float32, shar
 @pytest.mark.parametrize("tied", [False, True])
 def test_safetensors_layerwise_gives_the_from_pretrained_model(tmp_path, tied):
     from qlora.layerwise import load_safetensors_layerwise
-    from qlora.model import load_base_model
+    from qlora.base_model import load_base_model
 
     # a sharded checkpoint (model.safetensors.index.json + 4 files) of a 3-layer random Llama
     folder = save_random_checkpoint(tmp_path / "ckpt", {**SMALL, "tie_word_embeddings": tied}, shard_size="300KB")
@@ -237,7 +237,7 @@ def _measure_main(mode: str, folder: str | None = None) -> None:
     elif mode == "build_layerwise":
         model = layerwise.build_random_layerwise(llama_config(MEDIUM), cfg, dev, dtype)
     elif mode == "load_from_pretrained":
-        from qlora.model import load_base_model
+        from qlora.base_model import load_base_model
 
         model = load_base_model(cfg, dev)
     else:

@@ -91,8 +91,9 @@ def test_fallback_when_adapters_are_disabled(sql_examples):
     ids = batches[0]["input_ids"]
     with torch.no_grad(), fused.disable_adapter(), plain.disable_adapter():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits)
-    lora_fused.unfuse_lora(fused)
-    assert "fused NF4+LoRA linears 0" in describe_speedups(fused)
+    n_lora = sum(1 for m in fused.modules() if hasattr(m, "lora_A"))  # every LoRA-wrapped linear
+    assert n_lora > 0 and f"fused NF4+LoRA linears {n_lora}," in describe_speedups(fused)
+    assert "fused NF4+LoRA linears 0," in describe_speedups(plain)
 
 
 def test_checkpoint_layers_counts(sql_examples):

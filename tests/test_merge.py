@@ -22,7 +22,8 @@ import torch
 from qlora.checkpoint import save_adapter
 from qlora.evaluate import load_eval_rows, loss_examples
 from qlora.merge import main
-from qlora.model import load_base_model, load_model
+from qlora.base_model import load_base_model
+from qlora.model import load_model
 
 from conftest import ROOT, tiny_cfg
 

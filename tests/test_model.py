@@ -11,7 +11,8 @@ import torch
 
 from qlora import attention, quant
 from qlora.loss import TokenLoss
-from qlora.model import ModelLoadError, add_lora, load_base_model, load_model, untrained_adapters
+from qlora.base_model import ModelLoadError, load_base_model
+from qlora.model import add_lora, load_model, untrained_adapters
 from qlora.packing import collate
 from qlora.quant import REPACK_FLAG, guard_cpu_4bit_repack, is_repacked, linears_4bit, unguarded_4bit_linears
 
@@ -132,7 +133,7 @@ def test_models_loaded_from_a_directory_are_guarded(tmp_path):
     and so does the FSDP training model and quantize_linears_ used on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.model import RANDOM_SHAPES
+    from qlora.base_model import RANDOM_SHAPES
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES["tiny"])).save_pretrained(tmp_path / "m")

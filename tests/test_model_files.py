@@ -22,7 +22,7 @@ from qlora.base_model import embedded_gguf_path
 def good(tmp_path_factory, tok):
     """A tiny random Llama model folder in two shards (with its index) and the SmolLM2 tokenizer, and an
     adapter trained 1 step on it."""
-    from qlora.model import load_base_model
+    from qlora.base_model import load_base_model
 
     root = tmp_path_factory.mktemp("model_files")
     model = load_base_model(tiny_cfg(), torch.device("cpu"))

@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 from badinput import assert_one_error, run_cli
 from conftest import SHARED, shared_file
+from helpers import supervised_text
 
-from qlora.data import IGNORE, DataStats, build_examples, parse_source, supervised_text
+from qlora.data import IGNORE, DataStats, build_examples, parse_source
 from qlora.spider import compact_create, connect_ro, database_path, hardness, schema_text
 from qlora.spider_eval import answer_sql, bootstrap_ci, evaluate_spider, summarise
 from qlora.sqlscore import collapse_whitespace, execute_db, score_db_row
@@ -186,7 +187,7 @@ def test_report_rows_and_counts(tmp_path, tok):
 def test_committed_reports_match_their_rows():
     from conftest import ROOT
 
-    reports = sorted((ROOT / "eval").glob("**/*spider*dev*.json"))
+    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
     if not reports:
         pytest.skip("no Spider reports committed")
     for path in reports:
@@ -201,7 +202,7 @@ def test_committed_reports_rescore_on_the_real_databases():
     """Every 40th row of each committed report, re-run against the Spider database: the same verdict."""
     from conftest import ROOT
 
-    reports = sorted((ROOT / "eval").glob("**/*spider*dev*.json"))
+    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
     if not reports:
         pytest.skip("no Spider reports committed")
     spider_file("dev.json")  # skips without ../shared

@@ -15,8 +15,9 @@ import train
 from qlora import attention
 from qlora.checkpoint import save_adapter
 from qlora.data import load_datasets
+from qlora.base_model import load_base_model
 from qlora.loss import TokenLoss, supervised_logits
-from qlora.model import load_base_model, load_model
+from qlora.model import load_model
 from qlora.packing import collate, model_inputs
 
 from conftest import ROOT, tiny_cfg
