@@ -72,7 +72,6 @@ CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_le
 # =========================================================================== our step (worker)
 
 def run_ours(spec: dict, rec: dict) -> None:
-    import torch
     from accelerate.utils import set_seed
 
     from qlora import attention
