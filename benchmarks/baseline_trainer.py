@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The seed recipe, measured the way benchmarks/bench.py measures our loop (bench.py --compare runs it).
 
-    python benchmarks/baseline_trainer.py --spec '{"max_seq_len": 512, "micro_batch": 2, "accum": 2}' --result r.json
+    python benchmarks/baseline_trainer.py --spec '{"max_seq_len": 512, "micro_batch_size": 2, "grad_accum": 2}' --result r.json
 
 The recipe as the seed notebook runs it: HF `Trainer` + `TrainingArguments` (optim="paged_adamw_8bit",
 lr 1e-4, gradient checkpointing, bf16), an NF4 double-quant base with bf16 compute,
@@ -107,7 +107,7 @@ def run_baseline(spec: dict, rec: dict) -> None:
     # --- model: seed recipe
     model, how = load_seed_model(spec, device, compute_dtype)
     base_gib = probe.allocated()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["ckpt"])
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["recompute"])
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
                       target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -120,7 +120,7 @@ def run_baseline(spec: dict, rec: dict) -> None:
                lm_head_dtype=str(base.lm_head.weight.dtype), embed_dtype=str(base.get_input_embeddings().weight.dtype))
 
     # --- data: same synthetic examples as ours, one example per row, padded per batch by the seed's collator
-    n_rows = total_steps * spec["accum"] * spec["micro_batch"]
+    n_rows = total_steps * spec["grad_accum"] * spec["micro_batch_size"]
     raw = common.synth_examples(spec["data"], spec["max_seq_len"], n_rows, vocab, spec["seed"])
     train_set = [{"input_ids": ids} for ids, _ in raw]
     collator = DataCollatorForLanguageModeling(tokenizer=pad_tokenizer(), mlm=False)
@@ -161,9 +161,9 @@ def run_baseline(spec: dict, rec: dict) -> None:
     model.register_forward_pre_hook(meter.count, with_kwargs=True)
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=spec["micro_batch"],
-            gradient_accumulation_steps=spec["accum"], max_steps=total_steps, learning_rate=spec["lr"],
-            optim="paged_adamw_8bit", gradient_checkpointing=spec["ckpt"], bf16=bf16, fp16=False,
+            output_dir=tmp, per_device_train_batch_size=spec["micro_batch_size"],
+            gradient_accumulation_steps=spec["grad_accum"], max_steps=total_steps, learning_rate=spec["lr"],
+            optim="paged_adamw_8bit", gradient_checkpointing=spec["recompute"], bf16=bf16, fp16=False,
             logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], data_seed=spec["seed"],
             disable_tqdm=True, dataloader_num_workers=0, use_cpu=not on_cuda)
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collator,
@@ -181,7 +181,7 @@ def run_baseline(spec: dict, rec: dict) -> None:
                gc_kwargs=str(getattr(gc, "keywords", None)) if gc is not None else None,
                optimizer_class=common.describe_optimizer(trainer.optimizer))
     common.memory_fields(rec, base_gib, after_setup, meter.after_first, peak, reserved)
-    common.summarise(rec, meter.ends, per_step, spec["warmup"], spec["ckpt"], shape, n_lora)
+    common.summarise(rec, meter.ends, per_step, spec["warmup"], spec["recompute"], shape, n_lora)
 
 
 if __name__ == "__main__":

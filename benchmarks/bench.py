@@ -3,12 +3,12 @@
 side by side with the seed recipe (HF Trainer, benchmarks/baseline_trainer.py) on the same card.
 
     python benchmarks/bench.py --compare                                   # seed settings: 512 rows, 2 x 2
-    python benchmarks/bench.py --compare --max_seq_len 2048 --micro_batch 8 --accum 1
-    python benchmarks/bench.py --compare --data guanaco --max_seq_len 2048 --micro_batch 2 --accum 2
-    python benchmarks/bench.py --max_seq_len 512,2048 --ckpt on,off --attn varlen,sdpa,flex --lora_r 8,64
-    python benchmarks/bench.py --max_seq_len 2048 --micro_batch 4 --accum 2 --ckpt_layers=22 --profile
+    python benchmarks/bench.py --compare --max_seq_len 2048 --micro_batch_size 8 --grad_accum 1
+    python benchmarks/bench.py --compare --data guanaco --max_seq_len 2048 --micro_batch_size 2 --grad_accum 2
+    python benchmarks/bench.py --max_seq_len 512,2048 --recompute on,off --attn_backend varlen,sdpa,flex --lora_r 8,64
+    python benchmarks/bench.py --max_seq_len 2048 --micro_batch_size 4 --grad_accum 2 --recompute_layers=22 --profile
                                            # recompute 22 of 32 layers; per-op-class GPU profile of one step
-    python benchmarks/bench.py --fused off --kernels none        # the plain peft / transformers path
+    python benchmarks/bench.py --fused_lora off --kernels none        # the plain peft / transformers path
     python benchmarks/bench.py --tiny --compare --out /tmp/b              # CPU smoke test, seconds
 
 Grid flags take comma-separated values; every combination is one setting. Each setting (and each
@@ -53,14 +53,22 @@ sys.path.insert(1, str(HERE.parent))
 import common  # noqa: E402
 from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
-GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "ckpt_layers", "fused", "kernels",
-             "seeded", "graphs", "offload", "fp8", "lora_r", "lora_dropout")
+# every grid key is a Config key, spelled as train.py takes it; so is every other key of CONFIG_KEYS
+GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
+             "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8", "lora_r",
+             "lora_dropout")
+CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "optimizer", "lr", "seed")
+# bench.py's own spellings of these keys before it took Config's: one line naming the new flag
+OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
+             "ckpt_layers": "recompute_layers", "fused": "fused_lora", "seeded": "seeded_dropout", "graphs": "cuda_graphs",
+             "offload": "offload_recompute", "fp8": "base_fp8"}
 # the seed recipe has none of these
-OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8")
-TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
+OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
+             "offload_recompute", "base_fp8")
+TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch_size=2, grad_accum=2,
             warmup=2, steps=1)
-CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
-              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8", "lora_r",
+CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch_size", "grad_accum", "packing",
+              "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8", "lora_r",
               "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
@@ -85,15 +93,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
 
     total_steps = spec["warmup"] + spec["steps"]
-    cfg = load_config([], model=spec["model"], quant=spec["quant"], compute_dtype=spec["compute_dtype"],
-                      max_seq_len=spec["max_seq_len"], micro_batch_size=spec["micro_batch"],
-                      grad_accum=spec["accum"], packing=spec["packing"], attn_backend=spec["attn"],
-                      recompute=spec["ckpt"], recompute_layers=spec["ckpt_layers"],
-                      fused_lora=spec["fused"], kernels=spec["kernels"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
-                      seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_recompute=spec["offload"],
-                      base_fp8=spec["fp8"], fp8_exclude=spec["fp8_exclude"],
-                      lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
-                      max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
+    cfg = load_config([], **{k: spec[k] for k in CONFIG_KEYS}, max_steps=total_steps, warmup_steps=0, tracker="none")
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
     check_switches(cfg, Where(device))  # as train.py's setup
@@ -189,19 +189,19 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULTS["model"], help="cfg.model (default random:llama2-7b)")
     p.add_argument("--data", default="random", help="random, guanaco, or both: random,guanaco")
     p.add_argument("--max_seq_len", default=str(DEFAULTS["max_seq_len"]))
-    p.add_argument("--micro_batch", default=str(DEFAULTS["micro_batch"]))
-    p.add_argument("--accum", default=str(DEFAULTS["accum"]))
+    p.add_argument("--micro_batch_size", default=str(DEFAULTS["micro_batch_size"]))
+    p.add_argument("--grad_accum", default=str(DEFAULTS["grad_accum"]))
     p.add_argument("--packing", default="on", help="on,off")
-    p.add_argument("--attn", default="auto", help="auto,varlen,sdpa,flex (ours only; the baseline is stock sdpa)")
-    p.add_argument("--ckpt", default="on", help="gradient checkpointing on,off")
-    p.add_argument("--ckpt_layers", default="-1", help="decoder layers that recompute (-1 all), e.g. -1,16,8")
-    p.add_argument("--fused", default="on", help="fused NF4+LoRA autograd node on,off (ours only)")
+    p.add_argument("--attn_backend", default="auto", help="auto,varlen,sdpa,flex (ours only; the baseline is stock sdpa)")
+    p.add_argument("--recompute", default="on", help="activation recompute on,off")
+    p.add_argument("--recompute_layers", default="-1", help="decoder layers that recompute (-1 all), e.g. -1,16,8")
+    p.add_argument("--fused_lora", default="on", help="fused NF4+LoRA autograd node on,off (ours only)")
     p.add_argument("--kernels", default="auto", help="auto,liger,none (ours only)")
-    p.add_argument("--seeded", default="off", help="seeded LoRA dropout on,off (ours only)")
-    p.add_argument("--graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
-    p.add_argument("--offload", default="off", help="checkpointed inputs in host memory on,off (ours only)")
-    p.add_argument("--fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
-    p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --fp8 on "
+    p.add_argument("--seeded_dropout", default="off", help="seeded LoRA dropout on,off (ours only)")
+    p.add_argument("--cuda_graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
+    p.add_argument("--offload_recompute", default="off", help="recomputed layers' inputs in host memory on,off (ours only)")
+    p.add_argument("--base_fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
+    p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --base_fp8 on "
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
@@ -227,6 +227,11 @@ def parse_args(argv=None):
     p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    for a in argv:
+        old = a[2:].split("=", 1)[0].replace("-", "_") if a.startswith("--") else ""
+        if old in OLD_FLAGS:
+            p.error(f"--{old} was renamed to --{OLD_FLAGS[old]} (bench.py takes Config's own keys)")
     return p.parse_args(argv)
 
 
@@ -249,17 +254,17 @@ def settings(args) -> list[dict]:
                 fp8_exclude=[v for v in args.fp8_exclude.split(",") if v],
                 profile=args.profile)
     grid = {"data": _vals(args.data, str), "max_seq_len": _vals(args.max_seq_len, int),
-            "micro_batch": _vals(args.micro_batch, int), "accum": _vals(args.accum, int),
-            "packing": _vals(args.packing, bool), "attn": _vals(args.attn, str), "ckpt": _vals(args.ckpt, bool),
-            "ckpt_layers": _vals(args.ckpt_layers, int), "fused": _vals(args.fused, bool),
-            "kernels": _vals(args.kernels, str), "seeded": _vals(args.seeded, bool), "graphs": _vals(args.graphs, bool),
-            "offload": _vals(args.offload, bool), "fp8": _vals(args.fp8, bool),
+            "micro_batch_size": _vals(args.micro_batch_size, int), "grad_accum": _vals(args.grad_accum, int),
+            "packing": _vals(args.packing, bool), "attn_backend": _vals(args.attn_backend, str), "recompute": _vals(args.recompute, bool),
+            "recompute_layers": _vals(args.recompute_layers, int), "fused_lora": _vals(args.fused_lora, bool),
+            "kernels": _vals(args.kernels, str), "seeded_dropout": _vals(args.seeded_dropout, bool), "cuda_graphs": _vals(args.cuda_graphs, bool),
+            "offload_recompute": _vals(args.offload_recompute, bool), "base_fp8": _vals(args.base_fp8, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
-        explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}
-        base.update({k: v for k, v in TINY.items() if k not in ("max_seq_len", "micro_batch", "accum")
+        explicit = {k for k in ("max_seq_len", "micro_batch_size", "grad_accum") if getattr(args, k) != str(DEFAULTS[k])}
+        base.update({k: v for k, v in TINY.items() if k not in ("max_seq_len", "micro_batch_size", "grad_accum")
                      and not (k == "model" and args.model != DEFAULTS["model"])})
-        for k in ("max_seq_len", "micro_batch", "accum"):
+        for k in ("max_seq_len", "micro_batch_size", "grad_accum"):
             if k not in explicit:
                 grid[k] = [TINY[k]]
         if args.warmup != DEFAULTS["warmup"] or args.steps != DEFAULTS["steps"]:

@@ -55,29 +55,30 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 
 # --------------------------------------------------------------------------- settings
 
-DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch=2, accum=2, packing=True,
-                attn="auto", ckpt=True, ckpt_layers=-1, fused=True, kernels="auto", seeded=False, graphs=False,
-                offload=False, fp8=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
+DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch_size=2, grad_accum=2, packing=True,
+                attn_backend="auto", recompute=True, recompute_layers=-1, fused_lora=True, kernels="auto", seeded_dropout=False, cuda_graphs=False,
+                offload_recompute=False, base_fp8=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
 def setting_label(s: dict) -> str:
     """Short human label of a setting (plot x-axis, log lines)."""
-    parts = [s["data"], str(s["max_seq_len"]), f"{s['micro_batch']}x{s['accum']}"]
+    parts = [s["data"], str(s["max_seq_len"]), f"{s['micro_batch_size']}x{s['grad_accum']}"]
     if not s["packing"]:
         parts.append("nopack")
-    if s["attn"] != "auto":
-        parts.append(s["attn"])
-    if not s["ckpt"]:
+    if s["attn_backend"] != "auto":
+        parts.append(s["attn_backend"])
+    if not s["recompute"]:
         parts.append("nockpt")
-    elif s.get("ckpt_layers", -1) >= 0:
-        parts.append(f"ckpt{s['ckpt_layers']}")
-    if not s.get("fused", True):
+    elif s.get("recompute_layers", -1) >= 0:
+        parts.append(f"ckpt{s['recompute_layers']}")
+    if not s.get("fused_lora", True):
         parts.append("unfused")
     if s.get("kernels", "auto") != "auto":
         parts.append(f"k-{s['kernels']}")
-    parts += [name for name in ("seeded", "graphs", "offload") if s.get(name)]
-    if s.get("fp8"):
+    parts += [short for key, short in (("seeded_dropout", "seeded"), ("cuda_graphs", "graphs"),
+                                       ("offload_recompute", "offload")) if s.get(key)]
+    if s.get("base_fp8"):
         parts.append("fp8" + "".join(f"-no-{m}" for m in s.get("fp8_exclude", [])))
     if s["lora_r"] != 8:
         parts.append(f"r{s['lora_r']}")
@@ -165,13 +166,13 @@ def matmul_params(config) -> dict:
     return {"N": N, "L": L, "d_attn": q, "d": d, "V": config.vocab_size}
 
 
-def step_flops(shape: dict, n_lora: int, tokens: float, pairs: float, loss_positions: float, ckpt: float) -> tuple:
-    """(model_flops, hardware_flops) of work for the given counts (see the module docstring); `ckpt` is
+def step_flops(shape: dict, n_lora: int, tokens: float, pairs: float, loss_positions: float, recompute: float) -> tuple:
+    """(model_flops, hardware_flops) of work for the given counts (see the module docstring); `recompute` is
     the fraction of layers that recompute (True = all)."""
     N, L, da, d, V = shape["N"], shape["L"], shape["d_attn"], shape["d"], shape["V"]
     model = tokens * (4 * N + 6 * n_lora) + 12 * L * da * pairs + loss_positions * 4 * d * V
-    recompute = float(ckpt) * (tokens * (2 * N + 2 * n_lora) + 4 * L * da * pairs)
-    return float(model), float(model + recompute)
+    redo = float(recompute) * (tokens * (2 * N + 2 * n_lora) + 4 * L * da * pairs)
+    return float(model), float(model + redo)
 
 
 def causal_pairs(lengths) -> int:

@@ -23,25 +23,25 @@ W="--timeout 240 --warmup 2 --steps 3 --no_plot"
 
 lane0() {
   timeout 300 python3 benchmarks/check_fast_path_cuda.py > "$OUT/check.txt" 2>&1
-  local B="python3 benchmarks/bench.py --out $OUT/l0 $W --max_seq_len 512 --micro_batch 2 --accum 2"
+  local B="python3 benchmarks/bench.py --out $OUT/l0 $W --max_seq_len 512 --micro_batch_size 2 --grad_accum 2"
   $B --tag S --baseline_only
-  $B --tag S --ckpt_layers=14
-  $B --tag S --ckpt_layers=14,10 --seeded on --graphs on
+  $B --tag S --recompute_layers=14
+  $B --tag S --recompute_layers=14,10 --seeded_dropout on --cuda_graphs on
 }
 
 lane1() {
   local B="python3 benchmarks/bench.py --out $OUT/l1 $W --max_seq_len 2048"
-  $B --tag L --micro_batch 4 --accum 2 --baseline_only
-  $B --tag L --micro_batch 4 --accum 2 --ckpt_layers=22
-  $B --tag L --micro_batch 1 --accum 8 --ckpt off --seeded on --graphs on
-  $B --tag L --micro_batch 2 --accum 4 --ckpt_layers=5 --seeded on --graphs on
+  $B --tag L --micro_batch_size 4 --grad_accum 2 --baseline_only
+  $B --tag L --micro_batch_size 4 --grad_accum 2 --recompute_layers=22
+  $B --tag L --micro_batch_size 1 --grad_accum 8 --recompute off --seeded_dropout on --cuda_graphs on
+  $B --tag L --micro_batch_size 2 --grad_accum 4 --recompute_layers=5 --seeded_dropout on --cuda_graphs on
 }
 
 lane2() {
   local B="python3 benchmarks/bench.py --out $OUT/l2 $W --max_seq_len 2048"
-  $B --tag L0 --micro_batch 1 --accum 8 --ckpt off --graphs on --lora_dropout 0
-  $B --tag L0 --micro_batch 2 --accum 4 --ckpt_layers=4 --graphs on --lora_dropout 0
-  $B --tag T --data guanaco --model random:llama2-7b:49152 --micro_batch 1 --accum 8 --ckpt off --seeded on --graphs on
+  $B --tag L0 --micro_batch_size 1 --grad_accum 8 --recompute off --cuda_graphs on --lora_dropout 0
+  $B --tag L0 --micro_batch_size 2 --grad_accum 4 --recompute_layers=4 --cuda_graphs on --lora_dropout 0
+  $B --tag T --data guanaco --model random:llama2-7b:49152 --micro_batch_size 1 --grad_accum 8 --recompute off --seeded_dropout on --cuda_graphs on
   python3 train.py --model random:llama2-7b:49152 --tokenizer .tok --datasets .gpudata/guanaco-llama2-1k.parquet:guanaco \
     --max_seq_len 2048 --micro_batch_size 1 --grad_accum 8 --recompute false --seeded_dropout true \
     --cuda_graphs true --max_steps 12 --warmup_steps 2 --eval_fraction 0 --save_every 0 --sample_prompts 0 \
@@ -49,10 +49,10 @@ lane2() {
 }
 
 lane3() {
-  local B="python3 benchmarks/bench.py --out $OUT/l3 --timeout 420 --no_plot --micro_batch 1 --accum 1"
+  local B="python3 benchmarks/bench.py --out $OUT/l3 --timeout 420 --no_plot --micro_batch_size 1 --grad_accum 1"
   $B --tag R --max_seq_len 32768 --warmup 1 --steps 3
-  $B --tag R --max_seq_len 32768 --warmup 1 --steps 3 --ckpt_layers=20 --seeded on --graphs on
-  $B --tag R --max_seq_len 131072 --warmup 1 --steps 1 --offload on --seeded on
+  $B --tag R --max_seq_len 32768 --warmup 1 --steps 3 --recompute_layers=20 --seeded_dropout on --cuda_graphs on
+  $B --tag R --max_seq_len 131072 --warmup 1 --steps 1 --offload_recompute on --seeded_dropout on
 }
 
 for n in $LANES; do

@@ -75,10 +75,10 @@ def test_flops_model_llama2_7b():
     # one 512-token document, all positions in the loss, no LoRA
     pairs = common.causal_pairs([512])
     assert pairs == 512 * 513 // 2
-    model, hw = common.step_flops(shape, 0, 512, pairs, 512, ckpt=True)
+    model, hw = common.step_flops(shape, 0, 512, pairs, 512, recompute=True)
     assert model == pytest.approx(512 * 4 * shape["N"] + 12 * 32 * 4096 * pairs + 512 * 4 * 4096 * 32000)
     assert hw - model == pytest.approx(512 * 2 * shape["N"] + 4 * 32 * 4096 * pairs)
-    assert common.step_flops(shape, 0, 512, pairs, 512, ckpt=False)[1] == model
+    assert common.step_flops(shape, 0, 512, pairs, 512, recompute=False)[1] == model
 
 
 def test_guanaco_lengths_and_synthetic_examples():
