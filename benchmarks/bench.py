@@ -87,7 +87,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.base_model import load_base_model
-    from qlora.model import count_parameters, describe_speedups, finish_model
+    from qlora.model import count_parameters, describe_speedups, prepare_for_training
     from qlora.optim import lr_at, make_optimizer
     from qlora.packing import Batches
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
@@ -104,7 +104,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
     base = load_base_model(cfg, device)
     base_gib = probe.allocated()
-    model = finish_model(base, cfg, device)
+    model = prepare_for_training(base, cfg, device)
     rec["speedups"] = describe_speedups(model)
     log(f"  ours: {rec['speedups']}")
     backend = attention.use_packed_attention(model, cfg.attn_backend)

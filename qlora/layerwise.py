@@ -62,7 +62,7 @@ def layer_prefixes(model) -> list[tuple[str, nn.Module]]:
 def _fill(module: nn.Module, prefix: str, device, dtype, source) -> None:
     """Allocate `module`'s own parameters and persistent buffers on `device` and fill each with
     `source(full_name, meta_tensor)`. Non-persistent buffers (rotary frequencies: in no checkpoint)
-    stay on meta for `finish_skeleton`."""
+    stay on meta for `fill_buffers_and_ties`."""
     for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         if t.device.type != "meta" or name in module._non_persistent_buffers_set:
             continue
@@ -85,7 +85,7 @@ def materialise(module: nn.Module, prefix: str, device, dtype, source, skip=()) 
         stack.extend((f"{pre}{n}.", c) for n, c in m.named_children())
 
 
-def finish_skeleton(model, config, device) -> None:
+def fill_buffers_and_ties(model, config, device) -> None:
     """Recompute the non-persistent buffers (rotary inverse frequencies), which no checkpoint holds,
     and tie the output embeddings where the config says so."""
     for name, m in list(model.named_modules()):
@@ -146,7 +146,7 @@ def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, sour
             layer.to(park)  # bitsandbytes moves each 4-bit weight's quant_state with it
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    finish_skeleton(model, config, device)
+    fill_buffers_and_ties(model, config, device)
     if cfg.quant != "none":
         model.is_loaded_in_4bit = True
     model.qlora_layerwise = {"parked_on": str(park) if park is not None else None}  # what train.py reports

@@ -110,10 +110,10 @@ def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
     time to the GPU and keeps this rank's shard, so the GPU never holds the whole model."""
     low = fsdp and cfg.fsdp_low_memory_load
     park = torch.device("cpu") if low and device.type != "cpu" else None
-    return finish_model(load_base_model(cfg, device, layerwise=low, park=park), cfg, device, fsdp)
+    return prepare_for_training(load_base_model(cfg, device, layerwise=low, park=park), cfg, device, fsdp)
 
 
-def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
+def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = False):
     """LoRA, checkpointing of `cfg.recompute_layers`, fused NF4+LoRA linears and kernels on a loaded
     base. Under FSDP2 the fused node runs on each layer's gathered 4-bit weights (qlora/fsdp.py)."""
     from qlora.kernels import use_kernels

@@ -199,9 +199,9 @@ def tiny_4bit_base(cfg, tied: bool = False):
 
 def tiny_lora_model(cfg, fsdp: bool):
     """peft model on `tiny_4bit_base`, LoRA B set non-zero (same values every call) so A gets gradients."""
-    from qlora.model import finish_model
+    from qlora.model import prepare_for_training
 
-    model = finish_model(tiny_4bit_base(cfg), cfg, torch.device("cpu"), fsdp=fsdp)
+    model = prepare_for_training(tiny_4bit_base(cfg), cfg, torch.device("cpu"), fsdp=fsdp)
     gen = torch.Generator().manual_seed(1)
     for n, p in sorted(model.named_parameters()):
         if "lora_B" in n:
