@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from qlora import attention, fp8
+from qlora import attention, determinism, fp8
 from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
                               load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                               savable_adapter, set_rng_state)
@@ -92,6 +92,7 @@ def setup(cfg: Config) -> Run:
     from accelerate.utils import set_seed
 
     asked = cfg.compute_dtype
+    notes = determinism.configure(cfg, cuda=torch.cuda.is_available() and not _cpu_requested())  # before CUDA starts
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
     device = accelerator.device
     check_graphs(cfg, accelerator)
@@ -105,6 +106,8 @@ def setup(cfg: Config) -> Run:
     resume_from = resolve_resume(cfg.resume, out, warn=lambda msg: talk(f"warning: {msg}"))
     check_output_dir(out, resume_from)
     talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
+    for note in notes:
+        talk(note)
 
     # --- data
     tokenizer = load_tokenizer(cfg)
