@@ -189,6 +189,9 @@ def restore(run: Run, path: Path) -> None:
         set_rng_state(rng.get(f"rank{acc.process_index}", rng))
     run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
     run.batches.state = DataState(**state["data"])
+    seed = dropout_seed(run.model)
+    if seed is not None:  # seeded dropout's counter, advanced once per training micro-batch: where it was
+        seed.add_(run.step * run.cfg.grad_accum)
     run.say(f"resume: from {path} at step {run.step} (epoch {run.batches.state.epoch}, "
             f"micro-batch {run.batches.state.index})")
 

@@ -53,14 +53,15 @@ import common  # noqa: E402
 from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
 GRID_KEYS = ("max_seq_len", "micro_batch", "accum", "packing", "attn", "ckpt", "ckpt_layers", "fused", "kernels",
-             "seeded", "graphs", "offload", "fp8", "lora_r", "lora_dropout")
+             "seeded", "graphs", "offload", "fp8", "deterministic", "lora_r", "lora_dropout")
 # the seed recipe has none of these
-OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8")
+OURS_ONLY = ("packing", "attn", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8",
+             "deterministic")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch=2, accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch", "accum", "packing",
-              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8", "lora_r",
-              "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "attn", "ckpt", "ckpt_layers", "fused", "kernels", "seeded", "graphs", "offload", "fp8", "deterministic",
+              "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -74,7 +75,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from qlora import attention, fp8
+    from qlora import attention, determinism, fp8
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.model import count_parameters, describe_speedups, finish_model, load_base_model
@@ -91,7 +92,9 @@ def run_ours(spec: dict, rec: dict) -> None:
                       seeded_dropout=spec["seeded"], cuda_graphs=spec["graphs"], offload_checkpoints=spec["offload"],
                       base_fp8=spec["fp8"], fp8_exclude=spec["fp8_exclude"],
                       lora_dropout=spec["lora_dropout"], optimizer=spec["optimizer"], lr=spec["lr"],
-                      max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none")
+                      max_steps=total_steps, warmup_steps=0, seed=spec["seed"], tracker="none",
+                      deterministic=spec["deterministic"])
+    determinism.configure(cfg, cuda=torch.cuda.is_available())  # as train.py's setup: before CUDA starts
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
     fp8.check(cfg, device)  # as train.py's setup
@@ -199,6 +202,8 @@ def parse_args(argv=None):
     p.add_argument("--graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
     p.add_argument("--offload", default="off", help="checkpointed inputs in host memory on,off (ours only)")
     p.add_argument("--fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
+    p.add_argument("--deterministic", default="off", help="deterministic kernels on,off (ours only; "
+                   "qlora/determinism.py)")
     p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --fp8 on "
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
@@ -252,6 +257,7 @@ def settings(args) -> list[dict]:
             "ckpt_layers": _vals(args.ckpt_layers, int), "fused": _vals(args.fused, bool),
             "kernels": _vals(args.kernels, str), "seeded": _vals(args.seeded, bool), "graphs": _vals(args.graphs, bool),
             "offload": _vals(args.offload, bool), "fp8": _vals(args.fp8, bool),
+            "deterministic": _vals(args.deterministic, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch", "accum") if getattr(args, k) != str(DEFAULTS[k])}

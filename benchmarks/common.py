@@ -57,7 +57,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 
 DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch=2, accum=2, packing=True,
                 attn="auto", ckpt=True, ckpt_layers=-1, fused=True, kernels="auto", seeded=False, graphs=False,
-                offload=False, fp8=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
+                offload=False, fp8=False, deterministic=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
@@ -76,7 +76,7 @@ def setting_label(s: dict) -> str:
         parts.append("unfused")
     if s.get("kernels", "auto") != "auto":
         parts.append(f"k-{s['kernels']}")
-    parts += [name for name in ("seeded", "graphs", "offload") if s.get(name)]
+    parts += [name for name in ("seeded", "graphs", "offload", "deterministic") if s.get(name)]
     if s.get("fp8"):
         parts.append("fp8" + "".join(f"-no-{m}" for m in s.get("fp8_exclude", [])))
     if s["lora_r"] != 8:
