@@ -76,9 +76,10 @@ def configure(cfg, cuda: bool) -> list[str]:
     torch.use_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = False
+    off = "ieee" if _tf32_switches()[0][1] == "fp32_precision" else False
+    for owner, name in _tf32_switches():
+        setattr(owner, name, off)
     matmul = torch.backends.cuda.matmul
-    matmul.allow_tf32 = False
     for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
         if hasattr(matmul, flag):
             setattr(matmul, flag, False)
@@ -93,6 +94,15 @@ def configure(cfg, cuda: bool) -> list[str]:
     return lines
 
 
+def _tf32_switches() -> list:
+    """(owner, attribute) of each TF32 switch: torch's `fp32_precision` where it exists (torch >= 2.9, where
+    reading the older `allow_tf32` flags after it was set raises), else `allow_tf32`."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return [(b.cuda.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision"), (b.cudnn.rnn, "fp32_precision")]
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+
 def settings() -> dict:
     """The process-wide settings `configure` touches, to inspect or to put back with `restore`."""
     matmul = torch.backends.cuda.matmul
@@ -100,7 +110,7 @@ def settings() -> dict:
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": matmul.allow_tf32,
+            "tf32": [getattr(owner, name) for owner, name in _tf32_switches()],
             "bf16_reduction": getattr(matmul, "allow_bf16_reduced_precision_reduction", None),
             "fp16_reduction": getattr(matmul, "allow_fp16_reduced_precision_reduction", None),
             "cublas_workspace": os.environ.get(CUBLAS_VAR)}
@@ -111,9 +121,9 @@ def restore(saved: dict) -> None:
     torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["warn_only"])
     torch.backends.cudnn.deterministic = saved["cudnn_deterministic"]
     torch.backends.cudnn.benchmark = saved["cudnn_benchmark"]
-    torch.backends.cudnn.allow_tf32 = saved["cudnn_tf32"]
+    for (owner, name), value in zip(_tf32_switches(), saved["tf32"]):
+        setattr(owner, name, value)
     matmul = torch.backends.cuda.matmul
-    matmul.allow_tf32 = saved["matmul_tf32"]
     for key, flag in (("bf16_reduction", "allow_bf16_reduced_precision_reduction"),
                       ("fp16_reduction", "allow_fp16_reduced_precision_reduction")):
         if saved[key] is not None:
