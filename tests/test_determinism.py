@@ -70,8 +70,9 @@ def test_a_setting_that_cannot_be_deterministic_is_refused_in_one_line(tmp_path)
 
 
 RUN = [*FAST_TRAIN, "--quant", "nf4", "--optimizer", "paged_adamw_8bit", "--gradient_checkpointing", "true",
-       "--max_steps", "2", "--save_every", "1", "--eval_batches", "1", "--micro_batch_size", "2", "--lora_dropout", "0.1",
-       "--seeded_dropout", "true", "--lr", "1e-3", "--warmup_steps", "1", "--deterministic", "true"]
+       "--max_steps", "2", "--save_every", "1", "--eval_batches", "1", "--micro_batch_size", "2",
+       "--lora_dropout", "0.1", "--seeded_dropout", "true", "--lr", "1e-3", "--warmup_steps", "1",
+       "--deterministic", "true"]
 
 
 def _train(out, *extra):
