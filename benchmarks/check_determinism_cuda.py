@@ -292,7 +292,7 @@ def write(args, results: list) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and determinism.json/.txt")
-    p.add_argument("--quick", action="store_true", help="fastest path only, no second plain run, bench on --model")
+    p.add_argument("--quick", action="store_true", help="fastest path only; the cost measured on --model, not a 7B")
     p.add_argument("--model", default="random:llama2-7b-2l", help="the model of the train.py runs")
     p.add_argument("--tokenizer", default="", help="a tokenizer folder (default: a BPE one trained here)")
     p.add_argument("--bench_model", default="", help="bench.py's model (default random:llama2-7b; 'none' skips)")
