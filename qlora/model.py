@@ -11,7 +11,7 @@ from torch import nn
 # the base model's loading and quantisation, re-exported: `from qlora.model import load_tokenizer` keeps working
 from .base_model import (EMBEDDED_GGUF, RANDOM_SHAPES, ModelLoadError, build_random_model,  # noqa: F401
                          cache_root, convert_gguf, embedded_gguf_path, load_base_model, load_tokenizer,
-                         model_vocab_size, random_shape, resolve_source)
+                         model_vocab_size, random_config, random_shape, resolve_source)
 from .config import Config
 from .quant import (compute_dtype_name, guard_cpu_4bit_repack, quantize_linears_,  # noqa: F401 (re-exported)
                     resolve_compute_dtype, unguarded_4bit_linears)
