@@ -105,7 +105,7 @@ def decoder_layers(model) -> list:
 
 def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
-    from qlora.kernels import LIGER_ATTR
+    from qlora.kernels import LIGER_ATTR, NO_PATCH_ATTR
     from qlora.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed
 
     blocks = decoder_layers(model)
@@ -115,8 +115,10 @@ def describe_speedups(model) -> str:
     fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "")
+    unpatched = getattr(model, NO_PATCH_ATTR, None)
+    off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
-            f"liger kernels {f'on ({liger} modules)' if liger else 'off'}")
+            f"liger kernels {f'on ({liger} modules)' if liger else off}")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -258,3 +258,49 @@ def test_qwen3_two_steps_then_resume_equals_uninterrupted(families, tmp_path, mo
     from safetensors.torch import load_file
     a, b = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- liger dispatch
+
+def test_liger_patch_is_chosen_by_model_type():
+    assert {t: kernels.liger_patch(t) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")} == {
+        "llama": "patch_llama", "mistral": "apply_liger_kernel_to_mistral", "qwen2": "apply_liger_kernel_to_qwen2",
+        "qwen3": "apply_liger_kernel_to_qwen3", "gemma3_text": "apply_liger_kernel_to_gemma3_text",
+        "phi3": "apply_liger_kernel_to_phi3"}
+    assert kernels.liger_patch("gpt_neox") is None
+
+
+def test_liger_dispatch_calls_the_family_patch_on_this_model(families, monkeypatch):
+    """On a CPU, with liger's modules faked: Gemma 3 gets apply_liger_kernel_to_gemma3_text on its own
+    (unwrapped) model, GeGLU on, RoPE/cross-entropy off, norms not in place; a family liger has no
+    patch for trains without kernels and the start-up line names it."""
+    import sys
+    import types
+
+    calls = []
+
+    def apply_liger_kernel_to_gemma3_text(rope=True, cross_entropy=False, fused_linear_cross_entropy=True,
+                                          rms_norm=True, geglu=True, model=None):
+        calls.append(dict(rope=rope, cross_entropy=cross_entropy, fused=fused_linear_cross_entropy,
+                          rms_norm=rms_norm, geglu=geglu, model=type(model).__name__))
+        norm = model.model.norm
+        norm.in_place = True  # as liger's own patch leaves it
+        norm.forward = norm.forward
+        norm._get_name = lambda: "LigerRMSNormForGemma3"
+
+    fake = {"liger_kernel.transformers.monkey_patch": types.SimpleNamespace(
+                apply_liger_kernel_to_gemma3_text=apply_liger_kernel_to_gemma3_text),
+            "liger_kernel.transformers.rope": types.SimpleNamespace(liger_rotary_pos_emb=None)}
+    fake["liger_kernel.transformers"] = types.SimpleNamespace(monkey_patch=fake["liger_kernel.transformers.monkey_patch"])
+    for name, mod in fake.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(kernels, "resolve_kernels", lambda mode, device, fsdp=False: "liger")
+    model = load_model(family_cfg(families["gemma3"]), torch.device("cpu"))  # kernels applied in load_model
+    assert calls == [dict(rope=False, cross_entropy=False, fused=False, rms_norm=True, geglu=True,
+                          model="Gemma3ForCausalLM")]
+    base = model.get_base_model()
+    assert base.model.norm.in_place is False
+    assert "liger kernels on (3 modules)" in describe_speedups(model)  # the norm and 2 attention modules' RoPE
+    monkeypatch.setitem(kernels.LIGER_PATCHES, "gemma3_text", None)
+    model = load_model(family_cfg(families["gemma3"]), torch.device("cpu"))
+    assert "liger kernels off (liger-kernel has no patch for model type 'gemma3_text')" in describe_speedups(model)
