@@ -167,11 +167,12 @@ def embedded_gguf_path() -> Path:
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
 
-    A model loaded from GGUF refuses `save_pretrained`, so a plain `LlamaForCausalLM` is rebuilt from
-    its config and state dict. Written to a temporary dir and renamed, so concurrent ranks and
+    A model loaded from GGUF refuses `save_pretrained`, so a plain model of its class is rebuilt from
+    its config and state dict. Any architecture transformers reads from GGUF works (Llama, Mistral,
+    Qwen2/3, Gemma 3, Phi-3, ...); another is one ModelLoadError. Written to a temporary dir and renamed, so concurrent ranks and
     interrupted conversions never leave a half-written cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).resolve()
     st = gguf.stat()
@@ -180,11 +181,16 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         return out_dir
     check_gguf(gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as e:  # transformers: "GGUF model with architecture X is not supported yet."
+        if "not supported" not in str(e):
+            raise
+        raise ModelLoadError(f"{gguf}: {str(e).splitlines()[0]} (transformers reads Llama, Mistral, Qwen2/3, "
+                             "Gemma 2/3, Phi-3 and a few others from GGUF): pass the model's Hugging Face "
+                             "folder or hub id instead") from None
     config = src.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelLoadError(f"{gguf}: only Llama-architecture GGUF files are supported (got {config.model_type})")
     # The GGUF's tokenizer metadata names <|im_start|> as EOS, but the model ends turns with the
     # config's eos_token_id (<|im_end|> for SmolLM2): trust the config, or training never learns to stop.
     for attr in ("eos", "bos"):
@@ -194,7 +200,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     plain_config = type(config).from_dict(config_dict)
-    plain = LlamaForCausalLM(plain_config)
+    plain = type(src)(plain_config)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
@@ -277,6 +283,10 @@ def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
             "(huggingface-cli download) or pass a local directory; offline runs cannot fetch it") from None
     archs = getattr(config, "architectures", None) or []
     causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if getattr(config, "text_config", None) is not None and not causal_arch:
+        raise ModelLoadError(f"model '{source}' is a multimodal '{config.model_type}' checkpoint ({', '.join(archs)}); "
+                             "this project trains text-only causal LMs: pass a text-only checkpoint of the family "
+                             "(e.g. Gemma 3 1B, model_type gemma3_text) or random:gemma3-4b for its text shape")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
         raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
                              "pass a decoder-only LM such as a Llama checkpoint")

@@ -18,7 +18,7 @@ from qlora import attention, kernels
 from qlora.base_model import random_config, resolve_source
 from qlora.data import IGNORE, encode
 from qlora.loss import TokenLoss
-from qlora.model import ModelLoadError, describe_speedups, load_model, load_tokenizer
+from qlora.model import ModelLoadError, describe_speedups, load_base_model, load_model, load_tokenizer
 from qlora.packing import collate
 from qlora.signals import StopRequest
 
@@ -232,13 +232,24 @@ def test_fused_node_keeps_qwen2_qkv_bias_exact(families):
         torch.testing.assert_close(gf[n], gp[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_layer_by_layer_load_equals_from_pretrained(families, family):
+    """The FSDP low-memory load (qlora/layerwise.py) reads each family as from_pretrained does: Qwen2's
+    biases, Gemma 3's zero-centred norms, scaled embeddings and per-layer-kind rotary tables."""
+    cfg = family_cfg(families[family], quant="nf4", compute_dtype="float32")
+    whole, layerwise = (load_base_model(cfg, torch.device("cpu"), layerwise=lw) for lw in (False, True))
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, layerwise(input_ids=ids).logits)
+
+
 # --------------------------------------------------------------------------- (c) resume
 
 def test_qwen3_two_steps_then_resume_equals_uninterrupted(families, tmp_path, monkeypatch):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."}) + "\n"
                             for i in range(40)))
-    kw = dict(datasets=[str(data)], max_seq_len=64, max_steps=4, save_every=2, lr=1e-3, eval_every=0,
+    kw = dict(datasets=[str(data)], max_seq_len=64, max_steps=3, save_every=2, lr=1e-3, eval_every=0,
               lora_dropout=0.05)
     train.main(family_cfg(families["qwen3"], output_dir=str(tmp_path / "ref"), **kw))
     calls = []
@@ -251,10 +262,10 @@ def test_qwen3_two_steps_then_resume_equals_uninterrupted(families, tmp_path, mo
     def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
                 if r["kind"] == "train"}
-    assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 4
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 3
     logged = [r for r in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
-    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # steps 3 and 4 came from the checkpoint, not a rerun
+    assert [r["step"] for r in logged] == [1, 2, 3]  # step 3 came from the checkpoint, not a rerun
     from safetensors.torch import load_file
     a, b = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -304,3 +315,16 @@ def test_liger_dispatch_calls_the_family_patch_on_this_model(families, monkeypat
     monkeypatch.setitem(kernels.LIGER_PATCHES, "gemma3_text", None)
     model = load_model(family_cfg(families["gemma3"]), torch.device("cpu"))
     assert "liger kernels off (liger-kernel has no patch for model type 'gemma3_text')" in describe_speedups(model)
+
+
+def test_a_multimodal_checkpoint_is_one_clear_line(tmp_path):
+    from transformers import Gemma3Config
+
+    from qlora.base_model import _check_causal_lm
+
+    (tmp_path / "g").mkdir()
+    Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path / "g")
+    with pytest.raises(ModelLoadError) as e:
+        _check_causal_lm(str(tmp_path / "g"), False)
+    assert "\n" not in str(e.value) and "multimodal 'gemma3' checkpoint" in str(e.value)
+    assert "random:gemma3-4b" in str(e.value)
