@@ -77,7 +77,8 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
     Each assistant turn's span covers its content and the token that closes it (EOS, or the template's
     end-of-turn token: Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), and nothing
     of the template glue around them. Templates must be prefix-stable (rendering the first k turns is a
-    prefix of rendering all of them); we check that rather than trust it.
+    prefix of rendering all of them, an EOS that only closes the whole conversation apart); we check that
+    rather than trust it.
     """
     eos = tok.eos_token
     markers = _turn_closers(tok)
@@ -88,6 +89,8 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1])
+        if not text.startswith(upto) and eos and upto.endswith(eos):  # Phi-3 ends a whole conversation with EOS
+            upto = upto[: -len(eos)]
         if not text.startswith(upto) or not upto.startswith(before):
             raise DataError("the tokenizer's chat template is not prefix-stable; response-only labels cannot "
                             "be located (use a tokenizer without a template or a simpler one)")

@@ -115,7 +115,7 @@ def reference_labels(tok, messages, marker: str) -> list[int]:
 def test_response_masks_through_the_family_chat_template(families, family):
     tok = load_tokenizer(family_cfg(families[family]))
     marker = FAMILIES[family][5]
-    messages = TWO_TURNS[:2] if family == "phi3" else TWO_TURNS  # Phi-3's template ends with EOS: one turn
+    messages = TWO_TURNS  # Phi-3's template ends the conversation with EOS: not after the first turn
     ex, why = encode(messages, tok, 512)
     assert ex is not None, why
     got = [t for t in ex.labels if t != IGNORE]
@@ -328,3 +328,22 @@ def test_a_multimodal_checkpoint_is_one_clear_line(tmp_path):
         _check_causal_lm(str(tmp_path / "g"), False)
     assert "\n" not in str(e.value) and "multimodal 'gemma3' checkpoint" in str(e.value)
     assert "random:gemma3-4b" in str(e.value)
+
+
+# --------------------------------------------------------------------------- random:<shape>
+
+# parameters of the real models (model cards; Gemma 3: the text model, its ~0.4B vision tower apart)
+PUBLISHED = {"llama2-7b": 6.738e9, "llama3-8b": 8.030e9, "mistral-7b": 7.248e9, "qwen2.5-7b": 7.616e9,
+             "qwen3-8b": 8.191e9, "gemma3-4b": 3.880e9, "gemma3-12b": 11.766e9, "phi3-mini": 3.821e9}
+
+
+@pytest.mark.parametrize("shape", list(PUBLISHED))
+def test_random_shapes_have_the_real_models_parameter_count(shape):
+    config = random_config(shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(PUBLISHED[shape], rel=1e-3)
+    assert model.get_input_embeddings().weight.shape[0] == {"llama3-8b": 128256, "mistral-7b": 32768,
+                                                            "qwen2.5-7b": 152064, "qwen3-8b": 151936,
+                                                            "gemma3-4b": 262208, "gemma3-12b": 262208,
+                                                            "phi3-mini": 32064}.get(shape, 32000)
