@@ -6,8 +6,13 @@ bitsandbytes decides per layer, from the CPU's flags, whether an eval-mode forwa
 repacks the weight for its bf16 kernel (`qlora.quant.REPACK_FLAG`). Setting that flag on by hand makes
 any CPU take the AVX512-BF16 CPUs' decision, so these tests run the same way on AVX2-only CPUs."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from accelerate import Accelerator
+
+import train
 
 from qlora import attention, quant
 from qlora.loss import TokenLoss
@@ -43,10 +48,10 @@ def qv_model(**kw):
 
 
 def eval_pass(model, batches) -> None:
-    """What train.py's eval does to the model: eval mode, no grad, the same forward."""
-    from qlora.loss import mean_token_loss
-
-    mean_token_loss(TokenLoss(model), batches[:1], "sdpa", CPU)
+    """train.py's eval pass itself (`eval_loss`: eval mode, no grad, the loss seam)."""
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), loss_model=TokenLoss(model), evals=batches[:1],
+                          backend="sdpa", device=CPU)
+    train.eval_loss(run)
 
 
 def backward_once(model, batches) -> None:
