@@ -3,6 +3,7 @@ best first, with the shared prefix computed once per group (qlora.shared_prefix'
 
     from qlora.beam_search import beam_grouped
     answers = beam_grouped(model, tokenizer, {"db1": [ids1, ids2]}, max_new_tokens=128, num_beams=4)
+    # the arguments of qlora.shared_prefix.generate_grouped, then num_beams
     answers["db1"][0]  # ids1's 4 answers, highest score first
 
 The search is transformers' (`model.generate(num_beams=n, num_return_sequences=n)`, its default
@@ -104,8 +105,8 @@ def _beam_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_
     return [[[t for t in seq if t != eos] for _, seq in st["done"]] for st in states]
 
 
-def beam_grouped(model, tokenizer, groups: dict, max_new_tokens: int, num_beams: int = 4, batch_size: int = 8,
-                 progress=None) -> dict:
+def beam_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_size: int = 8, progress=None,
+                 num_beams: int = 4) -> dict:
     """{group: [prompt ids, ...]} -> {group: [[answer text, ...num_beams, best first], ...]} (decoded
     without special tokens, stripped, as qlora.generation.generate_ids). `batch_size` prompts run at once
     (times `num_beams` rows), longest first; `progress(n)` is called after each batch with its size."""
