@@ -9,7 +9,9 @@ execution match compares the gold and the predicted result as multisets of rows,
 query has a top-level ORDER BY; each query runs read-only with a time limit (qlora.sqlscore.execute_db).
 The report's top level holds the rates over the scored rows; `rows` holds one object per row of the file
 (`db_id`, `question`, `gold`, `pred`, `correct`, `hardness`, `error`, ...), so anyone can re-score it:
-`summarise(report["rows"])` gives the top level back.
+`summarise(report["rows"])` gives the top level back. With schema-aware decoding (qlora.schema_decode) the
+rows hold the schema-aware predictions and their greedy ones (`greedy_pred`, `greedy_correct`, ...), and
+`plain` is `summarise(plain_rows(report["rows"]))`, the greedy column.
 """
 
 from __future__ import annotations
