@@ -24,8 +24,8 @@ from .beam_search import beam_grouped
 from .spider import _KEYWORDS, answer_sql, connect_ro, database_path
 from .sqlscore import execute_db, normalize_sql, score_db_row, sql_tokens
 
-__all__ = ["schema_names", "unknown_names", "invalid_reason", "first_valid", "beam_generator", "choose_predictions",
-           "plain_rows"]
+__all__ = ["schema_names", "unknown_names", "invalid_reason", "first_valid", "beam_generator", "needs_beams",
+           "choose_predictions", "plain_rows"]
 
 # names SQLite knows in every database: the implicit rowid, TRUE/FALSE, the built-in collations
 _BUILTIN = {"rowid", "oid", "_rowid_", "true", "false", "nocase", "binary", "rtrim"}
@@ -132,7 +132,7 @@ def beam_generator(num_beams: int):
     return functools.partial(beam_grouped, num_beams=num_beams)
 
 
-def needs_beams(recs: list[dict], source: str, timeout_s: float = 5.0) -> list[int]:
+def needs_beams(recs: list[dict], source: str) -> list[int]:
     """Indices of the scored rows whose greedy prediction is not valid (only those get candidates)."""
     return [r["index"] for r in recs if r["correct"] is not None and
             (r["error"] is not None or unknown_names(r["pred"], schema_names(str(database_path(source, r["db_id"])))))]

@@ -160,7 +160,7 @@ def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_si
     seconds = {"prepare": round(t1 - t0, 2), "generate": round(t2 - t1, 2), "score": round(t3 - t2, 2)}
     extra = {}
     if decoding == "schema":
-        redo = needs_beams(recs, source, timeout_s)
+        redo = needs_beams(recs, source)
         beams = generate_all(model, tokenizer, recs, {i: prompts[i] for i in redo}, batch_size, max_new_tokens,
                              beam_fn or beam_generator(num_beams), progress)
         t4 = time.perf_counter()
