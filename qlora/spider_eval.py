@@ -9,21 +9,23 @@ execution match compares the gold and the predicted result as multisets of rows,
 query has a top-level ORDER BY; each query runs read-only with a time limit (qlora.sqlscore.execute_db).
 The report's top level holds the rates over the scored rows; `rows` holds one object per row of the file
 (`db_id`, `question`, `gold`, `pred`, `correct`, `hardness`, `error`, ...), so anyone can re-score it:
-`summarise(report["rows"])` gives the top level back.
+`summarise(report["rows"])` gives the top level back. With schema-aware decoding (qlora.schema_decode) the
+rows hold the schema-aware predictions and their greedy ones (`greedy_pred`, `greedy_correct`, ...), and
+`plain` is `summarise(plain_rows(report["rows"]))`, the greedy column.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 from .formatters import DataError
 from . import spider
-from .spider import HARDNESS_LEVELS, database_path, hardness, schema_text, spider_prompt
-from .sqlscore import execute_db, extract_sql, score_db_row
+from .schema_decode import beam_generator, choose_predictions, needs_beams, plain_rows
+from .spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, schema_text, spider_prompt
+from .sqlscore import execute_db, score_db_row
 
 __all__ = ["load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
 
@@ -106,23 +108,6 @@ def prepare_rows(rows: list[dict], source: str, timeout_s: float = 5.0) -> tuple
     return out, gold
 
 
-_ECHO = re.compile(r"\s*(?:CREATE|INSERT)\b", re.I)
-
-
-def answer_sql(text: str) -> str:
-    """The query in a model's answer: extract_sql's first statement, or, when that is a CREATE/INSERT the
-    model echoed from the schema (base models do), the first later statement that is not one."""
-    first = sql = extract_sql(text)
-    rest = text
-    while sql and _ECHO.match(sql):
-        cut = rest.find(sql)
-        if cut < 0:
-            break
-        rest = rest[cut + len(sql):]
-        sql = extract_sql(rest)
-    return sql if sql and not _ECHO.match(sql) else first
-
-
 def score_predictions(recs: list[dict], gold: dict, texts: dict, source: str, timeout_s: float = 5.0) -> None:
     """Fill `raw`, `pred`, `correct`, `exact` and `error` of the scorable rows from the model's `texts`."""
     for i, text in texts.items():
@@ -151,9 +136,12 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
 
 def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_size: int = 8,
                     max_new_tokens: int = 128, sample_rows: int | None = None, timeout_s: float = 5.0,
-                    generate_fn=None, progress=True) -> dict:
+                    generate_fn=None, progress=True, decoding: str = "greedy", num_beams: int = 4,
+                    beam_fn=None) -> dict:
     """Generate for and score every scorable row of a Spider json file; returns the report (module doc).
-    `sample_rows`: as in training (default qlora.spider.SAMPLE_ROWS)."""
+    `sample_rows`: as in training (default qlora.spider.SAMPLE_ROWS). `decoding="schema"`: the rows and the
+    top level are the schema-aware predictions (qlora.schema_decode, `num_beams` beams from `beam_fn`,
+    default qlora.beam_search.beam_grouped), `plain` summarises the greedy ones."""
     from .generation import prompt_ids
 
     rows = load_spider(source, limit)
@@ -169,10 +157,22 @@ def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_si
     score_predictions(recs, gold, texts, source, timeout_s)
     t3 = time.perf_counter()
     lengths = sorted(len(p) for p in prompts.values())
-    return {**summarise(recs),
+    seconds = {"prepare": round(t1 - t0, 2), "generate": round(t2 - t1, 2), "score": round(t3 - t2, 2)}
+    extra = {}
+    if decoding == "schema":
+        redo = needs_beams(recs, source)
+        beams = generate_all(model, tokenizer, recs, {i: prompts[i] for i in redo}, batch_size, max_new_tokens,
+                             beam_fn or beam_generator(num_beams), progress)
+        t4 = time.perf_counter()
+        choose_predictions(recs, gold, beams, source, timeout_s)
+        seconds.update(beams=round(t4 - t3, 2), choose=round(time.perf_counter() - t4, 2))
+        picked = [r["candidate"] for r in recs if r["correct"] is not None]
+        extra = {"plain": summarise(plain_rows(recs)),
+                 "candidates": {"greedy_valid": picked.count(0), "beam": sum(bool(k) for k in picked),
+                                "none_valid": picked.count(None)}}
+    return {**summarise(recs), **extra,
             "prompt_tokens": {"total": sum(lengths), "max": lengths[-1] if lengths else 0},
-            "seconds": {"prepare": round(t1 - t0, 2), "generate": round(t2 - t1, 2), "score": round(t3 - t2, 2)},
-            "rows": recs}
+            "seconds": seconds, "rows": recs}
 
 
 def summary_line(report: dict) -> str:
@@ -183,7 +183,18 @@ def summary_line(report: dict) -> str:
             f"skipped_missing_database={report['skipped_missing_database']} "
             f"skipped_gold_failed={report['skipped_gold_failed']} | execution_accuracy="
             f"{report['execution_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] exact_match={report['exact_match']:.3f} "
-            f"pred_error_rate={report['pred_error_rate']:.3f} | {levels}")
+            f"pred_error_rate={report['pred_error_rate']:.3f} | {levels}" + _plain_part(report))
+
+
+def _plain_part(report: dict) -> str:
+    """The greedy column of a schema-aware report, for its summary line ('' for a greedy report)."""
+    if "plain" not in report:
+        return ""
+    plain, c = report["plain"], report["candidates"]
+    lo, hi = plain["execution_accuracy_ci95"]
+    return (f" | decoding=schema (above); plain greedy: execution_accuracy={plain['execution_accuracy']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] pred_error_rate={plain['pred_error_rate']:.3f} | greedy valid "
+            f"{c['greedy_valid']}, a beam chosen {c['beam']}, none valid {c['none_valid']}")
 
 
 def main_spider(args) -> int:
@@ -208,12 +219,13 @@ def main_spider(args) -> int:
         return 2
     t0 = time.perf_counter()
     report = evaluate_spider(model, tokenizer, cfg, source, args.limit, args.batch_size, args.max_new_tokens,
-                             sample_rows, progress=args.progress)
+                             sample_rows, progress=args.progress, decoding=args.decoding, num_beams=args.num_beams)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant, "dequantize": dequantize,
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "limit": args.limit,
                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                         "sample_rows": sample_rows, "system_prompt": cfg.system_prompt, "decoding": "greedy",
+                         "sample_rows": sample_rows, "system_prompt": cfg.system_prompt, "decoding": args.decoding,
+                         **({"num_beams": args.num_beams} if args.decoding == "schema" else {}),
                          "machine": _machine(model)},
               "wall_seconds": round(time.perf_counter() - t0, 1), **report}
     print(summary_line(report), flush=True)
