@@ -38,6 +38,8 @@ from .inference import load_for_inference
 from .base_model import ModelLoadError
 from .loss import TokenLoss, mean_token_loss
 from .packing import eval_batches, model_inputs
+from .spider_eval import main_spider
+from .sqlscore import score_rows
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]
 
@@ -123,8 +125,6 @@ def evaluate(model, tokenizer, cfg: Config, rows: list[dict], formatter: str = "
     qlora.generation.generate_ids (greedy); tests swap it."""
     from tqdm.auto import tqdm
 
-    from .sqlscore import score_rows
-
     generate_fn = generate_fn or generate_ids
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -205,7 +205,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if spider:  # real databases, own report (qlora.spider_eval)
-        from .spider_eval import main_spider
         return main_spider(args)
     try:
         if args.out:

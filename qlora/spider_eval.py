@@ -20,9 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from .formatters import DataError
 from . import spider
+from .base_model import ModelLoadError
+from .cli import check_writable, dequantize_choice
+from .config import ConfigError
+from .data import parse_source
+from .formatters import DataError
+from .generation import prompt_ids
+from .inference import load_for_inference
 from .spider import HARDNESS_LEVELS, database_path, hardness, schema_text, spider_prompt
+from .shared_prefix import generate_grouped
 from .sqlscore import execute_db, extract_sql, score_db_row
 
 __all__ = ["load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
@@ -138,8 +145,6 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
     (qlora.shared_prefix.generate_grouped, or `generate_fn` with the same signature)."""
     from tqdm.auto import tqdm
 
-    from .shared_prefix import generate_grouped
-
     groups: dict[str, list[int]] = {}
     for i in prompts:
         groups.setdefault(recs[i]["db_id"], []).append(i)
@@ -154,8 +159,6 @@ def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_si
                     generate_fn=None, progress=True) -> dict:
     """Generate for and score every scorable row of a Spider json file; returns the report (module doc).
     `sample_rows`: as in training (default qlora.spider.SAMPLE_ROWS)."""
-    from .generation import prompt_ids
-
     rows = load_spider(source, limit)
     sample_rows = spider.SAMPLE_ROWS if sample_rows is None else sample_rows
     t0 = time.perf_counter()
@@ -189,12 +192,6 @@ def summary_line(report: dict) -> str:
 def main_spider(args) -> int:
     """`python -m qlora.evaluate ... --data PATH.json:spider`: load, score, print the summary, write --out.
     `args` is qlora.evaluate's parsed command line."""
-    from .config import ConfigError
-    from .data import parse_source
-    from .cli import check_writable, dequantize_choice
-    from .inference import load_for_inference
-    from .base_model import ModelLoadError
-
     source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
     try:
         if args.out:
