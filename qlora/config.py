@@ -82,6 +82,7 @@ class Config:
     optimizer: str = "paged_adamw_8bit"  # "paged_adamw_8bit", "adamw_8bit" (bitsandbytes) or "adamw" (torch)
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     seed: int = 42  # seeds data order, LoRA init and dropout
+    deterministic: bool = False  # bitwise-reproducible GPU runs: fixed-order kernels, slower (qlora/determinism.py)
     # --- eval, logging, saving ---
     output_dir: str = "runs/default"  # checkpoints, logs, final adapter
     eval_every: int = 25  # optimizer steps between eval-loss passes (0 = only at the end)

@@ -5,7 +5,8 @@ formatter and a column mapping (`my.csv:prompt_response?prompt=question&response
 with `path`, `formatter`, `split`, `eval_split`, `weight`, `columns`.
 `builtin:sql` is the text-to-SQL set that ships in `data/sql/`.
 Each row becomes a list of chat messages; `encode` renders them with the tokenizer's chat template
-(or the Llama-2 `[INST]` format when it has none) and supervises every assistant turn and its EOS.
+(or the Llama-2 `[INST]` format when it has none) and supervises every assistant turn and the EOS or
+end-of-turn token that closes it.
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def render_llama2(messages, tok, add_generation_prompt=False) -> str:
 def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and return (text, [(start, end) char spans to supervise]).
 
-    Each assistant turn's span covers its content and the EOS that closes it, and nothing of the
-    template glue around them. Templates must be prefix-stable (rendering the first k turns is a
-    prefix of rendering all of them); we check that rather than trust it.
+    Each assistant turn's span covers its content and the token that closes it (EOS, or the template's
+    end-of-turn token: Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), and nothing
+    of the template glue around them. Templates must be prefix-stable (rendering the first k turns is a
+    prefix of rendering all of them, an EOS that only closes the whole conversation apart); we check that
+    rather than trust it.
     """
     eos = tok.eos_token
+    markers = _turn_closers(tok)
     text = _render(tok, messages)
     spans = []
     for i, m in enumerate(messages):
@@ -86,6 +90,8 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1])
+        if not text.startswith(upto) and eos and upto.endswith(eos):  # Phi-3 ends a whole conversation with EOS
+            upto = upto[: -len(eos)]
         if not text.startswith(upto) or not upto.startswith(before):
             raise DataError("the tokenizer's chat template is not prefix-stable; response-only labels cannot "
                             "be located (use a tokenizer without a template or a simpler one)")
@@ -94,11 +100,26 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
         if start < 0:
             raise DataError("assistant content was changed by the chat template; cannot locate it")
         end = start + len(content)
-        close = upto.find(eos, end)
-        if close < 0:
-            raise DataError(f"the chat template does not close assistant turns with EOS {eos!r}")
-        spans += [(start, end), (close, close + len(eos))]  # content and its EOS, not the glue between
+        close, marker = _first_marker(upto, end, markers)
+        if close < 0 or upto[end:close].strip():
+            raise DataError(f"the chat template does not close assistant turns with EOS {eos!r} or another special "
+                            "token right after the response")
+        spans += [(start, end), (close, close + len(marker))]  # content and its closer, not the glue between
     return text, spans
+
+
+def _turn_closers(tok) -> list[str]:
+    """Tokens that may close an assistant turn: EOS and the tokenizer's other special tokens, BOS and pad
+    apart (the template's end-of-turn token is one of them)."""
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    skip = {tok.bos_token, tok.pad_token, None}
+    return list(dict.fromkeys(m for m in [tok.eos_token, *tok.all_special_tokens, *added] if m not in skip))
+
+
+def _first_marker(text: str, start: int, markers: list[str]) -> tuple[int, str]:
+    """(position, marker) of the first of `markers` in `text` at or after `start`; (-1, "") if none."""
+    found = [(i, m) for m in markers if (i := text.find(m, start)) >= 0]
+    return min(found, key=lambda f: (f[0], -len(f[1]))) if found else (-1, "")
 
 
 def encode(messages, tok, max_len: int, overlong: str = "drop") -> tuple[Example | None, str]:

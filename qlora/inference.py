@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .base_model import (ModelLoadError, check_model_dir, load_base_model, load_tokenizer, random_shape,
+from .base_model import (ModelLoadError, check_model_dir, load_base_model, load_tokenizer, random_config,
                          read_json, resolve_source)
 from .config import Config, load_config
 from .filecheck import safetensors_shapes
@@ -106,10 +106,10 @@ def inference_config(adapter: str | None, model: str | None = None, quant: str |
 
 def base_shapes(cfg: Config) -> dict[str, list[int]]:
     """State-dict name -> shape of `cfg.model`, from its config alone (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.model.startswith("random:"):
-        config = LlamaConfig(**random_shape(cfg.model.split(":", 1)[1]))
+        config = random_config(cfg.model.split(":", 1)[1])
     else:
         try:
             config = AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code)

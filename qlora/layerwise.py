@@ -68,7 +68,7 @@ def layer_prefixes(model) -> list[tuple[str, nn.Module]]:
 def _fill(module: nn.Module, prefix: str, device, dtype, source) -> None:
     """Allocate `module`'s own parameters and persistent buffers on `device` and fill each with
     `source(full_name, meta_tensor)`. Non-persistent buffers (rotary frequencies: in no checkpoint)
-    stay on meta for `finish_skeleton`."""
+    stay on meta for `fill_buffers_and_ties`."""
     for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         if t.device.type != "meta" or name in module._non_persistent_buffers_set:
             continue
@@ -91,20 +91,31 @@ def materialise(module: nn.Module, prefix: str, device, dtype, source, skip=()) 
         stack.extend((f"{pre}{n}.", c) for n, c in m.named_children())
 
 
-def finish_skeleton(model, config, device) -> None:
-    """Recompute the non-persistent buffers (rotary inverse frequencies), which no checkpoint holds,
-    and tie the output embeddings where the config says so."""
+def fill_buffers_and_ties(model, config, device) -> None:
+    """Recompute the non-persistent buffers, which no checkpoint holds: rotary inverse frequencies (one
+    set per layer kind in Gemma 3) and a scaled embedding's scale; tie the output embeddings where the
+    config says so."""
     for name, m in list(model.named_modules()):
-        if any(b.device.type == "meta" for b in m.buffers(recurse=False)) and hasattr(m, "inv_freq"):
+        if not any(b.device.type == "meta" for b in m.buffers(recurse=False)):
+            continue
+        if any(n.endswith("inv_freq") for n, _ in m.named_buffers(recurse=False)):
             with torch.device(device):
                 fresh = type(m)(config=m.config if hasattr(m, "config") else config)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+        elif hasattr(m, "scalar_embed_scale"):  # Gemma's embeddings times sqrt(hidden_size)
+            m.embed_scale = torch.tensor(m.scalar_embed_scale, device=device)
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise ModelFilesError(f"tensors left unmaterialised: {left[:3]}")
+
+
+def norm_init(model) -> float:
+    """The value an untrained RMSNorm weight holds: 0 where the norm scales by (1 + weight) (Gemma),
+    else 1."""
+    return 0.0 if getattr(model.config, "model_type", "").startswith("gemma") else 1.0
 
 
 def quantize_layer(layer: nn.Module, cfg: Config, compute_dtype: torch.dtype, device) -> None:
@@ -118,22 +129,23 @@ def quantize_layer(layer: nn.Module, cfg: Config, compute_dtype: torch.dtype, de
 def build_random_layerwise(config, cfg: Config, device: torch.device, compute_dtype: torch.dtype, park=None):
     """A random model of `config` (a transformers config), 4-bit unless `cfg.quant == "none"`, built
     one decoder layer at a time on `device` (each finished layer moved to `park` if given). Linear and
-    embedding weights ~ N(0, initializer_range) (transformers' own init), norms 1; the values of layer
-    i come from a generator on `device` seeded with (cfg.seed, i): the same on every rank, whatever the
-    world size."""
+    embedding weights ~ N(0, initializer_range) (transformers' own init), norms the identity
+    (`norm_init`); the values of layer i come from a generator on `device` seeded with (cfg.seed, i):
+    the same on every rank, whatever the world size."""
     std = getattr(config, "initializer_range", 0.02)
+    model = meta_model(config, compute_dtype)
+    norm = norm_init(model)
 
     def random_source(index: int):
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + index + 1)
 
         def source(name, meta):
             if name.endswith("norm.weight"):
-                return torch.ones(meta.shape, device=device, dtype=compute_dtype)
+                return torch.full(meta.shape, norm, device=device, dtype=compute_dtype)
             return torch.randn(meta.shape, generator=gen, device=device, dtype=compute_dtype).mul_(std)
         return source
 
-    return _fill_layer_by_layer(meta_model(config, compute_dtype), config, cfg, device, compute_dtype, random_source,
-                                park)
+    return _fill_layer_by_layer(model, config, cfg, device, compute_dtype, random_source, park)
 
 
 def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, source_of, park=None):
@@ -150,7 +162,7 @@ def _fill_layer_by_layer(model, config, cfg: Config, device, compute_dtype, sour
             layer.to(park)  # bitsandbytes moves each 4-bit weight's quant_state with it
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    finish_skeleton(model, config, device)
+    fill_buffers_and_ties(model, config, device)
     if cfg.quant != "none":
         model.is_loaded_in_4bit = True
     model.qlora_layerwise = {"parked_on": str(park) if park is not None else None}  # what train.py reports

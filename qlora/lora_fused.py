@@ -11,8 +11,8 @@ backward a dropped copy of the input per projection. Here the same maths is one 
 It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
 one-byte mask only when dropout is on (torch's native dropout: mask and output in one kernel). Fewer nodes means less host time per step, which is what limits
 small micro-batches on a fast GPU. The result equals peft's path up to rounding (tests/test_lora_fused.py);
-modules it does not cover (several adapters, DoRA, merged or disabled adapters, a bias, FSDP-sharded
-weights) keep peft's forward.
+A frozen base bias (Qwen2's q/k/v) is added in the same node; modules it does not cover (several adapters,
+DoRA, merged or disabled adapters, a trainable bias, FSDP-sharded weights) keep peft's forward.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
 
 
 class NF4LoRAFunction(torch.autograd.Function):
-    """y = x dequant(W4)^T + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only.
+    """y = x dequant(W4)^T [+ bias] + scale * (dropout(x) A^T) B^T, with gradients for x, A and B only.
 
     Dropout is torch's (a stored one-byte mask) or, when `seed` is given, `qlora.seeded_dropout`'s
     (the mask recomputed from seed, salt and element index: nothing stored, no RNG state). With `fp8`
@@ -74,7 +74,7 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
-                salt: int = 0, fp8: bool = False):
+                salt: int = 0, fp8: bool = False, bias=None):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         seeded = p > 0 and seed is not None
@@ -83,6 +83,8 @@ class NF4LoRAFunction(torch.autograd.Function):
                 y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
             else:
                 y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
+            if bias is not None:  # frozen (Qwen2's q/k/v): no gradient
+                y.add_(bias.to(dtype))
             if seeded:
                 xd, keep = seeded_dropout.apply(x2, seed, salt, p), None
             else:
@@ -127,7 +129,7 @@ class NF4LoRAFunction(torch.autograd.Function):
                     dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -139,7 +141,7 @@ def _fused_adapter(module, x, args, kwargs):
         return None
     base = module.get_base_layer()
     w = base.weight
-    fusable = (base.bias is None and getattr(w, "quant_state", None) is not None
+    fusable = ((base.bias is None or not base.bias.requires_grad) and getattr(w, "quant_state", None) is not None
                and type(w).__name__ == "Params4bit" and x.dtype.is_floating_point)
     return active[0] if fusable else None
 
@@ -157,7 +159,7 @@ def _fused_forward(self, x, *args, **kwargs):
     y = NF4LoRAFunction.apply(x.to(dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
                               float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
                               getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0),
-                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight))
+                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias)
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 

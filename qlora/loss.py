@@ -38,17 +38,24 @@ class TokenLoss(nn.Module):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return base.model, base.lm_head
 
+    def _softcap(self) -> float | None:
+        """The model's final-logit soft-cap (Gemma's `final_logit_softcapping`), None for most families."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(base.config, "final_logit_softcapping", None)
+
     def forward(self, input_ids, position_ids, targets, sup_index, **attn_kwargs):
         if self.training and self.dropout_seed is not None:
             self.dropout_seed.add_(1)  # a new dropout mask for every micro-batch (not for recomputes)
-        backbone, lm_head = self._parts()
+        (backbone, lm_head), softcap = self._parts(), self._softcap()
         hidden = backbone(input_ids=input_ids, position_ids=position_ids,
                           **attn_kwargs).last_hidden_state
         # Only supervised positions reach the vocab projection: prompts and padding cost no logits.
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
         self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
-        plain_head = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+        # soft-capped logits (cap * tanh(logits / cap), Gemma's final_logit_softcapping) take the plain path
+        plain_head = (type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+                      and not softcap)
         if self.ce == "liger" and plain_head and h.is_cuda and torch.is_grad_enabled():
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -59,6 +66,8 @@ class TokenLoss(nn.Module):
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], CE_CHUNK):
             logits = lm_head(h[s:s + CE_CHUNK]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
             total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
         return total
 
@@ -71,7 +80,10 @@ def supervised_logits(loss_model) -> tuple[torch.Tensor, torch.Tensor]:
     that is 4 GiB."""
     token_loss = getattr(loss_model, "module", loss_model)
     h, y = token_loss.last_supervised
-    return token_loss._parts()[1](h).float(), (y != -100).float()
+    logits, softcap = token_loss._parts()[1](h).float(), token_loss._softcap()
+    if softcap:  # the logits the cross-entropy sees
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, (y != -100).float()
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -11,25 +11,48 @@ from torch import nn
 from .base_model import ModelLoadError, load_base_model
 from .config import Config
 from .fsdp import fuse_on_gathered_weights
-from .kernels import LIGER_ATTR, use_kernels
+from .kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
 from .lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
 from .offload import offloaded_checkpoint
 from .seeded_dropout import new_seed
 
 
+# Projections some families fuse into one linear (Phi-3): the fused name stands for its parts.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last names of `model`'s linear layers, in order (e.g. q_proj, ..., lm_head)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)))
+
+
+def resolve_lora_targets(targets: list[str], linears: list[str], default: bool, model_name: str) -> list[str]:
+    """`targets` as names of linears that exist. The default (all seven projections) becomes what the
+    family has: on Phi-3 q/k/v are `qkv_proj` and gate/up `gate_up_proj`. Names given explicitly are
+    taken as they are; one that is not a linear layer is an error listing those that are."""
+    if default:
+        fused = {part: name for name, parts in FUSED_PROJECTIONS.items() if name in linears for part in parts}
+        targets = list(dict.fromkeys(fused.get(t, t) for t in targets if t in linears or t in fused))
+    missing = [t for t in targets if t not in linears]
+    if missing:
+        inside = [f"{t} is part of {name}" for t in missing for name, parts in FUSED_PROJECTIONS.items()
+                  if t in parts and name in linears]
+        raise ModelLoadError(f"config key 'lora_targets': {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                             f"not a linear layer of {model_name}{' (' + '; '.join(inside) + ')' if inside else ''}; "
+                             f"its linear layers are {', '.join(linears)}: set --lora_targets to some of these "
+                             "(comma-separated)")
+    return targets
+
+
 def add_lora(model, cfg: Config):
     """Wrap the frozen base with peft LoRA adapters on `cfg.lora_targets` (fp32 adapter weights)."""
     from peft import LoraConfig, get_peft_model
 
-    linears = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)))
-    missing = [t for t in cfg.lora_targets if t not in linears]
-    if missing:
-        raise ModelLoadError(f"config key 'lora_targets': {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                             f"not a linear layer of {cfg.model}; its linear layers are {', '.join(linears)}: "
-                             "set --lora_targets to some of these (comma-separated)")
+    default = list(cfg.lora_targets) == Config().lora_targets
+    targets = resolve_lora_targets(list(cfg.lora_targets), linear_names(model), default, cfg.model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)  # LoRA A init is random: same seed, same adapter at step 0
     return get_peft_model(model, lora)
 
@@ -82,8 +105,10 @@ def describe_speedups(model) -> str:
     fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "")
+    unpatched = getattr(model, NO_PATCH_ATTR, None)
+    off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
-            f"liger kernels {f'on ({liger} modules)' if liger else 'off'}")
+            f"liger kernels {f'on ({liger} modules)' if liger else off}")
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -105,10 +130,10 @@ def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
     time to the GPU and keeps this rank's shard, so the GPU never holds the whole model."""
     low = fsdp and cfg.fsdp_low_memory_load
     park = torch.device("cpu") if low and device.type != "cpu" else None
-    return finish_model(load_base_model(cfg, device, layerwise=low, park=park), cfg, device, fsdp)
+    return prepare_for_training(load_base_model(cfg, device, layerwise=low, park=park), cfg, device, fsdp)
 
 
-def finish_model(base, cfg: Config, device: torch.device, fsdp: bool = False):
+def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = False):
     """LoRA, checkpointing of `cfg.recompute_layers`, fused NF4+LoRA linears and kernels on a loaded
     base. Under FSDP2 the fused node runs on each layer's gathered 4-bit weights (qlora/fsdp.py)."""
     model = add_lora(base, cfg)

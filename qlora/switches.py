@@ -101,6 +101,11 @@ SWITCHES: tuple[Switch, ...] = (
                  _fp8_gpu))),
     Switch("fp8_exclude", lambda c: c.base_fp8, "''",
            "projections that stay bf16 under base_fp8", "qlora/fp8.py"),
+    Switch("deterministic", lambda c: c.deterministic, "false",
+           "bitwise-reproducible GPU runs: deterministic kernels only (what it changes and costs: qlora/determinism.py)",
+           "qlora/determinism.py",
+           (Need("no attn_backend 'cudnn' (torch has no deterministic cuDNN attention backward; --attn_backend auto "
+                 "runs flash, deterministic in this mode)", lambda c, w: c.attn_backend != "cudnn"),)),
     Switch("attn_backend", lambda c: c.attn_backend in ("varlen", "flex", "cudnn"), "auto",
            "packed attention: sdpa (any device); varlen (flash), flex, cudnn on CUDA", "qlora/attention.py",
            (CUDA, Need("torch built with cuDNN", lambda c, w: c.attn_backend != "cudnn" or

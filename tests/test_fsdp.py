@@ -199,9 +199,9 @@ def tiny_4bit_base(cfg, tied: bool = False):
 
 def tiny_lora_model(cfg, fsdp: bool):
     """peft model on `tiny_4bit_base`, LoRA B set non-zero (same values every call) so A gets gradients."""
-    from qlora.model import finish_model
+    from qlora.model import prepare_for_training
 
-    model = finish_model(tiny_4bit_base(cfg), cfg, torch.device("cpu"), fsdp=fsdp)
+    model = prepare_for_training(tiny_4bit_base(cfg), cfg, torch.device("cpu"), fsdp=fsdp)
     gen = torch.Generator().manual_seed(1)
     for n, p in sorted(model.named_parameters()):
         if "lora_B" in n:
@@ -455,10 +455,10 @@ def test_fsdp2_reads_a_checkpoint_one_layer_at_a_time_as_from_pretrained_does(tm
     qlora/layerwise.py) instead of whole by from_pretrained: the same 4-bit model, so the same run."""
     from test_layerwise import save_random_checkpoint
 
-    from qlora.base_model import RANDOM_SHAPES
+    from qlora.base_model import random_shape
 
     # untied lm_head and three safetensors shards: the index and every tensor kind are read
-    folder = save_random_checkpoint(tmp_path / "ckpt", {**RANDOM_SHAPES["tiny"], "tie_word_embeddings": False,
+    folder = save_random_checkpoint(tmp_path / "ckpt", {**random_shape("tiny"), "tie_word_embeddings": False,
                                                         "max_position_embeddings": 512}, shard_size="10MB")
     assert len(list(folder.glob("*.safetensors"))) >= 2
     run = ["--model", folder, "--tokenizer", "smollm2", *TINY[2:], "--lora_dropout", "0", "--max_steps", "3",

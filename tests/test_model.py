@@ -133,10 +133,10 @@ def test_models_loaded_from_a_directory_are_guarded(tmp_path):
     and so does the FSDP training model and quantize_linears_ used on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.base_model import RANDOM_SHAPES
+    from qlora.base_model import random_shape
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES["tiny"])).save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(LlamaConfig(**random_shape("tiny"))).save_pretrained(tmp_path / "m")
     base = load_base_model(tiny_cfg(model=str(tmp_path / "m"), quant="nf4"), CPU)
     assert len(linears_4bit(base)) == 2 * 7 and unguarded_4bit_linears(base) == []
     fsdp = load_model(tiny_cfg(quant="nf4", quant_storage="float32"), CPU, fsdp=True)
