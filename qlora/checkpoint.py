@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -293,8 +294,6 @@ def savable_adapter(accelerator, loss_model):
     peft_model = accelerator.unwrap_model(loss_model).model
     if not accelerator.is_fsdp2:
         return peft_model
-    from types import SimpleNamespace
-
     from torch.distributed.tensor import DTensor
 
     # full_tensor(): a collective all-gather of each LoRA weight (small); then a private CPU copy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 
@@ -35,8 +36,6 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 def torch_file_problem(path: Path) -> str | None:
     """Why a `torch.save` file cannot be read (None if its zip structure and checksums are intact)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
