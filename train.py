@@ -33,7 +33,7 @@ from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoint
 from qlora.config import Config, ConfigError, load_config, save_config
 from qlora.cuda_graphs import GraphedForwardBackward
 from qlora.data import DataError, load_datasets
-from qlora.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint
+from qlora.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
 from qlora.kernels import resolve_kernels
 from qlora.lora_fused import dropout_seed
 from qlora.generation import generate_ids
@@ -356,8 +356,8 @@ def log_eval(run: Run, step: int, loss: float) -> float:
 def checkpoint(run: Run) -> None:
     """checkpoint-<step>/ with everything `restore` needs (a collective: every rank calls it)."""
     state = {"step": run.step, "data": vars(run.batches.state), "skipped_steps": run.skipped}
-    path = save_training_checkpoint(run.accelerator, run.loss_model, run.optimizer, run.tokenizer, run.cfg,
-                                    run.out, state)
+    save = save_sharded_checkpoint if run.accelerator.is_fsdp2 else save_training_checkpoint  # FSDP2: a shard per rank
+    path = save(run.accelerator, run.loss_model, run.optimizer, run.tokenizer, run.cfg, run.out, state)
     if path is not None:
         run.say(f"checkpoint: {path}")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .filecheck import safetensors_shapes
+from .filecheck import safetensors_shapes, umask_mode
+from .layerwise import ModelFilesError, build_random_layerwise, load_safetensors_layerwise
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,8 +211,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        from .checkpoint import umask_mode  # a shared QLORA_CACHE stays readable to the user's group
-        umask_mode([tmp, *tmp.glob("*.safetensors")])
+        umask_mode([tmp, *tmp.glob("*.safetensors")])  # a shared QLORA_CACHE stays readable to the group
         try:
             tmp.rename(out_dir)
         except OSError:  # another process won the race; its copy is complete
@@ -357,7 +357,6 @@ def build_random_model(shape: str, cfg: Config, device: torch.device, compute_dt
 
     config = random_config(shape, cfg.max_seq_len)
     if cfg.quant != "none":  # one decoder layer at a time: the full-precision model is never whole
-        from .layerwise import build_random_layerwise
         model = build_random_layerwise(config, cfg, device, compute_dtype, park)
     else:
         torch.manual_seed(cfg.seed)
@@ -392,8 +391,6 @@ def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, 
     if cfg.model.startswith("random:"):
         model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype, park)
     elif layerwise:
-        from .layerwise import ModelFilesError, load_safetensors_layerwise
-
         source = resolve_source(cfg.model)
         _check_causal_lm(source, cfg.trust_remote_code)
         try:

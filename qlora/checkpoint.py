@@ -18,12 +18,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from .config import Config, config_hash_fields, save_config
-from .filecheck import safetensors_shapes, torch_file_problem
+from .filecheck import safetensors_shapes, torch_file_problem, umask_mode
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -62,16 +63,6 @@ def save_adapter(model, tokenizer, cfg: Config, path: Path) -> None:
         tokenizer.save_pretrained(path)
     save_config(cfg, path / "config.yaml")
     umask_mode(Path(path).glob("*.safetensors"))
-
-
-def umask_mode(paths) -> None:
-    """Give `paths` the mode a new file (or folder) gets under the user's umask. safetensors writes each
-    file as a private temporary file (mode 0600) and renames it into place, and tempfile makes private
-    folders, so without this a saved model is unreadable to the user's group where nothing else is."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    for p in paths:
-        os.chmod(p, (0o777 if Path(p).is_dir() else 0o666) & ~mask)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config,
@@ -160,8 +151,22 @@ def checkpoint_problem(path: Path) -> str | None:
         if why:
             return f"{name} {why}"
     if sharded:
-        from .fsdp_checkpoint import sharded_checkpoint_problem
         return sharded_checkpoint_problem(path)
+    return None
+
+
+def sharded_checkpoint_problem(path) -> str | None:
+    """What makes a sharded checkpoint unusable (a shard file missing, empty or not a whole torch.save
+    file), or None. Reads the files' structure only, unpickles nothing."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    for name in meta.get("shards", []):
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            return f"{name} is {'empty (0 bytes)' if file.is_file() else 'missing'}"
+        why = torch_file_problem(file)
+        if why:
+            return f"{name} {why}"
     return None
 
 
@@ -289,8 +294,6 @@ def savable_adapter(accelerator, loss_model):
     peft_model = accelerator.unwrap_model(loss_model).model
     if not accelerator.is_fsdp2:
         return peft_model
-    from types import SimpleNamespace
-
     from torch.distributed.tensor import DTensor
 
     # full_tensor(): a collective all-gather of each LoRA weight (small); then a private CPU copy
@@ -303,11 +306,10 @@ def save_training_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg:
                              trainer_state: dict, before_commit=None) -> Path | None:
     """checkpoint-<step> of a training run: the adapter, optimizer, every rank's RNG state and
     `trainer_state` (step, data position, counters). A collective: every rank calls it; the main
-    process writes; returns the path there (None on other ranks)."""
-    if accelerator.is_fsdp2:  # each rank writes its own shard of the adapter, optimizer state and RNG
-        from .fsdp_checkpoint import save_sharded_checkpoint
-        return save_sharded_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg, output_dir, trainer_state,
-                                       before_commit)
+    process writes; returns the path there (None on other ranks). Under FSDP2 each rank writes its own
+    shard instead: `qlora.fsdp_checkpoint.save_sharded_checkpoint`."""
+    if accelerator.is_fsdp2:  # each rank writes its own shard: qlora.fsdp_checkpoint
+        raise CheckpointError("under FSDP2 save with qlora.fsdp_checkpoint.save_sharded_checkpoint")
     world = accelerator.num_processes
     rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
     adapter = savable_adapter(accelerator, loss_model)

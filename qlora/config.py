@@ -16,6 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from .data_errors import DataError
+from .sources import parse_source
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key, where it came from and what to do."""
@@ -357,8 +360,7 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
         fail("fp8_exclude", f"names {', '.join(stray)}, not among lora_targets ({', '.join(cfg.lora_targets)})")
     if not cfg.datasets:
         fail("datasets", "is empty: name at least one source, e.g. --datasets builtin:sql")
-    from .data import DataError, parse_source  # the source syntax is checked before anything runs
-
+    # the source syntax is checked before anything runs
     for key in ("datasets", "eval_datasets"):
         for spec in getattr(cfg, key):
             try:

@@ -15,7 +15,8 @@ import functools
 import random
 from dataclasses import dataclass, field
 
-from .formatters import FORMATTERS, DataError, SkipRow, detect_formatter
+from .data_errors import DataError, SkipRow
+from .formatters import FORMATTERS, detect_formatter
 from .sources import BUILTIN, LOCAL_EXT, Rows, Source, load_rows, parse_source  # noqa: F401 (re-exported)
 
 IGNORE = -100

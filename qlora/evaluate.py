@@ -44,6 +44,8 @@ from .inference import load_for_inference
 from .base_model import ModelLoadError
 from .loss import TokenLoss, mean_token_loss
 from .packing import eval_batches, model_inputs
+from .spider_eval import main_spider
+from .sqlscore import score_rows
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]
 
@@ -128,8 +130,6 @@ def evaluate(model, tokenizer, cfg: Config, rows: list[dict], formatter: str = "
     `generate_fn(model, tokenizer, prompts, max_new_tokens, device) -> [text]` defaults to
     qlora.generation.generate_ids (greedy); tests swap it."""
     from tqdm.auto import tqdm
-
-    from .sqlscore import score_rows
 
     generate_fn = generate_fn or generate_ids
     device = next(model.parameters()).device
@@ -219,7 +219,6 @@ def main(argv=None) -> int:
               "it runs each candidate on the row's database; drop the flag for greedy decoding", file=sys.stderr)
         return 2
     if spider:  # real databases, own report (qlora.spider_eval)
-        from .spider_eval import main_spider
         return main_spider(args)
     try:
         if args.out:

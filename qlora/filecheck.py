@@ -1,11 +1,14 @@
 """Is a saved file whole? Checks that read only a file's structure (a safetensors header against the
 file's length, a torch.save zip's directory and CRCs), never its tensors, and never unpickle anything:
 used before resuming a checkpoint and before loading an adapter or a model directory.
+`umask_mode` gives a saved file the mode the user's umask would (saved files stay readable to the group).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from pathlib import Path
 
 
@@ -33,11 +36,19 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 def torch_file_problem(path: Path) -> str | None:
     """Why a `torch.save` file cannot be read (None if its zip structure and checksums are intact)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError):
         return "is truncated or not a torch.save file"
     return f"fails its checksum (entry {bad}): the file is damaged" if bad else None
+
+
+def umask_mode(paths) -> None:
+    """Give `paths` the mode a new file (or folder) gets under the user's umask. safetensors writes each
+    file as a private temporary file (mode 0600) and renames it into place, and tempfile makes private
+    folders, so without this a saved model is unreadable to the user's group where nothing else is."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, (0o777 if Path(p).is_dir() else 0o666) & ~mask)

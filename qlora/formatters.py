@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import re
 
-
-class DataError(ValueError):
-    """Bad data: the message names the file, row or field and what to do."""
-
-
-class SkipRow(Exception):
-    """A row the formatter cannot use (e.g. its Spider database file is absent): skipped and counted by reason."""
+from .data_errors import DataError
+from .spider import spider_messages
+from .sqlscore import sql_instruction
 
 
 class MappedRow(dict):
@@ -98,13 +94,6 @@ def gretel_sql(row: dict, where: str = "row") -> list[dict]:
     return _turn(prompt, sql.strip())
 
 
-def sql_instruction(context: str, question: str, evidence: str = "") -> str:
-    """The prompt shared by training and evaluation of text-to-SQL rows."""
-    hint = f"\n\nHint: {evidence.strip()}" if evidence and evidence.strip() else ""
-    return (f"Database schema:\n{context.strip()}\n\nQuestion: {question.strip()}{hint}\n\n"
-            "Write one SQLite query that answers the question.")
-
-
 def bird_reasoning(row: dict, where: str = "row") -> list[dict]:
     """meowterspace45/bird-sql-train-with-reasoning: schema, question, evidence -> reasoning then SQL."""
     schema, question, sql = _need(row, ["schema", "question", "SQL"], where)
@@ -149,8 +138,6 @@ def messages(row: dict, where: str = "row") -> list[dict]:
 def spider(row: dict, where: str = "row", source: str = "") -> list[dict]:
     """Spider 1.0 (`question`, `query`, `db_id`): the schema of `<source dir>/database/<db_id>/<db_id>.sqlite`
     + the question -> the gold SQL (qlora.spider)."""
-    from .spider import spider_messages  # imported here: qlora.spider imports this module
-
     return spider_messages(row, where, source)
 
 

@@ -16,8 +16,10 @@ the rounding) differ from an unsharded run's, which tests/test_fsdp.py measures.
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 
+from .lora_fused import FUSED_ATTR, _fused_forward
 
 
 def is_dtensor(t) -> bool:
@@ -98,8 +100,6 @@ def fused_forward_gathered(self, x, *args, **kwargs):
     no copy); so does this, then runs the fused node. The node keeps that `Params4bit` for backward,
     which shares the gathered tensor's storage: FSDP2 refills it before the layer's backward. The
     dequantised double-quant scales are cached on the module, since the `Params4bit` is new per forward."""
-    from .lora_fused import _fused_forward
-
     base = self.get_base_layer()
     w = base.weight
     if not is_dtensor(w) and getattr(w, "quant_state", None) is None and getattr(base, "quant_state", None) is not None:
@@ -120,10 +120,6 @@ def fuse_on_gathered_weights(model) -> int:
     """Let the fused NF4+LoRA linears of `model` (`qlora.lora_fused.fuse_lora`, already applied) run on
     FSDP2-gathered 4-bit weights. Call it after `fuse_lora` and before `accelerator.prepare`. Returns
     how many linears it covers."""
-    import types
-
-    from .lora_fused import FUSED_ATTR
-
     n = 0
     for module in model.modules():
         if getattr(module, FUSED_ATTR, False):

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import (CheckpointError, check_same_run, prune, rng_state, savable_adapter, save_adapter,
+                         set_rng_state, sharded_checkpoint_problem)
+from .config import config_hash_fields
 from .fsdp import is_dtensor
 
 
@@ -29,8 +32,6 @@ def local_training_state(peft_model, optimizer) -> dict:
     """This rank's part of the training state: its shard of every LoRA weight, its shard of the
     optimizer state (DTensors as their local tensors, listed in `dtensor_state` to be rebuilt on
     load) and its RNG state. Every value is a tensor or plain data: `torch.load(weights_only=True)`."""
-    from .checkpoint import rng_state
-
     adapter = {n: (p.to_local() if is_dtensor(p) else p).detach().cpu().clone()
                for n, p in peft_model.named_parameters() if p.requires_grad}
     optim = optimizer.state_dict()
@@ -68,9 +69,6 @@ def save_sharded_checkpoint(accelerator, loss_model, optimizer, tokenizer, cfg, 
     process adds the gathered peft adapter, `trainer_state.json`, `config.yaml`, `meta.json` last,
     and renames the folder into place. A collective: every rank calls it. Returns the path on the
     main process, None elsewhere. The output_dir must be one filesystem seen by every rank."""
-    from .checkpoint import prune, savable_adapter, save_adapter
-    from .config import config_hash_fields
-
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     step, out = trainer_state["step"], Path(output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}-{_main_pid(accelerator)}"
@@ -125,29 +123,10 @@ def _layout(fsdp: bool, world: int, by: str) -> str:
     return f"{'under' if fsdp else 'without'} FSDP {by} {world} process{'es' * (world > 1)}"
 
 
-def sharded_checkpoint_problem(path) -> str | None:
-    """What makes a sharded checkpoint unusable (a shard file missing, empty or not a whole torch.save
-    file), or None. Reads the files' structure only, unpickles nothing."""
-    from .filecheck import torch_file_problem
-
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    for name in meta.get("shards", []):
-        file = path / name
-        if not file.is_file() or file.stat().st_size == 0:
-            return f"{name} is {'empty (0 bytes)' if file.is_file() else 'missing'}"
-        why = torch_file_problem(file)
-        if why:
-            return f"{name} {why}"
-    return None
-
-
 def restore_sharded_checkpoint(path, cfg, accelerator, peft_model, optimizer, force: bool = False) -> dict:
     """Load this rank's shard of checkpoint `path` into the prepared (sharded) `peft_model` and
     `optimizer` and set this rank's RNG state; returns `trainer_state` (step, data position,
     counters). Every problem is a `CheckpointError` that names the file and what to do."""
-    from .checkpoint import CheckpointError, check_same_run, set_rng_state
-
     path, world, rank = Path(path), accelerator.num_processes, accelerator.process_index
     problem = layout_problem(path, True, world) or sharded_checkpoint_problem(path)
     if problem:
@@ -169,8 +148,6 @@ def restore_sharded_checkpoint(path, cfg, accelerator, peft_model, optimizer, fo
 
 @torch.no_grad()
 def _load_local_adapter(peft_model, saved: dict, file) -> None:
-    from .checkpoint import CheckpointError
-
     live = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     if set(live) != set(saved):
         raise CheckpointError(f"{file}: its LoRA tensors do not fit this model (missing "

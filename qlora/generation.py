@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import use_default_attention
 from .data import _render
 
 __all__ = ["prompt_ids", "generate_ids"]
@@ -42,8 +43,6 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     greedily unless `temperature > 0` (then sampling with `top_p`). The model's attention is switched
     back to plain sdpa first (packed-training attention has no KV-cache path); a model in training mode
     is put back into training mode afterwards."""
-    from .attention import use_default_attention
-
     was_training = model.training
     model.eval()
     use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path

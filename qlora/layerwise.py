@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .quant import quantize_linears_
 
 
 class ModelFilesError(RuntimeError):
@@ -51,10 +52,15 @@ def meta_model(config, compute_dtype: torch.dtype, trust_remote_code: bool = Fal
     return model
 
 
+def decoder_layers(model) -> list:
+    """The decoder blocks (those transformers can checkpoint), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def layer_prefixes(model) -> list[tuple[str, nn.Module]]:
     """(state-dict prefix, module) of every decoder layer, in order."""
-    from .model import decoder_layers
-
     names = {id(m): n for n, m in model.named_modules()}
     return [(names[id(b)] + ".", b) for b in decoder_layers(model)]
 
@@ -113,8 +119,6 @@ def norm_init(model) -> float:
 
 
 def quantize_layer(layer: nn.Module, cfg: Config, compute_dtype: torch.dtype, device) -> None:
-    from .quant import quantize_linears_
-
     quantize_linears_(layer, cfg, compute_dtype, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the layer's full-precision blocks back before the next layer

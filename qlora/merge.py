@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import umask_mode
+from . import attention
 from .config import ConfigError, load_config, save_config
 from .data import DataError
+from .filecheck import umask_mode
 from .cli import ArgParser, count
+from .evaluate import eval_loss, load_eval_rows, loss_examples
 from .inference import inference_config, load_for_inference
 from .base_model import ModelLoadError
 
@@ -58,8 +60,6 @@ def merge(adapter: str, out: str, dtype: str = EXACT_DTYPE, device=None, check_r
           check_data: str = "builtin:sql", warn=None) -> dict:
     """Dequantise + merge + save; returns the merge report (also written to out/merge_report.json).
     Every input is checked before the out folder is touched."""
-    from .evaluate import load_eval_rows
-
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_out_dir(out, adapter)
     cfg, _ = inference_config(adapter)
@@ -104,9 +104,6 @@ def _warn(msg: str) -> None:
 def compare(ref, merged, tokenizer, cfg, data: str = "builtin:sql", n_rows: int = 8) -> dict:
     """Logit error of `merged` vs `ref` (full logits at every position of each row, unpadded) and the
     eval loss (response-only, as in training) of both on the same rows."""
-    from . import attention
-    from .evaluate import eval_loss, load_eval_rows, loss_examples
-
     rows, fmt = load_eval_rows(data, n_rows)
     examples = loss_examples(rows, fmt, tokenizer, cfg)
     dev_ref, dev_m = next(ref.parameters()).device, next(merged.parameters()).device

@@ -10,6 +10,12 @@ from torch import nn
 
 from .base_model import ModelLoadError, load_base_model
 from .config import Config
+from .fsdp import fuse_on_gathered_weights
+from .kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
+from .layerwise import decoder_layers
+from .lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
+from .offload import offloaded_checkpoint
+from .seeded_dropout import new_seed
 
 
 # Projections some families fuse into one linear (Phi-3): the fused name stands for its parts.
@@ -86,23 +92,12 @@ def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, off
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < keep
         if offload and i < keep:
-            from qlora.offload import offloaded_checkpoint
             block._gradient_checkpointing_func = offloaded_checkpoint(preserve_rng)
     return keep
 
 
-def decoder_layers(model) -> list:
-    """The decoder blocks (those transformers can checkpoint), in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
-    from qlora.kernels import LIGER_ATTR, NO_PATCH_ATTR
-    from qlora.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed
-
     blocks = decoder_layers(model)
     ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
@@ -141,11 +136,6 @@ def load_model(cfg: Config, device: torch.device, fsdp: bool = False):
 def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = False):
     """LoRA, checkpointing of `cfg.recompute_layers`, fused NF4+LoRA linears and kernels on a loaded
     base. Under FSDP2 the fused node runs on each layer's gathered 4-bit weights (qlora/fsdp.py)."""
-    from qlora.kernels import use_kernels
-    from qlora.lora_fused import fuse_lora
-
-    from qlora.seeded_dropout import new_seed
-
     model = add_lora(base, cfg)
     fused = cfg.fused_lora
     seeded = fused and cfg.lora_dropout > 0 and (cfg.seeded_dropout or cfg.cuda_graphs)
@@ -157,7 +147,6 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
                   cfg.fp8_exclude)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
-            from qlora.fsdp import fuse_on_gathered_weights
             fuse_on_gathered_weights(model)
     use_kernels(model, cfg.kernels, device, fsdp)
     return model

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from .config import Config
+from .fsdp import local_shard_optimizer
 
 
 def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optimizer:
@@ -21,7 +22,6 @@ def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optim
 
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     if fsdp:
-        from .fsdp import local_shard_optimizer
         cls = local_shard_optimizer(cls)
     with warnings.catch_warnings():
         # on CPU bitsandbytes falls back from paged to unpaged memory; say it once, in our words

@@ -17,7 +17,11 @@ answer costs, not max_new_tokens.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+from .attention import use_default_attention
 
 __all__ = ["cache_kwarg", "common_prefix_len", "generate_grouped"]
 
@@ -27,8 +31,6 @@ def cache_kwarg(model) -> str:
     `past_key_values` in older ones (5.17, the GPU image's). The old name given to a new model (or the
     reverse) lands in **kwargs and is ignored without an error: every decode step would then see one
     token and no context."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(type(base).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -111,8 +113,6 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
     """Greedy answers for {group: [prompt ids, ...]} -> {group: [answer text, ...]} (decoded without special
     tokens, stripped, as generate_ids). Within a group the shared prefix is computed once; its prompts run
     in batches of `batch_size`, longest first. `progress(n)` is called after each batch with its size."""
-    from .attention import use_default_attention
-
     was_training = model.training
     model.eval()
     use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path

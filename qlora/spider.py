@@ -21,8 +21,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from .formatters import DataError, SkipRow, sql_instruction
-from .sqlscore import collapse_whitespace, extract_sql, sql_tokens
+from .data_errors import DataError, SkipRow
+from .sqlscore import collapse_whitespace, extract_sql, sql_instruction, sql_tokens
 
 __all__ = ["database_path", "connect_ro", "schema_text", "spider_messages", "answer_sql", "hardness", "HARDNESS_LEVELS"]
 

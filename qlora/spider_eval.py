@@ -21,9 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from .formatters import DataError
 from . import spider
+from .base_model import ModelLoadError
+from .cli import check_writable, dequantize_choice
+from .config import ConfigError
+from .data import parse_source
+from .formatters import DataError
+from .generation import prompt_ids
+from .inference import load_for_inference
 from .schema_decode import beam_generator, choose_predictions, needs_beams, plain_rows
+from .shared_prefix import generate_grouped
 from .spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, schema_text, spider_prompt
 from .sqlscore import execute_db, score_db_row
 
@@ -123,8 +130,6 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
     (qlora.shared_prefix.generate_grouped, or `generate_fn` with the same signature)."""
     from tqdm.auto import tqdm
 
-    from .shared_prefix import generate_grouped
-
     groups: dict[str, list[int]] = {}
     for i in prompts:
         groups.setdefault(recs[i]["db_id"], []).append(i)
@@ -142,8 +147,6 @@ def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_si
     `sample_rows`: as in training (default qlora.spider.SAMPLE_ROWS). `decoding="schema"`: the rows and the
     top level are the schema-aware predictions (qlora.schema_decode, `num_beams` beams from `beam_fn`,
     default qlora.beam_search.beam_grouped), `plain` summarises the greedy ones."""
-    from .generation import prompt_ids
-
     rows = load_spider(source, limit)
     sample_rows = spider.SAMPLE_ROWS if sample_rows is None else sample_rows
     t0 = time.perf_counter()
@@ -200,12 +203,6 @@ def _plain_part(report: dict) -> str:
 def main_spider(args) -> int:
     """`python -m qlora.evaluate ... --data PATH.json:spider`: load, score, print the summary, write --out.
     `args` is qlora.evaluate's parsed command line."""
-    from .config import ConfigError
-    from .data import parse_source
-    from .cli import check_writable, dequantize_choice
-    from .inference import load_for_inference
-    from .base_model import ModelLoadError
-
     source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
     try:
         if args.out:

@@ -1,4 +1,5 @@
-"""Text-to-SQL scoring: pull SQL out of model output, run it in sqlite, compare with the gold query.
+"""Text-to-SQL: the instruction every SQL formatter gives the model, and scoring: pull SQL out of model
+output, run it in sqlite, compare with the gold query.
 
 Two metrics per row, the usual pair for text-to-SQL:
 
@@ -20,7 +21,7 @@ import re
 import sqlite3
 import time
 
-__all__ = ["extract_sql", "normalize_sql", "collapse_whitespace", "sql_tokens", "execute", "execute_db", "results_equal",
+__all__ = ["sql_instruction", "extract_sql", "normalize_sql", "collapse_whitespace", "sql_tokens", "execute", "execute_db", "results_equal",
            "score_row", "score_db_row", "score_rows"]
 
 # One regex tokenizer shared by normalize_sql, the ORDER BY check and the ';' cut, so string literals and
@@ -42,6 +43,13 @@ def sql_tokens(sql: str) -> list[tuple[str, str, int]]:
     """(kind, text, start offset) for every token, whitespace and comments dropped."""
     return [(m.lastgroup, m.group(), m.start()) for m in _TOKEN_RE.finditer(sql)
             if m.lastgroup not in ("ws", "comment")]
+
+
+def sql_instruction(context: str, question: str, evidence: str = "") -> str:
+    """The prompt shared by training and evaluation of text-to-SQL rows."""
+    hint = f"\n\nHint: {evidence.strip()}" if evidence and evidence.strip() else ""
+    return (f"Database schema:\n{context.strip()}\n\nQuestion: {question.strip()}{hint}\n\n"
+            "Write one SQLite query that answers the question.")
 
 
 _SQL_START = r"(?:SELECT|WITH|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b"

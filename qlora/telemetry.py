@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -72,7 +73,5 @@ def format_step(rec: dict) -> str:
 
 def say(msg: str) -> None:
     """A message on stderr that never lands inside an active tqdm progress bar's line."""
-    from tqdm.auto import tqdm
-
     tqdm.write(msg, file=sys.stderr)
     sys.stderr.flush()

@@ -6,7 +6,8 @@ import torch
 
 from qlora import attention, lora_fused
 from qlora.loss import TokenLoss
-from qlora.model import decoder_layers, describe_speedups, enable_checkpointing, load_model
+from qlora.layerwise import decoder_layers
+from qlora.model import describe_speedups, enable_checkpointing, load_model
 from qlora.packing import collate
 
 from conftest import tiny_cfg
