@@ -23,6 +23,7 @@ from .filecheck import safetensors_shapes
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # architectures of the GGUF files loaded
 
 # Llama shapes for `random:<name>`; vocab sizes are the real models' own.
 RANDOM_SHAPES = {
@@ -100,12 +101,12 @@ def check_model_dir(path: str, shapes: dict[str, list[int]] | None = None) -> No
             raise ModelLoadError(f"model directory {path}: tensor {name} {what}; {again}")
 
 
-def check_gguf(path: Path) -> None:
-    """A GGUF file whose header and tensor table parse and whose tensors lie inside the file."""
+def check_gguf(path: Path):
+    """A GGUF file whose header and tensor table parse and whose tensors lie inside the file; its reader."""
     from gguf import GGUFReader
 
     try:
-        GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"GGUF file {path} cannot be read ({why}): it is truncated or not a GGUF file; "
@@ -135,26 +136,32 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
+    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached, keyed by the file's
+    size and modification time, so a file written again is converted again).
 
-    A model loaded from GGUF refuses `save_pretrained`, so a plain `LlamaForCausalLM` is rebuilt from
-    its config and state dict. Written to a temporary dir and renamed, so concurrent ranks and
-    interrupted conversions never leave a half-written cache.
+    A model loaded from GGUF refuses `save_pretrained`, so a plain model is rebuilt from its config and
+    state dict: in bf16 when every weight matrix but the embeddings is stored in 4 or 5 bits or bf16 (the
+    embedded SmolLM2), else in fp32 (f16 and q8_0 files, such as `python -m qlora.export` writes, keep
+    their exact values). Written to a temporary dir and renamed, so concurrent ranks and interrupted
+    conversions never leave a half-written cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).resolve()
     st = gguf.stat()
-    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}"
+    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         return out_dir
-    check_gguf(gguf)
+    reader = check_gguf(gguf)
+    in_bf16 = all(t.tensor_type.name.startswith(("Q4", "Q5", "BF16")) for t in reader.tensors
+                  if len(t.shape) > 1 and t.name != "token_embd.weight")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = src.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelLoadError(f"{gguf}: only Llama-architecture GGUF files are supported (got {config.model_type})")
+    if getattr(config, "model_type", None) not in GGUF_MODEL_TYPES:
+        raise ModelLoadError(f"{gguf}: only {', '.join(GGUF_MODEL_TYPES)} GGUF files are supported "
+                             f"(got {config.model_type})")
     # The GGUF's tokenizer metadata names <|im_start|> as EOS, but the model ends turns with the
     # config's eos_token_id (<|im_end|> for SmolLM2): trust the config, or training never learns to stop.
     for attr in ("eos", "bos"):
@@ -164,12 +171,13 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     plain_config = type(config).from_dict(config_dict)
-    plain = LlamaForCausalLM(plain_config)
+    plain = AutoModelForCausalLM.from_config(plain_config)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise ModelLoadError(f"{gguf}: converted weights do not match: missing {missing[:3]} unexpected {unexpected[:3]}")
-    plain = plain.to(torch.bfloat16)  # the GGUF was 4-bit: bf16 loses nothing that matters and halves the cache
+    if in_bf16:  # a 4-bit GGUF: bf16 loses nothing that matters and halves the cache
+        plain = plain.to(torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-convert-"))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
