@@ -46,8 +46,9 @@ def read_with_project(path: Path, folder: Path, device):
 
 @torch.no_grad()
 def check_gguf_file(path, model, tokenizer, cfg, rows: int = 4, prompts: int = 2, max_new_tokens: int = 64,
-                    data: str = "builtin:sql") -> dict:
-    """Compare `path` read back both ways with `model` (the source, e.g. the merged model); returns the report."""
+                    data: str = "builtin:sql", readers=("transformers", "project_loader")) -> dict:
+    """Compare `path` read back both ways (or the `readers` named) with `model` (the source, e.g. the merged
+    model); returns the report."""
     path = Path(path)
     device = next(model.parameters()).device
     eval_rows, fmt = load_eval_rows(data, max(rows, prompts))
@@ -56,20 +57,25 @@ def check_gguf_file(path, model, tokenizer, cfg, rows: int = 4, prompts: int = 2
     expected = generate_ids(model, tokenizer, questions, max_new_tokens, device)
     report = {"file": str(path), "file_bytes": path.stat().st_size, "check_rows": len(ids),
               "greedy_prompts": len(questions), "max_new_tokens": max_new_tokens}
-    hf_model, hf_tok = read_with_transformers(path, device)
+    if "transformers" in readers:
+        report["transformers"] = check_transformers(path, model, tokenizer, ids, questions, max_new_tokens, expected)
+    if "project_loader" in readers:
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".check-{path.stem}-"))
+        try:
+            own = read_with_project(path, folder, device)
+            report["project_loader"] = {**logit_errors(model, own, ids), "greedy_equal": generate_ids(
+                own, tokenizer, questions, max_new_tokens, device) == expected}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    report["greedy_answers"] = expected
+    return report
+
+
+def check_transformers(path: Path, model, tokenizer, ids, questions, max_new_tokens: int, expected) -> dict:
+    """Logit errors, tokenizer agreement and greedy answers of `path` read by transformers."""
+    hf_model, hf_tok = read_with_transformers(path, next(model.parameters()).device)
     texts = [tokenizer.decode(r) for r in ids]  # the same text through both tokenizers
     same_ids = [hf_tok(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
                 for t in texts]
-    report["transformers"] = {**logit_errors(model, hf_model, ids), "tokenizer_same_ids": sum(same_ids) / len(ids),
-                              "greedy_equal": generate_ids(hf_model, tokenizer, questions, max_new_tokens,
-                                                           device) == expected}
-    del hf_model
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".check-{path.stem}-"))
-    try:
-        own = read_with_project(path, folder, device)
-        report["project_loader"] = {**logit_errors(model, own, ids), "greedy_equal": generate_ids(
-            own, tokenizer, questions, max_new_tokens, device) == expected}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    report["greedy_answers"] = expected
-    return report
+    return {**logit_errors(model, hf_model, ids), "tokenizer_same_ids": sum(same_ids) / len(ids),
+            "greedy_equal": generate_ids(hf_model, tokenizer, questions, max_new_tokens, hf_model.device) == expected}
