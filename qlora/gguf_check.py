@@ -9,7 +9,8 @@ independent ways:
 On held-out rows of the default job (`builtin:sql`, encoded as training encodes them) each read-back
 model's logits at every position are compared with the source model's (`qlora.merge.logit_errors`: max
 and mean |logit error|, argmax agreement), the GGUF tokenizer must encode the rows to the same ids, and
-greedy answers to the first eval prompts (the prompts train.py's end-of-run samples use) are compared.
+greedy answers to the first eval prompts (the prompts train.py's end-of-run samples use) are compared
+(`prompts=0`: none; `greedy_equal` is then None).
 """
 
 from __future__ import annotations
@@ -54,28 +55,28 @@ def check_gguf_file(path, model, tokenizer, cfg, rows: int = 4, prompts: int = 2
     eval_rows, fmt = load_eval_rows(data, max(rows, prompts))
     ids = [ex.input_ids for ex in loss_examples(eval_rows[:rows], fmt, tokenizer, cfg)]
     questions = eval_prompts(eval_rows[:prompts], fmt, tokenizer, cfg.system_prompt)
-    expected = generate_ids(model, tokenizer, questions, max_new_tokens, device)
+    answers = (lambda m: generate_ids(m, tokenizer, questions, max_new_tokens, device) if questions else None)
+    expected = answers(model)
     report = {"file": str(path), "file_bytes": path.stat().st_size, "check_rows": len(ids),
               "greedy_prompts": len(questions), "max_new_tokens": max_new_tokens}
     if "transformers" in readers:
-        report["transformers"] = check_transformers(path, model, tokenizer, ids, questions, max_new_tokens, expected)
+        report["transformers"] = check_transformers(path, model, tokenizer, ids, answers, expected)
     if "project_loader" in readers:
         folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".check-{path.stem}-"))
         try:
             own = read_with_project(path, folder, device)
-            report["project_loader"] = {**logit_errors(model, own, ids), "greedy_equal": generate_ids(
-                own, tokenizer, questions, max_new_tokens, device) == expected}
+            report["project_loader"] = {**logit_errors(model, own, ids), "greedy_equal": answers(own) == expected}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     report["greedy_answers"] = expected
     return report
 
 
-def check_transformers(path: Path, model, tokenizer, ids, questions, max_new_tokens: int, expected) -> dict:
-    """Logit errors, tokenizer agreement and greedy answers of `path` read by transformers."""
+def check_transformers(path: Path, model, tokenizer, ids, answers, expected) -> dict:
+    """Logit errors, tokenizer agreement and greedy answers (`answers(model)`) of `path` read by transformers."""
     hf_model, hf_tok = read_with_transformers(path, next(model.parameters()).device)
     texts = [tokenizer.decode(r) for r in ids]  # the same text through both tokenizers
     same_ids = [hf_tok(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
                 for t in texts]
     return {**logit_errors(model, hf_model, ids), "tokenizer_same_ids": sum(same_ids) / len(ids),
-            "greedy_equal": generate_ids(hf_model, tokenizer, questions, max_new_tokens, hf_model.device) == expected}
+            "greedy_equal": answers(hf_model) == expected}

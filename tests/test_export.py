@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import gguf
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
 import train
@@ -38,14 +40,30 @@ from conftest import tiny_cfg
 from helpers import randomise_lora_
 
 
+def small_tokenizer(tok, n: int = 1024):
+    """The first `n` tokens of the SmolLM2 tokenizer (its specials, bytes and first merges), still byte-level
+    BPE with the chat template: a GGUF's vocabulary is parsed token by token by every reader (seconds for
+    49,152 tokens), so the tiny model gets a tiny vocabulary."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < n}
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if all(p in vocab for p in m) and "".join(m) in vocab]
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < n]
+    small = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
+                                    eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
+                                    chat_template=tok.chat_template)
+    small.padding_side = "right"
+    return small
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tok):
-    """A random:tiny NF4 adapter with non-zero LoRA weights, merged once."""
+    """A random:tiny NF4 adapter (1,024-token vocabulary) with non-zero LoRA weights, merged once."""
     root = tmp_path_factory.mktemp("export")
-    cfg = tiny_cfg(quant="nf4")
+    cfg = tiny_cfg(quant="nf4", model="random:tiny:1024")
     model = load_model(cfg, torch.device("cpu"))
     randomise_lora_(model)
-    save_adapter(model, tok, cfg, root / "adapter")
+    save_adapter(model, small_tokenizer(tok), cfg, root / "adapter")
     merged, tokenizer, run_cfg = merged_model(str(root / "adapter"), device="cpu")
     return SimpleNamespace(root=root, merged=merged, tok=tokenizer, cfg=run_cfg)
 
@@ -154,8 +172,6 @@ def test_unsupported_architecture_and_tokenizer_are_refused():
     supported."""
     with pytest.raises(ModelLoadError, match="gemma3_text.*supported are Llama"):
         gguf_arch(Gemma3TextConfig())
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     sp = Tokenizer(models.BPE(vocab={"<unk>": 0, "\u2581a": 1}, merges=[], byte_fallback=True))
     sp.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(ModelLoadError, match="SentencePiece-style.*byte-level BPE"):
