@@ -131,12 +131,12 @@ def check_model_dir(path: str, shapes: dict[str, list[int]] | None = None) -> No
             raise ModelLoadError(f"model directory {path}: tensor {name} {what}; {again}")
 
 
-def check_gguf(path: Path) -> None:
-    """A GGUF file whose header and tensor table parse and whose tensors lie inside the file."""
+def check_gguf(path: Path):
+    """A GGUF file whose header and tensor table parse and whose tensors lie inside the file; its reader."""
     from gguf import GGUFReader
 
     try:
-        GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"GGUF file {path} cannot be read ({why}): it is truncated or not a GGUF file; "
@@ -166,21 +166,26 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached).
+    """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached, keyed by the file's
+    size and modification time, so a file written again is converted again).
 
     A model loaded from GGUF refuses `save_pretrained`, so a plain model of its class is rebuilt from
-    its config and state dict. Any architecture transformers reads from GGUF works (Llama, Mistral,
-    Qwen2/3, Gemma 3, Phi-3, ...); another is one ModelLoadError. Written to a temporary dir and renamed, so concurrent ranks and
-    interrupted conversions never leave a half-written cache.
+    its config and state dict: in bf16 when every weight matrix but the embeddings is stored in 4 or 5 bits
+    or bf16 (the embedded SmolLM2), else in fp32 (f16 and q8_0 files, such as `python -m qlora.export`
+    writes, keep their exact values). Any architecture transformers reads from GGUF works (Llama, Mistral,
+    Qwen2/3, Gemma 3, Phi-3, ...); another is one ModelLoadError. Written to a temporary dir and renamed,
+    so concurrent ranks and interrupted conversions never leave a half-written cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).resolve()
     st = gguf.stat()
-    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}"
+    out_dir = out_dir or cache_root() / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         return out_dir
-    check_gguf(gguf)
+    reader = check_gguf(gguf)
+    in_bf16 = all(t.tensor_type.name.startswith(("Q4", "Q5", "BF16")) for t in reader.tensors
+                  if len(t.shape) > 1 and t.name != "token_embd.weight")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -206,7 +211,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise ModelLoadError(f"{gguf}: converted weights do not match: missing {missing[:3]} unexpected {unexpected[:3]}")
-    plain = plain.to(torch.bfloat16)  # the GGUF was 4-bit: bf16 loses nothing that matters and halves the cache
+    if in_bf16:  # a 4-bit GGUF: bf16 loses nothing that matters and halves the cache
+        plain = plain.to(torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-convert-"))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)

@@ -72,9 +72,7 @@ def merge(adapter: str, out: str, dtype: str = EXACT_DTYPE, device=None, check_r
     load_eval_rows(check_data, check_rows)  # the check rows exist, before minutes of loading
     # the reference: 4-bit base + adapter in fp32 compute, exactly what was trained
     ref, tokenizer, cfg = load_for_inference(adapter, compute_dtype=EXACT_DTYPE, device=device)
-    # the same 4-bit base, dequantised into plain linears in `dtype`, and the adapter merged into them
-    plain, _, _ = load_for_inference(adapter, compute_dtype=dtype, dequantize=True, device=device)
-    merged = plain.merge_and_unload().eval()
+    merged, _, _ = merged_model(adapter, dtype, device)
     report = compare(ref, merged, tokenizer, cfg, check_data, check_rows)
     out_path = Path(out)
     report.update({"adapter": str(adapter), "out": str(out_path), "base_model": cfg.model, "base_quant": cfg.quant,
@@ -96,6 +94,13 @@ def merge(adapter: str, out: str, dtype: str = EXACT_DTYPE, device=None, check_r
     return report
 
 
+def merged_model(adapter: str, dtype: str = EXACT_DTYPE, device=None):
+    """(merged model, tokenizer, Config): the same 4-bit base as in training, dequantised into plain linears
+    in `dtype`, and the adapter merged into them (a base trained with quant none is merged as it is)."""
+    plain, tokenizer, cfg = load_for_inference(adapter, compute_dtype=dtype, dequantize=True, device=device)
+    return plain.merge_and_unload().eval(), tokenizer, cfg
+
+
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -106,28 +111,35 @@ def compare(ref, merged, tokenizer, cfg, data: str = "builtin:sql", n_rows: int 
     eval loss (response-only, as in training) of both on the same rows."""
     rows, fmt = load_eval_rows(data, n_rows)
     examples = loss_examples(rows, fmt, tokenizer, cfg)
-    dev_ref, dev_m = next(ref.parameters()).device, next(merged.parameters()).device
-    for m in (ref, merged):
+    report = logit_errors(ref, merged, [ex.input_ids for ex in examples])
+    loss_ref, n_tok = eval_loss(ref, examples, tokenizer.pad_token_id, 8, cfg.max_seq_len)
+    loss_m, _ = eval_loss(merged, examples, tokenizer.pad_token_id, 8, cfg.max_seq_len)
+    return {"check_data": data, "check_rows": len(examples), **report, "supervised_tokens": n_tok,
+            "eval_loss_4bit_plus_adapter": loss_ref, "eval_loss_merged": loss_m,
+            "eval_loss_diff": loss_m - loss_ref}
+
+
+@torch.no_grad()
+def logit_errors(ref, other, rows: list[list[int]]) -> dict:
+    """Max/mean |logit difference| of `other` vs `ref` over every position of each row of token ids
+    (one unpadded row at a time), the largest |logit| of `ref`, and the argmax agreement."""
+    dev_ref, dev_m = next(ref.parameters()).device, next(other.parameters()).device
+    for m in (ref, other):
         attention.use_default_attention(m, "sdpa")
     max_err, abs_sum, count_, agree, ref_abs = 0.0, 0.0, 0, 0, 0.0
-    for ex in examples:
-        ids = torch.tensor([ex.input_ids])
+    for row in rows:
+        ids = torch.tensor([row])
         a = ref(input_ids=ids.to(dev_ref), use_cache=False).logits.float().cpu()[0]
-        b = merged(input_ids=ids.to(dev_m), use_cache=False).logits.float().cpu()[0]
+        b = other(input_ids=ids.to(dev_m), use_cache=False).logits.float().cpu()[0]
         d = (a - b).abs()
         max_err = max(max_err, float(d.max()))
         abs_sum += float(d.sum())
         count_ += d.numel()
         ref_abs = max(ref_abs, float(a.abs().max()))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-    positions = sum(len(e.input_ids) for e in examples)
-    loss_ref, n_tok = eval_loss(ref, examples, tokenizer.pad_token_id, 8, cfg.max_seq_len)
-    loss_m, _ = eval_loss(merged, examples, tokenizer.pad_token_id, 8, cfg.max_seq_len)
-    return {"check_data": data, "check_rows": len(examples), "positions": positions, "supervised_tokens": n_tok,
-            "max_abs_logit_error": max_err, "mean_abs_logit_error": abs_sum / max(count_, 1),
-            "max_abs_logit_ref": ref_abs, "argmax_agreement": agree / max(positions, 1),
-            "eval_loss_4bit_plus_adapter": loss_ref, "eval_loss_merged": loss_m,
-            "eval_loss_diff": loss_m - loss_ref}
+    positions = sum(len(r) for r in rows)
+    return {"positions": positions, "max_abs_logit_error": max_err, "mean_abs_logit_error": abs_sum / max(count_, 1),
+            "max_abs_logit_ref": ref_abs, "argmax_agreement": agree / max(positions, 1)}
 
 
 def main(argv=None) -> int:
