@@ -5,7 +5,7 @@
     python generate.py --model runs/default/merged --prompt "..." --max_new_tokens 64
 
 The base model and the chat format come from the adapter's saved config.yaml (override the base with
---model); loading goes through qlora.inference.load_for_inference, which checks the adapter against
+--model); loading goes through qlora.evaluation.inference.load_for_inference, which checks the adapter against
 the base model before reading any weights. On a CPU the 4-bit linears run dequantised by default
 (identical logits in fp32, several times faster; --dequantize false keeps the 4-bit matmuls).
 """
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from qlora.config import ConfigError
-from qlora.generation import generate_ids, prompt_ids
+from qlora.evaluation.generation import generate_ids, prompt_ids
 from qlora.cli import ArgParser, add_model_args, count, dequantize_choice
-from qlora.inference import load_for_inference
-from qlora.base_model import ModelLoadError
+from qlora.evaluation.inference import load_for_inference
+from qlora.model.base import ModelLoadError
 
 
 def read_prompts(args) -> list[str]:

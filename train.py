@@ -10,7 +10,7 @@ The file is the whole run, in order: `setup` builds everything (accelerator, dat
 and checks every input before anything is written; `restore` continues a checkpoint; `fit` is the
 loop; `train_step` is one optimizer step (benchmarks/bench.py times this very function); `finish`
 saves the adapter. The usual edits each live in one place: the loss of a micro-batch in
-`micro_batch_loss`, the schedule in `qlora.optim.lr_at`, the optimizer in `qlora.optim.make_optimizer`,
+`micro_batch_loss`, the schedule in `qlora.training.optim.lr_at`, the optimizer in `qlora.training.optim.make_optimizer`,
 what an eval pass measures in `eval_loss` (README, "Changing the loop").
 """
 
@@ -26,26 +26,27 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from qlora import attention, determinism
-from qlora.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
-                              load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
-                              savable_adapter, set_rng_state)
+from qlora.speed import attention
+from qlora.training import determinism
+from qlora.training.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
+                                       load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
+                                       savable_adapter, set_rng_state)
 from qlora.config import Config, ConfigError, load_config, save_config
-from qlora.cuda_graphs import GraphedForwardBackward
-from qlora.data import DataError, load_datasets
-from qlora.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
-from qlora.kernels import resolve_kernels
-from qlora.lora_fused import dropout_seed
-from qlora.generation import generate_ids
-from qlora.loss import TokenLoss, mean_token_loss
-from qlora.base_model import ModelLoadError, load_tokenizer, model_vocab_size
-from qlora.model import count_parameters, describe_speedups, load_model, untrained_adapters
-from qlora.quant import resolve_compute_dtype
-from qlora.optim import lr_at, make_optimizer, set_lr
-from qlora.packing import Batches, DataState, eval_batches, model_inputs
+from qlora.speed.cuda_graphs import GraphedForwardBackward
+from qlora.data.examples import DataError, load_datasets
+from qlora.training.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
+from qlora.speed.kernels import resolve_kernels
+from qlora.speed.lora_fused import dropout_seed
+from qlora.evaluation.generation import generate_ids
+from qlora.training.loss import TokenLoss, mean_token_loss
+from qlora.model.base import ModelLoadError, load_tokenizer, model_vocab_size
+from qlora.model.trainable import count_parameters, describe_speedups, load_model, untrained_adapters
+from qlora.model.quant import resolve_compute_dtype
+from qlora.training.optim import lr_at, make_optimizer, set_lr
+from qlora.training.packing import Batches, DataState, eval_batches, model_inputs
 from qlora.signals import StopRequest
-from qlora.switches import Where, check_switches
-from qlora.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
+from qlora.speed.switches import Where, check_switches
+from qlora.training.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
 
 class NonFiniteError(RuntimeError):
@@ -128,7 +129,7 @@ def setup(cfg: Config) -> Run:
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
-    layerwise = getattr(model, "qlora_layerwise", None)  # qlora/layerwise.py built or read it
+    layerwise = getattr(model, "qlora_layerwise", None)  # qlora/model/layerwise.py built or read it
     if accelerator.is_fsdp2 and layerwise:
         talk("model: read one decoder layer at a time" + ("" if not layerwise["parked_on"] else
              f", each held on {layerwise['parked_on']} until FSDP2 moves this rank's shard to the GPU"))
@@ -231,7 +232,7 @@ def micro_batch_loss(loss_model, inputs: dict) -> torch.Tensor:
 
 def forward_backward(accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor) -> torch.Tensor:
     """Forward and backward of one micro-batch (gradients accumulate); returns its summed loss, detached.
-    `qlora.cuda_graphs.GraphedForwardBackward` runs the same `micro_batch_loss` as one captured CUDA graph."""
+    `qlora.speed.cuda_graphs.GraphedForwardBackward` runs the same `micro_batch_loss` as one captured CUDA graph."""
     loss_sum = micro_batch_loss(loss_model, model_inputs(batch, backend, accelerator.device))
     accelerator.backward(loss_sum * scale)
     return loss_sum.detach()

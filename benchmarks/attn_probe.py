@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.attention import _varlen_call  # noqa: E402
+from qlora.speed.attention import _varlen_call  # noqa: E402
 
 H, D = 32, 128
 

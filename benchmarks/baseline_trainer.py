@@ -14,7 +14,7 @@ Model: a hub id or local directory goes through `from_pretrained(..., quantizati
 BitsAndBytesConfig(nf4, double quant, bf16 compute))`, the seed's path. `random:<shape>` (the default
 random Llama-2-7B) has no checkpoint to load; saving a 13.5 GB random checkpoint and loading it back in
 every subprocess would cost minutes of GPU time per setting, so the random bf16 Llama is built on the
-device and quantised with `qlora.quant.quantize_linears_` (bitsandbytes `Linear4bit`, NF4, double
+device and quantised with `qlora.model.quant.quantize_linears_` (bitsandbytes `Linear4bit`, NF4, double
 quant, every Linear but lm_head, which is what `from_pretrained` + `BitsAndBytesConfig` produces), then
 `prepare_model_for_kbit_training` runs exactly as in the seed (it upcasts embeddings, norms and lm_head
 to fp32 and enables gradient checkpointing).
@@ -60,18 +60,18 @@ def load_seed_model(spec: dict, device, compute_dtype):
     cfg = load_config([], model=spec["model"], quant=spec["quant"], double_quant=True, seed=spec["seed"],
                       max_seq_len=spec["max_seq_len"], tracker="none")
     if cfg.model.startswith("random:"):
-        from qlora.base_model import build_random_model
+        from qlora.model.base import build_random_model
 
         from transformers.utils.quantization_config import QuantizationMethod
 
         model = build_random_model(cfg.model.split(":", 1)[1], cfg, device, compute_dtype)
         if cfg.quant != "none":
             model.quantization_method = QuantizationMethod.BITS_AND_BYTES  # as from_pretrained's quantizer sets
-        how = "random Llama built on the device, NF4 via qlora.quant.quantize_linears_ (no checkpoint to load)"
+        how = "random Llama built on the device, NF4 via qlora.model.quant.quantize_linears_ (no checkpoint to load)"
     else:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from qlora.base_model import resolve_source
+        from qlora.model.base import resolve_source
 
         kw = {}
         if cfg.quant != "none":

@@ -16,10 +16,10 @@ implementation of it) runs in a fresh subprocess, so peak memory and the allocat
 OOM or crash is recorded as such (status oom/error/timeout) instead of ending the sweep.
 
 Our step is train.py's own: `train.train_step` is imported and timed (micro-batches from
-`qlora.packing.Batches` -> `TokenLoss` -> backward of loss_sum / supervised tokens in the window -> clip
+`qlora.training.packing.Batches` -> `TokenLoss` -> backward of loss_sum / supervised tokens in the window -> clip
 -> paged 8-bit AdamW step), under the accelerator of `train.make_accelerator` (bf16 autocast on CUDA),
-with `qlora.attention` packed attention. bench.py adds only timing, memory probes and profiling. The model is
-`qlora.model`'s (base, then LoRA, then checkpointing, the steps of `load_model`, taken one by one so the
+with `qlora.speed.attention` packed attention. bench.py adds only timing, memory probes and profiling. The model is
+`qlora.model.trainable`'s (base, then LoRA, then checkpointing, the steps of `load_model`, taken one by one so the
 base weights can be measured before LoRA). Warm-up steps are excluded from timing.
 
 Per setting: tokens/s (all real tokens, supervised tokens, response tokens), step time, peak allocated and
@@ -83,14 +83,15 @@ def run_ours(spec: dict, rec: dict) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from qlora import attention, determinism
-    from qlora.switches import Where, check_switches
+    from qlora.speed import attention
+    from qlora.training import determinism
+    from qlora.speed.switches import Where, check_switches
     from qlora.config import load_config
-    from qlora.data import IGNORE, Example
-    from qlora.base_model import load_base_model
-    from qlora.model import count_parameters, describe_speedups, prepare_for_training
-    from qlora.optim import lr_at, make_optimizer
-    from qlora.packing import Batches
+    from qlora.data.examples import IGNORE, Example
+    from qlora.model.base import load_base_model
+    from qlora.model.trainable import count_parameters, describe_speedups, prepare_for_training
+    from qlora.training.optim import lr_at, make_optimizer
+    from qlora.training.packing import Batches
     from train import make_accelerator, prepare_objective, train_step  # the very step train.py runs
 
     total_steps = spec["warmup"] + spec["steps"]
@@ -103,7 +104,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     probe = common.Probe(device)
     rec.update(impl="ours", **common.env_info(device), mixed_precision=accelerator.mixed_precision)
 
-    # --- model: qlora.model.load_model's steps one by one (base weights measured before LoRA)
+    # --- model: qlora.model.trainable.load_model's steps one by one (base weights measured before LoRA)
     base = load_base_model(cfg, device)
     base_gib = probe.allocated()
     model = prepare_for_training(base, cfg, device)
@@ -204,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--offload_recompute", default="off", help="recomputed layers' inputs in host memory on,off (ours only)")
     p.add_argument("--base_fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
     p.add_argument("--deterministic", default="off", help="deterministic kernels on,off (ours only; "
-                   "qlora/determinism.py)")
+                   "qlora/training/determinism.py)")
     p.add_argument("--fp8_exclude", default="down_proj", help="projections that stay bf16 under --base_fp8 on "
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",

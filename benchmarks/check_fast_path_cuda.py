@@ -10,14 +10,14 @@ zero at init, which would hide A's gradient), two packed 2048-token rows of docu
 tokens. Variants, each against the plain path (peft forward, transformers' eager RMSNorm/RoPE/SwiGLU,
 chunked lm_head + CE, all layers checkpointed):
 
-  fused           qlora/lora_fused.py (one autograd node per NF4 linear + LoRA)
+  fused           qlora/speed/lora_fused.py (one autograd node per NF4 linear + LoRA)
   fused+liger     plus liger RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy
   +ckpt0          the same with no layer checkpointed
-  +ce fused       qlora.loss.LinearCrossEntropy instead of liger's
-  +offload        checkpointed inputs in pinned host memory (qlora/offload.py)
-  +seeded         seeded LoRA dropout (qlora/seeded_dropout.py; the plain side draws the same masks)
-  +graphs         forward+backward replayed as a CUDA graph (qlora/cuda_graphs.py), twice
-  fp8             the frozen base GEMMs in float8 (qlora/fp8.py): reported with its own, looser bounds
+  +ce fused       qlora.training.loss.LinearCrossEntropy instead of liger's
+  +offload        checkpointed inputs in pinned host memory (qlora/speed/offload.py)
+  +seeded         seeded LoRA dropout (qlora/speed/seeded_dropout.py; the plain side draws the same masks)
+  +graphs         forward+backward replayed as a CUDA graph (qlora/speed/cuda_graphs.py), twice
+  fp8             the frozen base GEMMs in float8 (qlora/speed/fp8.py): reported with its own, looser bounds
   noise           the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
                   the yardstick for what bf16 rounding alone moves
 
@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402,F401  (offline env defaults)
 import helpers  # noqa: E402  (tests/helpers.py)
-from qlora import attention, fp8, lora_fused, seeded_dropout  # noqa: E402
+from qlora.speed import attention, fp8, lora_fused, seeded_dropout  # noqa: E402
 from qlora.config import load_config  # noqa: E402
-from qlora.data import IGNORE, Example  # noqa: E402
+from qlora.data.examples import IGNORE, Example  # noqa: E402
 from helpers import FixedMaskDropout  # noqa: E402
-from qlora.loss import TokenLoss  # noqa: E402
-from qlora.model import describe_speedups, load_model  # noqa: E402
-from qlora.packing import Batches, model_inputs  # noqa: E402
+from qlora.training.loss import TokenLoss  # noqa: E402
+from qlora.model.trainable import describe_speedups, load_model  # noqa: E402
+from qlora.training.packing import Batches, model_inputs  # noqa: E402
 import train  # noqa: E402  (the loss seam, micro_batch_loss)
 from helpers import with_logits_term  # noqa: E402
 
@@ -116,7 +116,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
     if graphs:  # as train.py runs it: GraphedForwardBackward via train_step's fwd_bwd hook
         from accelerate import Accelerator
 
-        from qlora.cuda_graphs import GraphedForwardBackward
+        from qlora.speed.cuda_graphs import GraphedForwardBackward
         acc = Accelerator(mixed_precision="bf16")
         params = list(lora.values())
         fb = GraphedForwardBackward(params, args.seq, 2, 0, torch.bfloat16, seam)
@@ -187,7 +187,7 @@ def check_loss_term(args, attn: str, tol_grad: float) -> int:
 def full_rows(batch: dict, seq: int) -> dict:
     """The batch padded to `seq`-token rows, as the CUDA-graph step feeds it: the seeded dropout mask
     is a function of each element's flat index, so every variant must see the same row length."""
-    from qlora.cuda_graphs import padded_inputs
+    from qlora.speed.cuda_graphs import padded_inputs
     host = padded_inputs(batch, "sdpa", seq, batch["input_ids"].shape[0], 0)
     n = batch["n_supervised"]
     return {**batch, "input_ids": host["input_ids"], "position_ids": host["position_ids"],

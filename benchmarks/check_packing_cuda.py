@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check on CUDA that packed attention (qlora/attention.py) equals running each example alone.
+"""Check on CUDA that packed attention (qlora/speed/attention.py) equals running each example alone.
 
     python benchmarks/check_packing_cuda.py                              # the GPU check, no arguments
     python benchmarks/check_packing_cuda.py --device cpu --backends sdpa --tiny   # CPU smoke test
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from qlora.attention import (  # noqa: E402
-    mask_cross_example_labels,
-    packing_kwargs,
-    use_default_attention,
-    use_packed_attention,
-)
+from qlora.speed.attention import (  # noqa: E402
+          mask_cross_example_labels,
+          packing_kwargs,
+          use_default_attention,
+          use_packed_attention,
+      )
 
 # Tolerances (logits: max |diff| / max |logit|; loss: max |diff| in nats; grad: per tensor
 # max |diff| / max |grad|). bf16: packed and unpacked runs use different kernels and GEMM shapes, so

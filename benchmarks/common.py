@@ -1,7 +1,7 @@
 """Shared pieces of benchmarks/bench.py (our loop) and benchmarks/baseline_trainer.py (the seed recipe):
 synthetic data, the FLOPs model, memory probes, timing, environment info and result I/O.
 
-Nothing here imports `datasets`, `qlora.data`'s loaders or a tokenizer: the GPU image has no `datasets`,
+Nothing here imports `datasets`, `qlora.data.examples`'s loaders or a tokenizer: the GPU image has no `datasets`,
 and the guanaco length distribution ships precomputed in benchmarks/guanaco_lengths.json.
 
 FLOPs model (the one MFU is computed with; stated again in benchmarks/RESULTS.md)
@@ -128,14 +128,14 @@ def synth_examples(data: str, max_seq_len: int, n_min: int, vocab: int, seed: in
 def make_guanaco_lengths(parquet: str | Path, out: Path = LENGTHS_FILE) -> dict:
     """Recompute benchmarks/guanaco_lengths.json (needs `datasets` and the embedded SmolLM2 tokenizer).
 
-    The project's own path: `qlora.data.load_datasets` (guanaco formatter -> chat template -> `encode`,
+    The project's own path: `qlora.data.examples.load_datasets` (guanaco formatter -> chat template -> `encode`,
     response-only labels) with the project's tokenizer, all 1000 rows (no eval hold-out, nothing dropped).
     """
     import hashlib
 
     from qlora.config import load_config
-    from qlora.data import load_datasets
-    from qlora.base_model import load_tokenizer
+    from qlora.data.examples import load_datasets
+    from qlora.model.base import load_tokenizer
 
     parquet = Path(parquet)
     cfg = load_config([])
@@ -144,9 +144,9 @@ def make_guanaco_lengths(parquet: str | Path, out: Path = LENGTHS_FILE) -> dict:
     data = {
         "source": f"{parquet.name} (mlabonne/guanaco-llama2-1k), sha256 "
                   f"{hashlib.sha256(parquet.read_bytes()).hexdigest()}",
-        "tokenizer": "embedded SmolLM2-135M-Instruct (qlora.base_model.load_tokenizer(load_config([]))) with its chat "
+        "tokenizer": "embedded SmolLM2-135M-Instruct (qlora.model.base.load_tokenizer(load_config([]))) with its chat "
                      "template and default system prompt; the Llama-2 tokenizer is not available offline",
-        "how": "qlora.data.load_datasets(guanaco formatter, max_len unlimited, eval_fraction 0): per example "
+        "how": "qlora.data.examples.load_datasets(guanaco formatter, max_len unlimited, eval_fraction 0): per example "
                "[total tokens, supervised tokens] (supervised = assistant response + its EOS)",
         "rows": stats.rows,
         "lengths": [[len(e.input_ids), e.n_supervised] for e in train],

@@ -2,7 +2,7 @@
 python3 cudnn_cases.py B T H HKV CU_DTYPE PACKED GRAPH"""
 import sys, json, torch
 sys.path.insert(0, ".")
-from qlora.attention import _varlen_call
+from qlora.speed.attention import _varlen_call
 B, T, H, HKV, cu_dtype, packed, graph = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1", sys.argv[7] == "1"
 D = 128
 torch.manual_seed(0)

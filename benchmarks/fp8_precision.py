@@ -1,6 +1,6 @@
 """What `base_fp8` costs in precision on a real model: the token loss of the same rows with the base
 GEMMs in bf16, all in FP8, FP8 except the projections in `fp8_exclude`, and FP8 in one projection kind
-at a time (qlora/fp8.py). Runs on a CPU (torch's `_scaled_mm`) or a GPU.
+at a time (qlora/speed/fp8.py). Runs on a CPU (torch's `_scaled_mm`) or a GPU.
 
     python benchmarks/fp8_precision.py                                  # SmolLM2-135M, 8 built-in SQL rows
     python benchmarks/fp8_precision.py --datasets ../shared/data/guanaco-llama2-1k.parquet:guanaco --rows 16
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora import attention, fp8  # noqa: E402
+from qlora.speed import attention, fp8  # noqa: E402
 from qlora.config import load_config  # noqa: E402
-from qlora.data import load_datasets  # noqa: E402
-from qlora.loss import TokenLoss  # noqa: E402
-from qlora.lora_fused import FP8_ATTR  # noqa: E402
-from qlora.base_model import load_tokenizer  # noqa: E402
-from qlora.model import load_model  # noqa: E402
-from qlora.packing import collate, to_device  # noqa: E402
+from qlora.data.examples import load_datasets  # noqa: E402
+from qlora.training.loss import TokenLoss  # noqa: E402
+from qlora.speed.lora_fused import FP8_ATTR  # noqa: E402
+from qlora.model.base import load_tokenizer  # noqa: E402
+from qlora.model.trainable import load_model  # noqa: E402
+from qlora.training.packing import collate, to_device  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,9 +75,9 @@ def main():
 
 
 if __name__ == "__main__":
-    from qlora.base_model import ModelLoadError
+    from qlora.model.base import ModelLoadError
     from qlora.config import ConfigError
-    from qlora.data import DataError
+    from qlora.data.examples import DataError
 
     try:
         main()

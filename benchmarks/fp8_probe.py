@@ -1,4 +1,4 @@
-"""Where the time of one NF4 linear goes, bf16 against FP8 (qlora/fp8.py), one CUDA card, by kernel.
+"""Where the time of one NF4 linear goes, bf16 against FP8 (qlora/speed/fp8.py), one CUDA card, by kernel.
 
     python3 benchmarks/fp8_probe.py --out DIR            # DIR/fp8_probe.json, table on stdout
 
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import nf4_weight  # noqa: E402  (tests/helpers.py)
-from qlora import fp8  # noqa: E402
-from qlora.lora_fused import block_absmax, dequantize  # noqa: E402
+from qlora.speed import fp8  # noqa: E402
+from qlora.speed.lora_fused import block_absmax, dequantize  # noqa: E402
 
 
 def timed(fn, reps: int = 20, warm: int = 3, per_graph: int = 10) -> float:

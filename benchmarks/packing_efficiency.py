@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora.config import load_config  # noqa: E402
-from qlora.data import load_datasets  # noqa: E402
-from qlora.base_model import load_tokenizer  # noqa: E402
-from qlora.packing import Batches, collate  # noqa: E402
+from qlora.data.examples import load_datasets  # noqa: E402
+from qlora.model.base import load_tokenizer  # noqa: E402
+from qlora.training.packing import Batches, collate  # noqa: E402
 
 
 def main(argv=None) -> int:

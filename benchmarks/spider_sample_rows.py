@@ -1,6 +1,6 @@
-"""Run train.py or qlora.evaluate with N sample rows of each table in every Spider prompt.
+"""Run train.py or qlora.evaluation.evaluate with N sample rows of each table in every Spider prompt.
 
-`qlora.spider.SAMPLE_ROWS` (default 0) is how many rows of each table the `spider` formatter puts under
+`qlora.data.spider.SAMPLE_ROWS` (default 0) is how many rows of each table the `spider` formatter puts under
 its CREATE TABLE line. This wrapper sets it for one run, so the same train/evaluate commands can be
 compared with and without sample rows (README, "Spider: real text-to-SQL"). From the repo root:
 
@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qlora.spider  # noqa: E402
+import qlora.data.spider  # noqa: E402
 
 if __name__ == "__main__":
-    qlora.spider.SAMPLE_ROWS = int(sys.argv[1])
+    qlora.data.spider.SAMPLE_ROWS = int(sys.argv[1])
     target, rest = sys.argv[2], sys.argv[3:]
     if target == "-m":
         sys.argv = [rest[0], *rest[1:]]

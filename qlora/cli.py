@@ -1,6 +1,6 @@
 """Plumbing shared by the inference command lines (generate.py, `python -m qlora.evaluate`,
 `python -m qlora.merge`): an argparse whose usage errors are one `error:` line, argument types, the
-model arguments `qlora.inference.load_for_inference` takes, and an early check that an output path
+model arguments `qlora.evaluation.inference.load_for_inference` takes, and an early check that an output path
 can be written."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--adapter, --model, --quant, --compute_dtype, --dequantize: what `load_for_inference` takes."""
     ap.add_argument("--adapter", help="adapter folder written by train.py (e.g. runs/default/final)")
     ap.add_argument("--model", help="with --adapter: another base model; alone: a base model (smollm2, hub id, "
-                    "dir, .gguf, random:tiny) or a merged dir written by qlora.merge")
+                    "dir, .gguf, random:tiny) or a merged dir written by qlora.evaluation.merge")
     ap.add_argument("--quant", choices=["nf4", "fp4", "none"], help="base weights (default: the adapter's config; "
                     "nf4 for a base model; none for a merged dir)")
     ap.add_argument("--compute_dtype", choices=["auto", "bfloat16", "float16", "float32"])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .data_errors import DataError
-from .sources import parse_source
+from .data.errors import DataError
+from .data.sources import parse_source
 
 
 class ConfigError(ValueError):
@@ -41,16 +41,16 @@ class Config:
     recompute: bool = True  # recompute activations in backward (non-reentrant activation checkpointing)
     recompute_layers: int = -1  # how many decoder layers (from the first) recompute; -1 = all. Fewer = faster,
     # more memory: on a big GPU recompute only what does not fit (benchmarks/NOTES.md)
-    fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/lora_fused.py); off = peft's forward
+    fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/speed/lora_fused.py); off = peft's forward
     absmax_cache: bool = True  # fused path: keep double-quant scales dequantised (+0.5 bit/param: 0.4 GiB at 7B)
     kernels: str = "auto"  # fused RMSNorm/RoPE/SwiGLU: "auto" (liger-kernel on CUDA if installed), "liger", "none"
-    seeded_dropout: bool = False  # LoRA dropout mask recomputed from a seed (qlora/seeded_dropout.py): no stored
+    seeded_dropout: bool = False  # LoRA dropout mask recomputed from a seed (qlora/speed/seeded_dropout.py): no stored
     # mask (-36 KB/token/layer at 7B), no RNG state; needed by cuda_graphs when lora_dropout > 0
-    cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/cuda_graphs.py):
+    cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/speed/cuda_graphs.py):
     # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
     offload_recompute: bool = False  # recomputed layers keep their inputs in pinned host memory (long rows)
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
-    # (qlora/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
+    # (qlora/speed/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:
     # down_proj (reads the SwiGLU output) alone raised the loss most consistently (benchmarks/fp8_precision.py)
     # --- LoRA ---
@@ -82,7 +82,7 @@ class Config:
     optimizer: str = "paged_adamw_8bit"  # "paged_adamw_8bit", "adamw_8bit" (bitsandbytes) or "adamw" (torch)
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     seed: int = 42  # seeds data order, LoRA init and dropout
-    deterministic: bool = False  # bitwise-reproducible GPU runs: fixed-order kernels, slower (qlora/determinism.py)
+    deterministic: bool = False  # bitwise-reproducible GPU runs: fixed-order kernels, slower (qlora/training/determinism.py)
     # --- eval, logging, saving ---
     output_dir: str = "runs/default"  # checkpoints, logs, final adapter
     eval_every: int = 25  # optimizer steps between eval-loss passes (0 = only at the end)

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def tok():
     from qlora.config import load_config
-    from qlora.base_model import load_tokenizer
+    from qlora.model.base import load_tokenizer
 
     return load_tokenizer(load_config([]))
 

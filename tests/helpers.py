@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora import attention
-from qlora.data import IGNORE
-from qlora.loss import supervised_logits
+from qlora.speed import attention
+from qlora.data.examples import IGNORE
+from qlora.training.loss import supervised_logits
 
 
 def with_logits_term(seam, c: float = 0.01):

@@ -1,4 +1,4 @@
-"""Packed attention must give exactly what each example gives alone (qlora/attention.py).
+"""Packed attention must give exactly what each example gives alone (qlora/speed/attention.py).
 
 Tiny random Llama (GQA: 4 query heads, 2 kv heads) with LoRA on every linear, fp32 on CPU. The same
 examples are run (a) one at a time, batch 1, no padding, stock attention, and (b) packed into two
@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import qlora.attention as qa  # noqa: E402
-from qlora.attention import (  # noqa: E402
-    mask_cross_example_labels,
-    packing_kwargs,
-    use_default_attention,
-    use_packed_attention,
-)
+import qlora.speed.attention as qa  # noqa: E402
+from qlora.speed.attention import (  # noqa: E402
+          mask_cross_example_labels,
+          packing_kwargs,
+          use_default_attention,
+          use_packed_attention,
+      )
 
 LENS = [[7, 13], [1, 10, 5]]  # two rows of T=24: tails of 4 and 8 padding tokens, a 1-token example
 T = 24
@@ -68,7 +68,7 @@ def make_model(quant_dtype=None):
                         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
                         setattr(parent, name, q.to("cpu"))  # .to() quantizes
     # init_lora_weights=False: B is random too, so LoRA changes the outputs and every A gets a gradient.
-    from qlora.quant import guard_cpu_4bit_repack
+    from qlora.model.quant import guard_cpu_4bit_repack
     guard_cpu_4bit_repack(model)  # eval passes keep the fp32 4-bit path on CPUs with AVX512-BF16 too
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     return model.eval()
@@ -348,8 +348,8 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
 
 
 def test_collate_flags_rows_that_hold_one_example():
-    from qlora.data import Example
-    from qlora.packing import collate
+    from qlora.data.examples import Example
+    from qlora.training.packing import collate
 
     ex = [Example(input_ids=list(range(1, n + 1)), labels=list(range(1, n + 1))) for n in (5, 3, 7)]
     assert collate([[ex[0]], [ex[2]]], pad_id=0)["whole_rows"] is True  # padded to 8: tails, still whole

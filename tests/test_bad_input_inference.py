@@ -1,4 +1,4 @@
-"""Bad input to generate.py, qlora.evaluate, qlora.merge and to resuming: one `error:` line each.
+"""Bad input to generate.py, qlora.evaluation.evaluate, qlora.evaluation.merge and to resuming: one `error:` line each.
 
 Every case checks the project's failure rule through tests/badinput.py: exit code 2, exactly one
 `error:` line (the last line of stderr), no traceback, the words that name the file or flag, and that
@@ -23,8 +23,8 @@ from badinput import FAST_TRAIN, assert_one_error, run_cli, snapshot
 import generate
 from conftest import tiny_cfg
 from helpers import randomise_lora_
-from qlora import evaluate, merge
-from qlora.checkpoint import save_adapter
+from qlora.evaluation import evaluate, merge
+from qlora.training.checkpoint import save_adapter
 
 
 def call(main, argv: list[str]) -> subprocess.CompletedProcess:
@@ -45,8 +45,8 @@ def files(tmp_path_factory, tok):
     a data file and a finished 1-step run with checkpoint-1."""
     import train
     from qlora.config import load_config
-    from qlora.base_model import load_base_model
-    from qlora.model import load_model
+    from qlora.model.base import load_base_model
+    from qlora.model.trainable import load_model
 
     root = tmp_path_factory.mktemp("bad_inference")
     cfg = tiny_cfg(quant="nf4")
@@ -84,7 +84,7 @@ def truncate(path: Path) -> None:
 
 def test_the_good_adapter_passes_the_checks(files):
     """The control: the intact adapter and model dir pass every check the cases below trip."""
-    from qlora.inference import base_shapes, check_adapter, check_model_dir, inference_config
+    from qlora.evaluation.inference import base_shapes, check_adapter, check_model_dir, inference_config
 
     cfg, adapter_cfg = inference_config(str(files / "adapter"))
     check_adapter(str(files / "adapter"), adapter_cfg, base_shapes(cfg), cfg.model)

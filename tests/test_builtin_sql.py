@@ -1,4 +1,4 @@
-"""The shipped built-in SQL data (data/sql) is exactly what qlora.builtin_sql generates, and
+"""The shipped built-in SQL data (data/sql) is exactly what qlora.data.builtin_sql generates, and
 every row is a valid, self-contained, executable gretel-style example."""
 import collections
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora import builtin_sql
+from qlora.data import builtin_sql
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "sql"
@@ -38,7 +38,7 @@ def rows(shipped):
 def test_shipped_files_match_generator(generated, shipped):
     train, test = generated
     assert len(train) == 400 and len(test) == 100
-    # Byte-for-byte: regenerate with `python -m qlora.builtin_sql --out data/sql` if this fails.
+    # Byte-for-byte: regenerate with `python -m qlora.data.builtin_sql --out data/sql` if this fails.
     assert shipped["train"] == builtin_sql.to_jsonl(train)
     assert shipped["test"] == builtin_sql.to_jsonl(test)
 

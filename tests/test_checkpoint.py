@@ -15,7 +15,7 @@ from badinput import assert_one_error, snapshot
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_cfg
-from qlora.checkpoint import CheckpointError, load_adapter_weights, load_checkpoint, resolve_resume
+from qlora.training.checkpoint import CheckpointError, load_adapter_weights, load_checkpoint, resolve_resume
 
 TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2",
         "--max_steps", "6", "--save_every", "1", "--keep_last", "3", "--eval_every", "3", "--eval_batches", "1",
@@ -90,7 +90,7 @@ def test_sigterm_saves_at_step_boundary_and_resumes(tmp_path):
 # every checkpoint write pauses 2 s before meta.json (save_checkpoint's before_commit), so a kill can land there
 SLOW_COMMIT = """
 import runpy, sys, time
-import qlora.checkpoint as c
+import qlora.training.checkpoint as c
 orig = c.save_checkpoint
 c.save_checkpoint = lambda *a, **k: orig(*a[:8], before_commit=lambda: time.sleep(2))
 sys.argv = ["train.py", *sys.argv[1:]]
@@ -214,7 +214,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_p
 def test_adapter_of_another_shape_is_refused(two_checkpoints, tmp_path):
     """load_adapter_weights on a model of another LoRA rank (as --resume_force would allow) is a
     CheckpointError naming the file, not a size-mismatch traceback."""
-    from qlora.model import load_model
+    from qlora.model.trainable import load_model
 
     out, cfg = two_checkpoints
     model = load_model(tiny_cfg(lora_r=4), torch.device("cpu"))

@@ -190,9 +190,9 @@ def test_dash_spelling_of_keys_is_accepted_and_corrected():
 
 
 def test_readme_switch_table_is_the_switch_table():
-    """The README's table of speed/memory switches is `qlora.switches`' (regenerate it with
-    `python -m qlora.switches`), and every switch is a Config key."""
-    from qlora.switches import SWITCHES, markdown_table
+    """The README's table of speed/memory switches is `qlora.speed.switches`' (regenerate it with
+    `python -m qlora.speed.switches`), and every switch is a Config key."""
+    from qlora.speed.switches import SWITCHES, markdown_table
 
     assert markdown_table() in (ROOT / "README.md").read_text()
     assert {s.key for s in SWITCHES} <= set(vars(Config()))

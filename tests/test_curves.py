@@ -1,9 +1,9 @@
-"""qlora.curves: a PNG from a synthetic log.jsonl."""
+"""qlora.training.curves: a PNG from a synthetic log.jsonl."""
 
 import json
 import math
 
-from qlora.curves import main, read_log
+from qlora.training.curves import main, read_log
 
 
 def write_log(path, steps=30, eval_every=10):

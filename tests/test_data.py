@@ -1,4 +1,4 @@
-"""Formatters, rendering and response-only labels (qlora/formatters.py, qlora/data.py).
+"""Formatters, rendering and response-only labels (qlora/data/formatters.py, qlora/data/examples.py).
 
 The central property: for every formatter, the decoded supervised tokens are exactly each
 assistant response followed by EOS, and nothing else.
@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qlora.data import IGNORE, DataStats, Source, build_examples, encode, load_datasets, load_rows, mix, parse_source
-from qlora.formatters import FIELDS, FORMATTERS, DataError, detect_formatter
+from qlora.data.examples import IGNORE, DataStats, Source, build_examples, encode, load_datasets, load_rows, mix, parse_source
+from qlora.data.formatters import FIELDS, FORMATTERS, DataError, detect_formatter
 
 from conftest import shared_file
 from helpers import supervised_text

@@ -1,4 +1,4 @@
-"""`deterministic: true` (qlora/determinism.py): the flag reaches torch's settings through train.py's setup,
+"""`deterministic: true` (qlora/training/determinism.py): the flag reaches torch's settings through train.py's setup,
 a setting that cannot be deterministic ends in one error line, nothing changes without it, and two runs
 (and a kill + resume) give the same adapter bit for bit. The GPU side is benchmarks/check_determinism_cuda.py."""
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train
 from badinput import FAST_TRAIN, ROOT, assert_one_error, run_cli
 from conftest import tiny_cfg
-from qlora import determinism
+from qlora.training import determinism
 from qlora.config import load_config
 
 

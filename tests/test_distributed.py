@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.model import untrained_adapters
+from qlora.model.trainable import untrained_adapters
 
 from conftest import ROOT
 
@@ -125,7 +125,7 @@ accelerate.state.AcceleratorState.distributed_type = property(lambda self: Distr
 
 # bitsandbytes decides per Linear4bit, from the CPU's flags, whether an eval-mode forward repacks the
 # weight for its AVX512-BF16 kernel (after which no gradient flows through the layer and it computes in
-# bf16; qlora.quant's guard turns that off). Taking that decision on every CPU makes AVX2-only machines
+# bf16; qlora.model.quant's guard turns that off). Taking that decision on every CPU makes AVX2-only machines
 # run what AVX512-BF16 ones do. Under FSDP every 4-bit linear runs its own forward (no fused node).
 AS_AVX512BF16 = """
 import os, runpy, sys

@@ -23,7 +23,7 @@ def test_model_path_that_is_not_a_causal_lm(tmp_path):
 
 
 def test_random_model_with_a_wider_vocab_runs_and_a_bad_suffix_fails(tmp_path):
-    from qlora.base_model import ModelLoadError, model_vocab_size
+    from qlora.model.base import ModelLoadError, model_vocab_size
 
     assert model_vocab_size(tiny_cfg(model="random:llama2-7b:49152")) == 49152
     with pytest.raises(ModelLoadError, match="must be a vocab size, e.g. random:llama2-7b:49152"):
@@ -54,7 +54,7 @@ def test_unknown_hub_dataset_offline(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
     import train
-    from qlora import loss
+    from qlora.training import loss
 
     real = loss.TokenLoss.forward
     calls = {"n": 0}

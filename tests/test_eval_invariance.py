@@ -1,10 +1,10 @@
 """An eval pass is invisible to training: `train.main` with eval passes (at step 0 and after every
 step) and without any gives bitwise the same losses, gradient norms and final adapter (CPU, fp32,
 NF4), and every LoRA B moves from its zero init. The eval loss train.py logs is the one
-`qlora.evaluate` computes for the saved adapter.
+`qlora.evaluation.evaluate` computes for the saved adapter.
 
 Which cases: an eval pass could only change training through a 4-bit linear that runs its own
-forward (bitsandbytes' CPU repack, see qlora/quant.py) or through shared state such as the RNG that
+forward (bitsandbytes' CPU repack, see qlora/model/quant.py) or through shared state such as the RNG that
 LoRA dropout draws from (dropout is on in every case). A linear runs its own forward when it carries
 no LoRA (targets narrower than all 7 projections) or when `fused_lora` is off. So the target sets are
 {q,v} (5 of 7 linears per layer plain), {q,v,down} (the set that left SmolLM2's q/v adapters
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from qlora.model import untrained_adapters
+from qlora.model.trainable import untrained_adapters
 
 from conftest import tiny_cfg
 
@@ -83,16 +83,16 @@ def test_eval_passes_do_not_change_training(data, tmp_path, targets, fused, ckpt
 def test_train_time_eval_and_qlora_evaluate_compute_the_same(data, tmp_path, tok):
     """The saved adapter loaded for inference (peft on the 4-bit base, and dequantised) against the
     training model (fused q/v, plain 4-bit others) in eval mode: the eval loss train.py logged equals
-    qlora.evaluate's on the same rows, and the logits agree, on a first and a second eval pass.
+    qlora.evaluation.evaluate's on the same rows, and the logits agree, on a first and a second eval pass.
     Observed on an AVX512-BF16 CPU: bitwise equal (loss and logits). Without the guard bitsandbytes'
     bf16 repacked CPU path moved the logits by 2.3e-3 to 3.1e-3 (max |logit| 1.3), so 1e-5 separates
     the two by 200x while leaving room for another CPU's fp32 summation order (~1e-7)."""
-    from qlora.checkpoint import load_adapter_weights
+    from qlora.training.checkpoint import load_adapter_weights
     from qlora.config import load_config
-    from qlora.data import load_datasets
-    from qlora.evaluate import eval_loss
-    from qlora.inference import load_for_inference
-    from qlora.model import load_model
+    from qlora.data.examples import load_datasets
+    from qlora.evaluation.evaluate import eval_loss
+    from qlora.evaluation.inference import load_for_inference
+    from qlora.model.trainable import load_model
 
     out = tmp_path / "run"
     cfg = tiny_cfg(output_dir=str(out), quant="nf4", compute_dtype="float32", datasets=[str(data / "train.jsonl")],

@@ -1,4 +1,4 @@
-"""qlora.evaluate and qlora.inference: the training prompt, end-to-end evaluation of a tiny model + adapter,
+"""qlora.evaluation.evaluate and qlora.evaluation.inference: the training prompt, end-to-end evaluation of a tiny model + adapter,
 report fields, the eval loss against an unpacked reference, and dequantised vs 4-bit inference."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from qlora.checkpoint import save_adapter
-from qlora.data import IGNORE
-from qlora.evaluate import eval_loss, eval_prompts, evaluate, load_eval_rows, loss_examples, main
-from qlora.inference import load_for_inference
-from qlora.model import load_model
+from qlora.training.checkpoint import save_adapter
+from qlora.data.examples import IGNORE
+from qlora.evaluation.evaluate import eval_loss, eval_prompts, evaluate, load_eval_rows, loss_examples, main
+from qlora.evaluation.inference import load_for_inference
+from qlora.model.trainable import load_model
 
 from conftest import shared_file, tiny_cfg
 
@@ -103,12 +103,12 @@ def test_adapter_changes_the_eval_loss(adapter_dir, loaded):
 
 
 def test_generation_helpers_are_shared():
-    """generate.py, train.py and qlora.evaluate use the same helpers from qlora.generation, and the
-    one loader from qlora.inference; importing qlora.evaluate does not need the repo root on sys.path."""
+    """generate.py, train.py and qlora.evaluation.evaluate use the same helpers from qlora.evaluation.generation, and the
+    one loader from qlora.evaluation.inference; importing qlora.evaluation.evaluate does not need the repo root on sys.path."""
     import generate
     import train
-    from qlora import evaluate as ev
-    from qlora import generation, inference, merge
+    from qlora.evaluation import evaluate as ev
+    from qlora.evaluation import generation, inference, merge
 
     assert generate.generate_ids is generation.generate_ids is ev.generate_ids is train.generate_ids
     assert generate.prompt_ids is generation.prompt_ids is ev.prompt_ids
@@ -116,7 +116,7 @@ def test_generation_helpers_are_shared():
 
 
 def test_eval_loss_matches_an_unpacked_reference(loaded):
-    """eval_loss (packed rows, TokenLoss via qlora.loss.mean_token_loss) equals the token-mean
+    """eval_loss (packed rows, TokenLoss via qlora.training.loss.mean_token_loss) equals the token-mean
     cross-entropy of each example run alone through the plain model, labels shifted by hand.
     Measured difference 1e-7 relative (fp32 summation order); allowed 1e-5."""
     import torch.nn.functional as F
@@ -140,8 +140,8 @@ def test_dequantized_inference_computes_the_4bit_model(adapter_dir):
     """dequantize=True (plain linears holding the dequantised NF4 weights) gives the logits of the
     4-bit base + adapter in fp32, and the same greedy text. Measured max |difference| 0.0 on this
     model (both dequantise the same NF4 blocks to fp32 and multiply in fp32); allowed 1e-5."""
-    from qlora.generation import generate_ids
-    from qlora.inference import linears_4bit
+    from qlora.evaluation.generation import generate_ids
+    from qlora.evaluation.inference import linears_4bit
 
     four, tok, cfg = load_for_inference(str(adapter_dir), compute_dtype="float32")
     plain, _, _ = load_for_inference(str(adapter_dir), compute_dtype="float32", dequantize=True)

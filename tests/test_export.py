@@ -1,4 +1,4 @@
-"""qlora.export: adapter -> merged fp32 model -> GGUF (f16, bf16, q8_0) -> read back.
+"""qlora.evaluation.export: adapter -> merged fp32 model -> GGUF (f16, bf16, q8_0) -> read back.
 
 References computed another way: transformers' own GGUF reader (its dequantisation and its un-permutation
 of llama's q/k) must give back exactly the merged weights rounded to the file's type (f16/bf16: torch's
@@ -27,15 +27,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
 import train
-from qlora import export as export_mod
-from qlora.checkpoint import save_adapter
+from qlora.evaluation import export as export_mod
+from qlora.training.checkpoint import save_adapter
 from qlora.config import load_config
-from qlora.export import export, main
-from qlora.gguf_check import check_gguf_file
-from qlora.gguf_write import gguf_arch, pre_tokenizer_name, write_gguf
-from qlora.merge import merged_model
-from qlora.base_model import ModelLoadError, load_tokenizer
-from qlora.model import load_model
+from qlora.evaluation.export import export, main
+from qlora.evaluation.gguf_check import check_gguf_file
+from qlora.evaluation.gguf_write import gguf_arch, pre_tokenizer_name, write_gguf
+from qlora.evaluation.merge import merged_model
+from qlora.model.base import ModelLoadError, load_tokenizer
+from qlora.model.trainable import load_model
 
 from badinput import assert_one_error, snapshot
 from conftest import tiny_cfg

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from qlora import attention, kernels
-from qlora.base_model import ModelLoadError, load_base_model, load_tokenizer, random_config, resolve_source
-from qlora.data import IGNORE, encode
-from qlora.loss import TokenLoss
-from qlora.model import describe_speedups, load_model
-from qlora.packing import collate
+from qlora.speed import attention, kernels
+from qlora.model.base import ModelLoadError, load_base_model, load_tokenizer, random_config, resolve_source
+from qlora.data.examples import IGNORE, encode
+from qlora.training.loss import TokenLoss
+from qlora.model.trainable import describe_speedups, load_model
+from qlora.training.packing import collate
 from qlora.signals import StopRequest
 
 from conftest import tiny_cfg
@@ -234,7 +234,7 @@ def test_fused_node_keeps_qwen2_qkv_bias_exact(families):
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_layer_by_layer_load_equals_from_pretrained(families, family):
-    """The FSDP low-memory load (qlora/layerwise.py) reads each family as from_pretrained does: Qwen2's
+    """The FSDP low-memory load (qlora/model/layerwise.py) reads each family as from_pretrained does: Qwen2's
     biases, Gemma 3's zero-centred norms, scaled embeddings and per-layer-kind rotary tables."""
     cfg = family_cfg(families[family], quant="nf4", compute_dtype="float32")
     whole, layerwise = (load_base_model(cfg, torch.device("cpu"), layerwise=lw) for lw in (False, True))
@@ -320,7 +320,7 @@ def test_liger_dispatch_calls_the_family_patch_on_this_model(families, monkeypat
 def test_a_multimodal_checkpoint_is_one_clear_line(tmp_path):
     from transformers import Gemma3Config
 
-    from qlora.base_model import _check_causal_lm
+    from qlora.model.base import _check_causal_lm
 
     (tmp_path / "g").mkdir()
     Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path / "g")

@@ -1,4 +1,4 @@
-"""FP8 base GEMMs (qlora/fp8.py, config key base_fp8) on the CPU: the torch-op path that the Triton
+"""FP8 base GEMMs (qlora/speed/fp8.py, config key base_fp8) on the CPU: the torch-op path that the Triton
 kernels equal bit for bit on a GPU (benchmarks/check_fast_path_cuda.py). Checked against the maths they
 stand for: the e4m3 rounding bound, the scales, the product of the dequantised operands, and the fused
 node's LoRA gradients, which FP8 must not touch."""
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from qlora import fp8, lora_fused
+from qlora.speed import fp8, lora_fused
 from qlora.config import ConfigError
-from qlora.switches import Where, check_switches
+from qlora.speed.switches import Where, check_switches
 
 import helpers
 from conftest import tiny_cfg
@@ -140,7 +140,7 @@ def test_a_shared_input_is_quantised_once_and_again_after_it_changes(monkeypatch
 
 @pytest.mark.parametrize("exclude,linears,per_layer", [([], 14, 4), (["down_proj"], 12, 3), (["q_proj"], 12, 4)])
 def test_a_model_in_fp8_quantises_each_layer_input_once_per_shared_read(monkeypatch, exclude, linears, per_layer):
-    from qlora.model import describe_speedups, load_model
+    from qlora.model.trainable import describe_speedups, load_model
 
     model = load_model(tiny_cfg(quant="nf4", base_fp8=True, fp8_exclude=exclude), torch.device("cpu"))
     assert f"FP8 base GEMMs in {linears}" in describe_speedups(model)
@@ -194,7 +194,7 @@ def test_train_py_in_fp8_trains_and_saves_an_adapter_that_loads(tmp_path):
     assert low[0] != plain[0] and low[0] == pytest.approx(plain[0], rel=0.03)
     from peft import PeftModel
 
-    from qlora.base_model import load_base_model
+    from qlora.model.base import load_base_model
 
     base = load_base_model(tiny_cfg(), torch.device("cpu"))
     PeftModel.from_pretrained(base, str(tmp_path / "True" / "run" / "final"))
@@ -205,11 +205,11 @@ def test_the_real_model_in_fp8_scores_rows_close_to_bf16(tok):
     (the default fp8_exclude) against bf16's. Measured (benchmarks/fp8_precision.py, RESULTS.md "FP8 base GEMMs"):
     -1.81% on 8 SQL rows, +0.04% on 16 guanaco rows, within +-2.1% for any projection kind alone; 5%
     leaves room for these 4 rows."""
-    from qlora import attention
-    from qlora.data import load_datasets
-    from qlora.loss import TokenLoss
-    from qlora.model import load_model
-    from qlora.packing import collate
+    from qlora.speed import attention
+    from qlora.data.examples import load_datasets
+    from qlora.training.loss import TokenLoss
+    from qlora.model.trainable import load_model
+    from qlora.training.packing import collate
 
     rows = load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0][:4]
     batch = collate([[e] for e in rows], pad_id=0)

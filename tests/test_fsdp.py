@@ -1,7 +1,7 @@
 """FSDP2 on CPU: 2 gloo processes started by torchrun, FSDP2 forced on (Accelerate enables it only on
 accelerators; `force_fsdp2` routes its real FSDP2 path, `fsdp2_prepare_model` with one shard unit per
 decoder layer, onto CPU processes). Covered: bitsandbytes' 8-bit AdamW on sharded parameters
-(`qlora.fsdp.local_shard_optimizer`), the fused NF4+LoRA node on FSDP-gathered 4-bit weights, liger's
+(`qlora.distributed.fsdp.local_shard_optimizer`), the fused NF4+LoRA node on FSDP-gathered 4-bit weights, liger's
 use of `lm_head.weight` under FSDP2, sharded checkpoints (save, exact resume, layout errors), and the
 training CLI under FSDP2: 8-bit AdamW against DDP and one process, kill-and-resume, and a stop signal
 that reaches one rank only.
@@ -93,7 +93,7 @@ def worker_optimizer(out: Path) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from qlora.fsdp import local_shard_optimizer
+    from qlora.distributed.fsdp import local_shard_optimizer
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -185,7 +185,7 @@ def tiny_4bit_base(cfg, tied: bool = False):
     """A 2-layer random Llama (untied lm_head, like Llama-2), its linears in NF4 with cfg's storage."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.quant import quantize_linears_
+    from qlora.model.quant import quantize_linears_
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -199,7 +199,7 @@ def tiny_4bit_base(cfg, tied: bool = False):
 
 def tiny_lora_model(cfg, fsdp: bool):
     """peft model on `tiny_4bit_base`, LoRA B set non-zero (same values every call) so A gets gradients."""
-    from qlora.model import prepare_for_training
+    from qlora.model.trainable import prepare_for_training
 
     model = prepare_for_training(tiny_4bit_base(cfg), cfg, torch.device("cpu"), fsdp=fsdp)
     gen = torch.Generator().manual_seed(1)
@@ -239,10 +239,10 @@ def worker_fused(out: Path) -> dict:
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from qlora import lora_fused
+    from qlora.speed import lora_fused
     from qlora.config import load_config
-    from qlora.fsdp import fuse_on_gathered_weights, is_dtensor
-    from qlora.loss import TokenLoss
+    from qlora.distributed.fsdp import fuse_on_gathered_weights, is_dtensor
+    from qlora.training.loss import TokenLoss
 
     acc = Accelerator(cpu=True)
     calls = [0]
@@ -311,7 +311,7 @@ def worker_fused(out: Path) -> dict:
 def test_sharded_checkpoint_restores_the_exact_run(tmp_path):
     from safetensors.torch import load_file
 
-    from qlora.fsdp_checkpoint import layout_problem
+    from qlora.training.fsdp_checkpoint import layout_problem
 
     res = run_worker("ckpt", tmp_path)
     for opt in ("adamw_8bit", "adamw"):
@@ -345,9 +345,9 @@ def worker_ckpt(out: Path) -> dict:
     from accelerate import Accelerator
 
     from qlora.config import load_config
-    from qlora.fsdp import local_shard_optimizer
-    from qlora.fsdp_checkpoint import restore_sharded_checkpoint, save_sharded_checkpoint
-    from qlora.loss import TokenLoss
+    from qlora.distributed.fsdp import local_shard_optimizer
+    from qlora.training.fsdp_checkpoint import restore_sharded_checkpoint, save_sharded_checkpoint
+    from qlora.training.loss import TokenLoss
 
     acc = Accelerator(cpu=True)
     res = {}
@@ -452,10 +452,10 @@ def test_fsdp2_runs_the_loss_term_added_in_micro_batch_loss(tmp_path):
 
 def test_fsdp2_reads_a_checkpoint_one_layer_at_a_time_as_from_pretrained_does(tmp_path):
     """Under FSDP2 a safetensors checkpoint is read one decoder layer at a time (`fsdp_low_memory_load`,
-    qlora/layerwise.py) instead of whole by from_pretrained: the same 4-bit model, so the same run."""
+    qlora/model/layerwise.py) instead of whole by from_pretrained: the same 4-bit model, so the same run."""
     from test_layerwise import save_random_checkpoint
 
-    from qlora.base_model import random_shape
+    from qlora.model.base import random_shape
 
     # untied lm_head and three safetensors shards: the index and every tensor kind are read
     folder = save_random_checkpoint(tmp_path / "ckpt", {**random_shape("tiny"), "tie_word_embeddings": False,

@@ -207,11 +207,11 @@ def test_the_quiet_table_names_sources_that_exist():
 
 def test_readme_formatter_table_matches_the_code():
     """The "Your own data" table lists every formatter with exactly the fields it reads."""
-    from qlora import formatters
+    from qlora.data import formatters
 
     fields = getattr(formatters, "FIELDS", None)
     if fields is None:
-        pytest.skip("qlora.formatters has no FIELDS table")
+        pytest.skip("qlora.data.formatters has no FIELDS table")
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Your own data"):readme.index("\n## ", readme.index("## Your own data") + 1)]
     table = {}

@@ -1,4 +1,4 @@
-"""Layer-by-layer building and loading (qlora/layerwise.py): the same 4-bit model as the usual paths,
+"""Layer-by-layer building and loading (qlora/model/layerwise.py): the same 4-bit model as the usual paths,
 with a peak memory of the 4-bit model plus about one full-precision layer.
 
 Peak memory is measured in fresh processes (`python tests/test_layerwise.py measure MODE [dir]`) as
@@ -61,8 +61,8 @@ def save_random_checkpoint(folder: Path, fields: dict, dtype=torch.float32, shar
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_safetensors_layerwise_gives_the_from_pretrained_model(tmp_path, tied):
-    from qlora.layerwise import load_safetensors_layerwise
-    from qlora.base_model import load_base_model
+    from qlora.model.layerwise import load_safetensors_layerwise
+    from qlora.model.base import load_base_model
 
     # a sharded checkpoint (model.safetensors.index.json + 4 files) of a 3-layer random Llama
     folder = save_random_checkpoint(tmp_path / "ckpt", {**SMALL, "tie_word_embeddings": tied}, shard_size="300KB")
@@ -87,7 +87,7 @@ def test_safetensors_layerwise_gives_the_from_pretrained_model(tmp_path, tied):
 def test_random_layerwise_model_is_deterministic_per_layer_and_complete():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from qlora.layerwise import build_random_layerwise
+    from qlora.model.layerwise import build_random_layerwise
 
     cfg = cfg_for()
     two = build_random_layerwise(llama_config(SMALL, num_hidden_layers=2), cfg, torch.device("cpu"), torch.float32)
@@ -111,7 +111,7 @@ def test_random_layerwise_model_is_deterministic_per_layer_and_complete():
 def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from qlora.layerwise import ModelFilesError, load_safetensors_layerwise
+    from qlora.model.layerwise import ModelFilesError, load_safetensors_layerwise
 
     folder = save_random_checkpoint(tmp_path / "ckpt", {**SMALL, "tie_word_embeddings": False})
     cfg, cpu = cfg_for(str(folder)), torch.device("cpu")
@@ -120,7 +120,7 @@ def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != name}, str(folder / "model.safetensors"))
     with pytest.raises(ModelFilesError, match=f"no tensor '{name}'"):
         load_safetensors_layerwise(folder, cfg, cpu, torch.float32)
-    from qlora.base_model import ModelLoadError, load_base_model
+    from qlora.model.base import ModelLoadError, load_base_model
 
     with pytest.raises(ModelLoadError, match=f"no tensor '{name}'.*--fsdp_low_memory_load false"):
         load_base_model(cfg, cpu, layerwise=True)  # what FSDP2 runs: the way out is named
@@ -134,7 +134,7 @@ def test_layerwise_load_names_a_missing_or_misshapen_tensor(tmp_path):
 
 HUB_PROBE = """
 import sys
-from qlora.base_model import ModelLoadError, load_base_model, local_folder
+from qlora.model.base import ModelLoadError, load_base_model, local_folder
 from qlora.config import load_config
 import torch
 try:
@@ -210,7 +210,7 @@ def _measure_main(mode: str, folder: str | None = None) -> None:
     import bitsandbytes  # noqa: F401 - every import before the baseline
     import transformers  # noqa: F401
 
-    from qlora import layerwise, quant
+    from qlora.model import layerwise, quant
 
     def status_mib(key: str) -> float:
         import re
@@ -237,7 +237,7 @@ def _measure_main(mode: str, folder: str | None = None) -> None:
     elif mode == "build_layerwise":
         model = layerwise.build_random_layerwise(llama_config(MEDIUM), cfg, dev, dtype)
     elif mode == "load_from_pretrained":
-        from qlora.base_model import load_base_model
+        from qlora.model.base import load_base_model
 
         model = load_base_model(cfg, dev)
     else:

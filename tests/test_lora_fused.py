@@ -4,11 +4,11 @@ and without dropout (same mask on both sides), with checkpointing, and the fallb
 import pytest
 import torch
 
-from qlora import attention, lora_fused
-from qlora.loss import TokenLoss
-from qlora.layerwise import decoder_layers
-from qlora.model import describe_speedups, enable_checkpointing, load_model
-from qlora.packing import collate
+from qlora.speed import attention, lora_fused
+from qlora.training.loss import TokenLoss
+from qlora.model.layerwise import decoder_layers
+from qlora.model.trainable import describe_speedups, enable_checkpointing, load_model
+from qlora.training.packing import collate
 
 from conftest import tiny_cfg
 from helpers import FixedMaskDropout, fixed_mask_dropout, grads_of, randomise_lora_
@@ -26,7 +26,7 @@ def two_models(sql_examples, **kw):
 
 @pytest.fixture(scope="module")
 def sql_examples(tok):
-    from qlora.data import load_datasets
+    from qlora.data.examples import load_datasets
 
     return load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0]
 

@@ -1,4 +1,4 @@
-"""qlora.merge: dequantise a tiny NF4 base, merge a random adapter, export, reload without peft.
+"""qlora.evaluation.merge: dequantise a tiny NF4 base, merge a random adapter, export, reload without peft.
 
 Tolerance: on random:tiny (fp32 compute, |logits| < ~1) the merged model's logits differ from the 4-bit
 base + adapter (fp32 compute) by ~1e-6 at most (measured: max 1.2e-6, mean 7e-8 over 2,510 positions on an
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.checkpoint import save_adapter
-from qlora.evaluate import load_eval_rows, loss_examples
-from qlora.merge import main
-from qlora.base_model import load_base_model
-from qlora.model import load_model
+from qlora.training.checkpoint import save_adapter
+from qlora.evaluation.evaluate import load_eval_rows, loss_examples
+from qlora.evaluation.merge import main
+from qlora.model.base import load_base_model
+from qlora.model.trainable import load_model
 
 from conftest import ROOT, tiny_cfg
 

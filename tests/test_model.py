@@ -1,9 +1,9 @@
-"""qlora.model and qlora.quant: the guard that keeps bitsandbytes' CPU inference repack away from every
+"""qlora.model.trainable and qlora.model.quant: the guard that keeps bitsandbytes' CPU inference repack away from every
 4-bit linear (an eval pass must not stop the gradient), untrained-adapter detection, a clear error for
 a LoRA target the model lacks, and the cached `compute_dtype: auto` choice.
 
 bitsandbytes decides per layer, from the CPU's flags, whether an eval-mode forward without grad
-repacks the weight for its bf16 kernel (`qlora.quant.REPACK_FLAG`). Setting that flag on by hand makes
+repacks the weight for its bf16 kernel (`qlora.model.quant.REPACK_FLAG`). Setting that flag on by hand makes
 any CPU take the AVX512-BF16 CPUs' decision, so these tests run the same way on AVX2-only CPUs."""
 
 from types import SimpleNamespace
@@ -14,12 +14,13 @@ from accelerate import Accelerator
 
 import train
 
-from qlora import attention, quant
-from qlora.loss import TokenLoss
-from qlora.base_model import ModelLoadError, load_base_model
-from qlora.model import add_lora, load_model, untrained_adapters
-from qlora.packing import collate
-from qlora.quant import REPACK_FLAG, guard_cpu_4bit_repack, is_repacked, linears_4bit, unguarded_4bit_linears
+from qlora.speed import attention
+from qlora.model import quant
+from qlora.training.loss import TokenLoss
+from qlora.model.base import ModelLoadError, load_base_model
+from qlora.model.trainable import add_lora, load_model, untrained_adapters
+from qlora.training.packing import collate
+from qlora.model.quant import REPACK_FLAG, guard_cpu_4bit_repack, is_repacked, linears_4bit, unguarded_4bit_linears
 
 from badinput import FAST_TRAIN, assert_one_error, run_cli, snapshot
 from conftest import tiny_cfg
@@ -32,7 +33,7 @@ ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 @pytest.fixture(scope="module")
 def batches(tok):
-    from qlora.data import load_datasets
+    from qlora.data.examples import load_datasets
 
     examples = load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0]
     return [collate([[e] for e in examples[i:i + 2]], pad_id=0) for i in (0, 2)]
@@ -138,7 +139,7 @@ def test_models_loaded_from_a_directory_are_guarded(tmp_path):
     and so does the FSDP training model and quantize_linears_ used on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.base_model import random_shape
+    from qlora.model.base import random_shape
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**random_shape("tiny"))).save_pretrained(tmp_path / "m")

@@ -14,15 +14,15 @@ from test_bad_input_inference import call, truncate
 
 import generate
 from conftest import tiny_cfg
-from qlora import evaluate, merge
-from qlora.base_model import embedded_gguf_path
+from qlora.evaluation import evaluate, merge
+from qlora.model.base import embedded_gguf_path
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tok):
     """A tiny random Llama model folder in two shards (with its index) and the SmolLM2 tokenizer, and an
     adapter trained 1 step on it."""
-    from qlora.base_model import load_base_model
+    from qlora.model.base import load_base_model
 
     root = tmp_path_factory.mktemp("model_files")
     model = load_base_model(tiny_cfg(), torch.device("cpu"))

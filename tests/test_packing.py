@@ -1,12 +1,12 @@
-"""Packing, collation and the resumable sharded iterator (qlora/packing.py)."""
+"""Packing, collation and the resumable sharded iterator (qlora/training/packing.py)."""
 
 import random
 
 import pytest
 import torch
 
-from qlora.data import IGNORE, DataError, Example
-from qlora.packing import Batches, DataState, collate, pack
+from qlora.data.examples import IGNORE, DataError, Example
+from qlora.training.packing import Batches, DataState, collate, pack
 
 
 def make_examples(n, seed=0, lo=3, hi=60):

@@ -12,13 +12,13 @@ import torch
 from badinput import assert_one_error, run_cli
 from conftest import ROOT, SHARED, shared_file
 
-from qlora.beam_search import beam_grouped
+from qlora.evaluation.beam_search import beam_grouped
 from qlora.config import load_config
-from qlora.inference import load_for_inference
-from qlora.schema_decode import invalid_reason, plain_rows, schema_names, unknown_names
-from qlora.spider import database_path
-from qlora.spider_eval import evaluate_spider, summarise
-from qlora.sqlscore import execute_db
+from qlora.evaluation.inference import load_for_inference
+from qlora.evaluation.schema_decode import invalid_reason, plain_rows, schema_names, unknown_names
+from qlora.data.spider import database_path
+from qlora.evaluation.spider_eval import evaluate_spider, summarise
+from qlora.data.sqlscore import execute_db
 
 
 def db(name: str):

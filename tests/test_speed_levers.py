@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora import attention, seeded_dropout
-from qlora.loss import LinearCrossEntropy, TokenLoss
-from qlora.model import load_model
-from qlora.packing import collate
+from qlora.speed import attention, seeded_dropout
+from qlora.training.loss import LinearCrossEntropy, TokenLoss
+from qlora.model.trainable import load_model
+from qlora.training.packing import collate
 
 from conftest import tiny_cfg
 from helpers import grads_of, randomise_lora_
@@ -17,7 +17,7 @@ from helpers import grads_of, randomise_lora_
 
 @pytest.fixture(scope="module")
 def sql_examples(tok):
-    from qlora.data import load_datasets
+    from qlora.data.examples import load_datasets
 
     return load_datasets(["builtin:sql"], tok, 256, "drop", 0.0, seed=0)[0]
 
@@ -42,7 +42,7 @@ def test_seeded_mask_rate_and_determinism():
 def _train_grads(examples, **kw):
     model = load_model(tiny_cfg(quant="nf4", lora_dropout=0.2, **kw), torch.device("cpu"))
     randomise_lora_(model)
-    from qlora.lora_fused import dropout_seed
+    from qlora.speed.lora_fused import dropout_seed
     lm = TokenLoss(model, "plain", dropout_seed(model))
     backend = attention.use_packed_attention(model, "sdpa")
     batches = [collate([[e] for e in examples[i:i + 2]], 0) for i in (0, 2)]
@@ -92,7 +92,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(sql_examples):
 def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_examples):
     """The CUDA-graph step feeds fixed-shape buffers: rows padded to max_seq_len, every position in the
     supervised index (padding points at a -100 target), cu_seqlens padded. The same loss and gradients."""
-    from qlora.cuda_graphs import padded_inputs
+    from qlora.speed.cuda_graphs import padded_inputs
 
     model = load_model(tiny_cfg(quant="nf4"), torch.device("cpu"))
     randomise_lora_(model)
@@ -126,7 +126,7 @@ def test_cuda_graphs_refuses_what_cannot_be_captured(change, why):
     """The refusals that need a CUDA device to be reached (the switch table's validator, told it runs on
     one GPU)."""
     from qlora.config import ConfigError, load_config
-    from qlora.switches import Where, check_switches
+    from qlora.speed.switches import Where, check_switches
 
     gpu = Where(torch.device("cuda"))
     check_switches(load_config([], cuda_graphs=True, seeded_dropout=True), gpu)  # the plain case passes

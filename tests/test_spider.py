@@ -14,10 +14,10 @@ from badinput import assert_one_error, run_cli
 from conftest import SHARED, shared_file
 from helpers import supervised_text
 
-from qlora.data import IGNORE, DataStats, build_examples, parse_source
-from qlora.spider import compact_create, connect_ro, database_path, hardness, schema_text
-from qlora.spider_eval import answer_sql, bootstrap_ci, evaluate_spider, summarise
-from qlora.sqlscore import collapse_whitespace, execute_db, score_db_row
+from qlora.data.examples import IGNORE, DataStats, build_examples, parse_source
+from qlora.data.spider import compact_create, connect_ro, database_path, hardness, schema_text
+from qlora.evaluation.spider_eval import answer_sql, bootstrap_ci, evaluate_spider, summarise
+from qlora.data.sqlscore import collapse_whitespace, execute_db, score_db_row
 
 
 def spider_file(name: str):
@@ -89,7 +89,7 @@ def test_formatter_on_real_rows(tok):
 
 
 def test_sample_rows_add_one_row_per_table():
-    from qlora.spider import spider_messages
+    from qlora.data.spider import spider_messages
 
     path = spider_file("dev.json")
     row = json.loads(path.read_text())[0]
@@ -261,9 +261,9 @@ def test_grouped_generation_equals_one_prompt_at_a_time():
     """Cached shared prefix + masked padding + sequences leaving the batch give generate_ids' tokens."""
     import torch
 
-    from qlora.generation import generate_ids
-    from qlora.inference import load_for_inference
-    from qlora.shared_prefix import common_prefix_len, generate_grouped
+    from qlora.evaluation.generation import generate_ids
+    from qlora.evaluation.inference import load_for_inference
+    from qlora.evaluation.shared_prefix import common_prefix_len, generate_grouped
 
     torch.manual_seed(0)
     model, tok, _ = load_for_inference(model="random:tiny", quant="none", compute_dtype="float32")
@@ -299,8 +299,8 @@ def test_grouped_generation_under_the_older_cache_argument_name():
     import torch
     from transformers import LlamaForCausalLM
 
-    from qlora.inference import load_for_inference
-    from qlora.shared_prefix import cache_kwarg, generate_grouped
+    from qlora.evaluation.inference import load_for_inference
+    from qlora.evaluation.shared_prefix import cache_kwarg, generate_grouped
 
     torch.manual_seed(0)
     model, tok, _ = load_for_inference(model="random:tiny", quant="none", compute_dtype="float32")

@@ -1,4 +1,4 @@
-"""Tests for qlora.sqlscore: extraction, normalisation, sqlite execution and scoring."""
+"""Tests for qlora.data.sqlscore: extraction, normalisation, sqlite execution and scoring."""
 
 import json
 import time
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.sqlscore import execute, extract_sql, normalize_sql, score_row, score_rows
+from qlora.data.sqlscore import execute, extract_sql, normalize_sql, score_row, score_rows
 
 GRETEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "gretel-synthetic-text-to-sql-25.jsonl"
 

@@ -12,13 +12,13 @@ import torch
 from accelerate import Accelerator
 
 import train
-from qlora import attention
-from qlora.checkpoint import save_adapter
-from qlora.data import load_datasets
-from qlora.base_model import load_base_model
-from qlora.loss import TokenLoss, supervised_logits
-from qlora.model import load_model
-from qlora.packing import collate, model_inputs
+from qlora.speed import attention
+from qlora.training.checkpoint import save_adapter
+from qlora.data.examples import load_datasets
+from qlora.model.base import load_base_model
+from qlora.training.loss import TokenLoss, supervised_logits
+from qlora.model.trainable import load_model
+from qlora.training.packing import collate, model_inputs
 
 from conftest import ROOT, tiny_cfg
 from helpers import lora_params, randomise_lora_, with_logits_term
@@ -143,7 +143,7 @@ def test_train_py_end_to_end_then_generate(tmp_path):
     assert list(out.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
     from safetensors.torch import load_file
 
-    from qlora.model import untrained_adapters
+    from qlora.model.trainable import untrained_adapters
     assert untrained_adapters(load_file(str(final / "adapter_model.safetensors"))) == []  # every LoRA B moved
     assert "never moved" not in r.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -241,7 +241,7 @@ def test_recipe_optimizer_comes_from_make_optimizer(tmp_path, monkeypatch):
     params = [p for g in made[0].param_groups for p in g["params"]]
     b_grads = [made[0].grads[id(p)] for p in params if p.shape[1] == cfg.lora_r]  # lora_B: (out, r)
     b_saved = [v for k, v in sorted(saved.items()) if "lora_B" in k]
-    from qlora.optim import lr_at
+    from qlora.training.optim import lr_at
     lr0 = lr_at(0, cfg)
     assert len(b_grads) == len(b_saved) > 0
     for want in b_grads:  # each saved B is -lr0 * one of the recorded B gradients

@@ -1,0 +1,1 @@
+"""After training: inference, generation, evaluation (Spider included), merge and GGUF export."""

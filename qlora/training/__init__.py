@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, checkpoints (sharded ones too), packing, telemetry, curves, determinism."""

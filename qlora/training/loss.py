@@ -1,0 +1,140 @@
+"""The training objective as a module, so DDP/FSDP see one forward that returns the loss.
+
+`forward` returns the *sum* of token cross-entropies over the micro-batch's supervised positions.
+The loop divides by the number of supervised tokens in the whole accumulation window, so the
+gradient is the exact token mean over the window, not a mean of micro-batch means.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CE_CHUNK = 8192  # supervised positions per lm_head + cross-entropy chunk: bounds the fp32 logits
+CE_KINDS = ("plain", "fused", "liger")
+
+
+class TokenLoss(nn.Module):
+    """Wraps a (peft) causal LM: hidden states -> lm_head on supervised positions only -> summed CE.
+
+    `ce` picks how the vocab projection and cross-entropy run:
+      plain  lm_head + cross-entropy per chunk of positions (fp32 logits kept for backward)
+      fused  `LinearCrossEntropy`: the gradient of the hidden states is made chunk by chunk in forward,
+             so no (positions x vocab) logits are kept; no host sync, so a CUDA graph can capture it
+      liger  liger-kernel's fused linear + cross-entropy (the same idea in Triton; one host sync)
+    `dropout_seed` (qlora.speed.seeded_dropout): advanced once per training micro-batch, on the device.
+    """
+
+    def __init__(self, model, ce: str = "plain", dropout_seed: torch.Tensor | None = None):
+        super().__init__()
+        if ce not in CE_KINDS:
+            raise ValueError(f"ce must be one of {CE_KINDS}, got {ce!r}")
+        self.model, self.ce, self.dropout_seed = model, ce, dropout_seed
+
+    def _parts(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.model, base.lm_head
+
+    def _softcap(self) -> float | None:
+        """The model's final-logit soft-cap (Gemma's `final_logit_softcapping`), None for most families."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(base.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, position_ids, targets, sup_index, **attn_kwargs):
+        if self.training and self.dropout_seed is not None:
+            self.dropout_seed.add_(1)  # a new dropout mask for every micro-batch (not for recomputes)
+        (backbone, lm_head), softcap = self._parts(), self._softcap()
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids,
+                          **attn_kwargs).last_hidden_state
+        # Only supervised positions reach the vocab projection: prompts and padding cost no logits.
+        h = hidden.flatten(0, 1).index_select(0, sup_index)
+        y = targets.flatten().index_select(0, sup_index)
+        self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
+        # soft-capped logits (cap * tanh(logits / cap), Gemma's final_logit_softcapping) take the plain path
+        plain_head = (type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+                      and not softcap)
+        if self.ce == "liger" and plain_head and h.is_cuda and torch.is_grad_enabled():
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            return LigerFusedLinearCrossEntropyFunction.apply(h, lm_head.weight, y, None, None, -100, 0.0, 0.0,
+                                                              "sum")[0].float()
+        if self.ce == "fused" and plain_head and torch.is_grad_enabled():
+            return LinearCrossEntropy.apply(h, lm_head.weight, y)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], CE_CHUNK):
+            logits = lm_head(h[s:s + CE_CHUNK]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
+        return total
+
+
+def supervised_logits(loss_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, real) of the last forward of `loss_model` (a `TokenLoss`, or DDP's wrapper of one), for a
+    loss term in train.py's `micro_batch_loss`: fp32 logits [positions, vocab] of its supervised positions
+    (differentiable), and a 0/1 float mask of them that is 0 at the padding positions a CUDA graph adds to
+    keep its shapes static. Materialises positions x vocab logits: at a 128k vocabulary and 8k positions
+    that is 4 GiB."""
+    token_loss = getattr(loss_model, "module", loss_model)
+    h, y = token_loss.last_supervised
+    logits, softcap = token_loss._parts()[1](h).float(), token_loss._softcap()
+    if softcap:  # the logits the cross-entropy sees
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, (y != -100).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) over positions with y_i != -100, for a frozen W (the lm_head).
+
+    The gradient w.r.t. h is computed in forward, one chunk of positions at a time (softmax minus
+    one-hot, times W), and is the only thing kept for backward: 2 bytes x hidden size per position
+    instead of fp32 logits (4 bytes x vocab). No `.item()`, so it runs inside a CUDA graph."""
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, h, weight, y):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(h.dtype)
+            for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
+                hc, yc = h[s:s + LinearCrossEntropy.CHUNK], y[s:s + LinearCrossEntropy.CHUNK]
+                logits = (hc @ w.t()).float()
+                valid = yc != -100
+                safe_y = yc.clamp(min=0)[:, None]
+                lse = logits.logsumexp(-1)
+                total += ((lse - logits.gather(1, safe_y)[:, 0]) * valid).sum()
+                if grad_h is not None:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    probs.scatter_add_(1, safe_y, -valid[:, None].float())
+                    probs.mul_(valid[:, None])
+                    grad_h[s:s + LinearCrossEntropy.CHUNK] = probs.to(h.dtype) @ w
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None
+
+
+@torch.no_grad()
+def mean_token_loss(loss_model, batches, loss_of: Callable[[dict], torch.Tensor]) -> tuple[float, int]:
+    """(token-mean loss, supervised tokens) over prebuilt micro-batches, with `loss_model` in eval mode
+    (no dropout); `loss_of(batch)` is a micro-batch's summed loss: train.py passes its `micro_batch_loss`
+    (so an eval pass measures the objective you train), `python -m qlora.evaluate` the plain
+    cross-entropy of `TokenLoss`."""
+    was_training = loss_model.training
+    loss_model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            total += float(loss_of(batch))
+            count += batch["n_supervised"]
+    finally:
+        loss_model.train(was_training)
+    return (total / count if count else float("nan")), count

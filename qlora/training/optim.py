@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule (a pure function of the step, so resuming needs no state)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..config import Config
+from ..distributed.fsdp import local_shard_optimizer
+
+
+def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optimizer:
+    """Paged 8-bit AdamW (bitsandbytes) by default; `adamw_8bit` unpaged; `adamw` plain torch. Under
+    FSDP2 the bitsandbytes ones step each sharded parameter on its local shard (qlora/distributed/fsdp.py)."""
+    params = [p for p in params if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, eps=1e-8, **kw)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    if fsdp:
+        cls = local_shard_optimizer(cls)
+    with warnings.catch_warnings():
+        # on CPU bitsandbytes falls back from paged to unpaged memory; say it once, in our words
+        warnings.simplefilter("ignore")
+        return cls(params, **kw)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
