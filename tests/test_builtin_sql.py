@@ -96,7 +96,7 @@ def test_generation_is_deterministic(generated):
     assert builtin_sql.generate() == generated
     assert builtin_sql.generate(seed=1, n_train=30, n_test=10) != builtin_sql.generate(n_train=30, n_test=10)
     # Also across processes with different hash seeds (no set/dict-order dependence).
-    code = "from qlora import builtin_sql as b; t, s = b.generate(3, 40, 10); print(b.to_jsonl(t + s), end='')"
+    code = "from qlora.data import builtin_sql as b; t, s = b.generate(3, 40, 10); print(b.to_jsonl(t + s), end='')"
     outs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("0", "12345")]
     assert outs[0] == outs[1] == builtin_sql.to_jsonl(sum(builtin_sql.generate(3, 40, 10), []))
