@@ -56,7 +56,7 @@ def test_names_agree_with_sqlite_on_committed_predictions():
     """Every committed Spider prediction and gold query that runs uses only existing names; of those that
     fail with SQLite's `no such column/table: X`, the check names X without running them (most: one scope
     per query, so a column of another subquery's table passes it, and execution catches that)."""
-    reports = sorted((ROOT / "eval").glob("**/*spider*dev*.json"))
+    reports = sorted((ROOT / "results").glob("*spider*/**/*spider*dev*.json"))
     if not reports:
         pytest.skip("no Spider reports committed")
     source = shared_file("spider/dev.json")

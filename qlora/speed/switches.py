@@ -60,6 +60,15 @@ def _fp8_gpu(c: Config, w: Where) -> bool | str:
     return fp8.unsupported_reason(w.device) or True
 
 
+def _fsdp_storage(c: Config, w: Where) -> bool | str:
+    if not w.fsdp or c.quant_storage == c.compute_dtype:
+        return True
+    if c.quant_storage == "uint8":
+        return "FSDP shards only floating-point tensors, so every rank would hold the whole 4-bit model"
+    return (f"FSDP casts parameters to the compute dtype ({c.compute_dtype}), which would rewrite the packed "
+            f"4-bit bytes stored as {c.quant_storage}")
+
+
 CUDA = Need("a CUDA device", _cuda)
 FUSED = Need("fused_lora true (it lives in the fused NF4+LoRA node)", lambda c, w: c.fused_lora)
 RECOMPUTE = Need("recompute true (it acts on the layers that recompute)", lambda c, w: c.recompute)
@@ -112,9 +121,7 @@ SWITCHES: tuple[Switch, ...] = (
                        torch.backends.cudnn.is_available()))),
     Switch("quant_storage", lambda c: c.quant != "none", "{compute_dtype}",
            "dtype that holds the packed 4-bit bytes; FSDP2 shards only floating-point tensors", "qlora/distributed/fsdp.py",
-           (Need("quant_storage equal to the compute dtype under FSDP2 (it shards only floating-point tensors "
-                 "and casts parameters to the compute dtype)",
-                 lambda c, w: not w.fsdp or c.quant_storage == c.compute_dtype),)),
+           (Need("quant_storage equal to the compute dtype under FSDP2", _fsdp_storage),)),
     Switch("fsdp_low_memory_load", lambda c: c.fsdp_low_memory_load, "false",
            "FSDP2: read the base one decoder layer at a time, so no GPU holds the whole model", "qlora/model/layerwise.py"),
 )
