@@ -111,6 +111,11 @@ class GraphedForwardBackward:
     def _capture(self, token_loss) -> None:
         seed = token_loss.dropout_seed
         seed_before = seed.clone() if seed is not None else None
+        # the warm-up runs on a side stream on purpose (as torch's capture recipe does): autograd's warning
+        # that gradients accumulate on another stream than they were made on is expected here
+        quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+        if quiet is not None:
+            quiet(False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: allocates .grad, caches, cuBLAS workspaces, Triton kernels
