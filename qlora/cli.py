@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 from pathlib import Path
@@ -102,3 +103,12 @@ def check_writable(path: str, flag_name: str) -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag_name} {path}: cannot write in {parent} ({'a file' if not parent.is_dir() else 'read-only'}): "
                           f"choose another {flag_name}")
+
+
+def publish_report(report: dict, summary: str, out: str) -> None:
+    """Print a report's one-line summary and, with `out`, write the report there as JSON."""
+    print(summary, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+        print(f"report: {out}")

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..speed.attention import use_default_attention
-from .shared_prefix import _prefix_cache, cache_kwarg, common_prefix_len
+from .shared_prefix import cache_kwarg, run_grouped
 
 __all__ = ["beam_grouped"]
 
@@ -110,28 +109,8 @@ def beam_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_size
     """{group: [prompt ids, ...]} -> {group: [[answer text, ...num_beams, best first], ...]} (decoded
     without special tokens, stripped, as qlora.evaluation.generation.generate_ids). `batch_size` prompts run at once
     (times `num_beams` rows), longest first; `progress(n)` is called after each batch with its size."""
-    was_training = model.training
-    model.eval()
-    use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path
-    device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    answers = {}
-    try:
-        for key, prompts in groups.items():
-            plen = common_prefix_len(prompts)
-            prefix_kv = _prefix_cache(model, prompts[0][:plen], device)
-            order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-            texts: list = [None] * len(prompts)
-            for k in range(0, len(order), batch_size):
-                idx = order[k:k + batch_size]
-                beams = _beam_batch(model, prefix_kv, plen, [prompts[i][plen:] for i in idx], max_new_tokens,
-                                    num_beams, pad, eos, device)
-                for i, seqs in zip(idx, beams):
-                    texts[i] = [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
-                if progress:
-                    progress(len(idx))
-            answers[key] = texts
-    finally:
-        if was_training:
-            model.train()
-    return answers
+    def run(prefix_kv, plen, suffixes, pad, eos, device):
+        beams = _beam_batch(model, prefix_kv, plen, suffixes, max_new_tokens, num_beams, pad, eos, device)
+        return [[tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs] for seqs in beams]
+
+    return run_grouped(model, tokenizer, groups, batch_size, progress, run)

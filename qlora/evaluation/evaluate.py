@@ -26,11 +26,9 @@ logits in fp32, several times faster generation; --dequantize false keeps bitsan
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -39,7 +37,7 @@ from ..config import Config, ConfigError
 from ..data.examples import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from ..data.formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
-from ..cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag
+from ..cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag, publish_report
 from .inference import load_for_inference
 from ..model.base import ModelLoadError
 from ..training.loss import TokenLoss, mean_token_loss
@@ -237,11 +235,7 @@ def main(argv=None) -> int:
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "formatter": formatter,
                          "limit": args.limit, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                          "system_prompt": cfg.system_prompt, "decoding": "greedy"}, **report}
-    print(summary_line(report), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"report: {args.out}")
+    publish_report(report, summary_line(report), args.out)
     return 0
 
 

@@ -113,6 +113,17 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
     """Greedy answers for {group: [prompt ids, ...]} -> {group: [answer text, ...]} (decoded without special
     tokens, stripped, as generate_ids). Within a group the shared prefix is computed once; its prompts run
     in batches of `batch_size`, longest first. `progress(n)` is called after each batch with its size."""
+    def run(prefix_kv, plen, suffixes, pad, eos, device):
+        toks = _generate_batch(model, prefix_kv, plen, suffixes, max_new_tokens, pad, eos, device)
+        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
+
+    return run_grouped(model, tokenizer, groups, batch_size, progress, run)
+
+
+def run_grouped(model, tokenizer, groups: dict, batch_size: int, progress, run_batch) -> dict:
+    """{group: [prompt ids, ...]} -> {group: [run_batch's answer per prompt, ...]}: per group the shared
+    prefix's KV cache is computed once, then `run_batch(prefix_kv, prefix_len, suffixes, pad, eos, device)`
+    answers its prompts `batch_size` at a time, longest first (greedy here, beams in qlora.evaluation.beam_search)."""
     was_training = model.training
     model.eval()
     use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path
@@ -124,13 +135,12 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
             plen = common_prefix_len(prompts)
             prefix_kv = _prefix_cache(model, prompts[0][:plen], device)
             order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-            texts: list[str | None] = [None] * len(prompts)
+            texts: list = [None] * len(prompts)
             for k in range(0, len(order), batch_size):
                 idx = order[k:k + batch_size]
-                toks = _generate_batch(model, prefix_kv, plen, [prompts[i][plen:] for i in idx], max_new_tokens,
-                                       pad, eos, device)
-                for i, t in zip(idx, toks):
-                    texts[i] = tokenizer.decode(t, skip_special_tokens=True).strip()
+                for i, answer in zip(idx, run_batch(prefix_kv, plen, [prompts[i][plen:] for i in idx], pad, eos,
+                                                    device)):
+                    texts[i] = answer
                 if progress:
                     progress(len(idx))
             answers[key] = texts

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..data import spider
 from ..model.base import ModelLoadError
-from ..cli import check_writable, dequantize_choice
+from ..cli import check_writable, dequantize_choice, publish_report
 from ..config import ConfigError
 from ..data.examples import parse_source
 from ..data.formatters import DataError
@@ -225,11 +225,7 @@ def main_spider(args) -> int:
                          **({"num_beams": args.num_beams} if args.decoding == "schema" else {}),
                          "machine": _machine(model)},
               "wall_seconds": round(time.perf_counter() - t0, 1), **report}
-    print(summary_line(report), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"report: {args.out}")
+    publish_report(report, summary_line(report), args.out)
     return 0
 
 
