@@ -10,8 +10,9 @@ The file is the whole run, in order: `setup` builds everything (accelerator, dat
 and checks every input before anything is written; `restore` continues a checkpoint; `fit` is the
 loop; `train_step` is one optimizer step (benchmarks/bench.py times this very function); `finish`
 saves the adapter. The usual edits each live in one place: the loss of a micro-batch in
-`micro_batch_loss`, the schedule in `qlora.training.optim.lr_at`, the optimizer in `qlora.training.optim.make_optimizer`,
-what an eval pass measures in `eval_loss` (README, "Changing the loop").
+`micro_batch_loss` (every path runs it: eager, CUDA graph, FSDP2, eval), the schedule in
+`qlora.training.optim.lr_at`, the optimizer in `qlora.training.optim.make_optimizer`, what an eval pass
+measures in `eval_loss` (README, "Changing the loop").
 """
 
 from __future__ import annotations
@@ -26,26 +27,26 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from qlora.config import Config, ConfigError, load_config, save_config
+from qlora.data.examples import DataError, load_datasets
+from qlora.evaluation.generation import generate_ids
+from qlora.model.base import ModelLoadError, load_tokenizer, model_vocab_size
+from qlora.model.quant import resolve_compute_dtype
+from qlora.model.trainable import count_parameters, describe_speedups, load_model, untrained_adapters
+from qlora.signals import StopRequest
 from qlora.speed import attention
+from qlora.speed.cuda_graphs import GraphedForwardBackward
+from qlora.speed.kernels import resolve_kernels
+from qlora.speed.lora_fused import dropout_seed
+from qlora.speed.switches import Where, check_switches
 from qlora.training import determinism
 from qlora.training.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
                                        load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
                                        savable_adapter, set_rng_state)
-from qlora.config import Config, ConfigError, load_config, save_config
-from qlora.speed.cuda_graphs import GraphedForwardBackward
-from qlora.data.examples import DataError, load_datasets
 from qlora.training.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
-from qlora.speed.kernels import resolve_kernels
-from qlora.speed.lora_fused import dropout_seed
-from qlora.evaluation.generation import generate_ids
 from qlora.training.loss import TokenLoss, mean_token_loss
-from qlora.model.base import ModelLoadError, load_tokenizer, model_vocab_size
-from qlora.model.trainable import count_parameters, describe_speedups, load_model, untrained_adapters
-from qlora.model.quant import resolve_compute_dtype
 from qlora.training.optim import lr_at, make_optimizer, set_lr
 from qlora.training.packing import Batches, DataState, eval_batches, model_inputs
-from qlora.signals import StopRequest
-from qlora.speed.switches import Where, check_switches
 from qlora.training.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
 
