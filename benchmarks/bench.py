@@ -59,9 +59,9 @@ GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_b
              "lora_r", "lora_dropout")
 CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "optimizer", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
-OLD_FLAGS = {"micro_batch_size": "micro_batch_size", "grad_accum": "grad_accum", "attn_backend": "attn_backend", "recompute": "recompute",
-             "recompute_layers": "recompute_layers", "fused_lora": "fused_lora", "seeded_dropout": "seeded_dropout", "cuda_graphs": "cuda_graphs",
-             "offload_recompute": "offload_recompute", "base_fp8": "base_fp8"}
+OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
+             "ckpt_layers": "recompute_layers", "fused": "fused_lora", "seeded": "seeded_dropout", "graphs": "cuda_graphs",
+             "offload": "offload_recompute", "fp8": "base_fp8"}
 # the seed recipe has none of these
 OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
              "offload_recompute", "base_fp8", "deterministic")
