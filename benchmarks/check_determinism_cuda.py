@@ -300,7 +300,7 @@ def main() -> int:
     p.add_argument("--control", action="store_true", help="also run the fastest path twice without the mode")
     p.add_argument("--budget", type=float, default=400, help="seconds; cases and the cost after it are skipped")
     p.add_argument("--run_timeout", type=float, default=120, help="seconds per train.py run")
-    p.add_argument("--bench_timeout", type=float, default=90, help="seconds per bench.py setting")
+    p.add_argument("--bench_timeout", type=float, default=150, help="seconds per bench.py setting")
     p.add_argument("--cpu", action="store_true", help="smoke test of this script on a CPU (random:tiny, 256-token "
                    "rows, fp32, no graphs/liger/fp8, no cost)")
     args = p.parse_args()

@@ -134,3 +134,18 @@ def test_cuda_graphs_refuses_what_cannot_be_captured(change, why):
         check_switches(load_config([], cuda_graphs=True, **change), gpu)
     with pytest.raises(ConfigError, match="'cuda_graphs' = True needs one process"):
         check_switches(load_config([], cuda_graphs=True), Where(torch.device("cuda"), processes=2))
+
+
+def test_cuda_graph_capture_errors_tell_out_of_memory_from_uncapturable():
+    """A capture that ran out of GPU memory (other processes on the card, measured on an H100 with 12 lanes at
+    once) must not be reported as a step that cannot be captured."""
+    import torch
+
+    from qlora.speed.cuda_graphs import capture_error
+
+    oom = capture_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "ran out of memory" in oom and "cannot be captured" not in oom and "--cuda_graphs false" in oom
+    oom2 = capture_error(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert "ran out of memory" in oom2 and "\n" not in oom2
+    sync = capture_error(RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    assert "cannot be captured" in sync and "host sync" in sync and "out of memory" not in sync

@@ -133,10 +133,7 @@ class GraphedForwardBackward:
             with torch.cuda.graph(self.graph):
                 self.loss = self._run(token_loss)
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"config key 'cuda_graphs': micro_batch_loss cannot be captured as a CUDA graph "
-                              f"({first[:200]}); a host sync (.item(), print of a tensor) or a data-dependent "
-                              "shape cannot run inside one: set --cuda_graphs false") from None
+            raise ConfigError(capture_error(e)) from None
         self.grads = [p.grad for p in self.params]
         torch.cuda.synchronize()
 
@@ -159,3 +156,15 @@ class GraphedForwardBackward:
                 p.grad = g
         self.graph.replay()
         return self.loss.clone()
+
+
+def capture_error(e: BaseException) -> str:
+    """The one line for a failed capture: out of GPU memory (often other processes on the same GPU) is told
+    apart from a step that cannot be captured at all."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower():
+        return (f"config key 'cuda_graphs': the GPU ran out of memory while capturing micro_batch_loss as a CUDA "
+                f"graph ({first}); the capture needs its own memory pool: free the GPU (other processes on it?), "
+                "lower micro_batch_size or recompute more layers, or set --cuda_graphs false")
+    return (f"config key 'cuda_graphs': micro_batch_loss cannot be captured as a CUDA graph ({first}); a host "
+            "sync (.item(), print of a tensor) or a data-dependent shape cannot run inside one: set --cuda_graphs false")
