@@ -76,7 +76,8 @@ def parity(table: dict, metric: str = "exec_plain", reference: str = "lora16") -
     out = {}
     if not ref or ref["mean"] is None:
         return out
-    for name, v in table.items():
+    for name in [v for v in ORDER if v in table] + sorted(set(table) - set(ORDER)):
+        v = table[name]
         if name in (reference, "base"):
             continue
         s = v["summary"][metric]

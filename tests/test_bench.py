@@ -112,3 +112,35 @@ def test_config_keys_are_taken_and_old_flags_name_the_new_key(tmp_path):
         assert proc.returncode == 2
         assert f"{old} was renamed to {new}" in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "old").exists()
+
+
+def test_spider_table_aggregates_seeds_and_tests_parity(tmp_path):
+    """benchmarks/spider_table.py on reports written the way qlora.evaluate --decoding schema writes them."""
+    import numpy as np
+
+    import spider_table
+
+    ex = {"lora16": [0.28, 0.30, 0.29], "nf4": [0.27, 0.31, 0.30], "fp8": [0.20, 0.21, 0.22]}
+    for variant, values in ex.items():
+        for seed, v in enumerate(values, 1):
+            report = {"execution_accuracy": v + 0.05, "execution_accuracy_ci95": [v, v + 0.1], "exact_match": v / 2,
+                      "n_scored": 972, "plain": {"execution_accuracy": v, "execution_accuracy_ci95": [v - 0.03, v + 0.03],
+                                                 "exact_match": v / 3}}
+            (tmp_path / f"{variant}_s{seed}_spider_dev.json").write_text(json.dumps(report))
+            (tmp_path / f"{variant}_s{seed}.log.jsonl").write_text(
+                json.dumps({"kind": "eval", "step": 0, "eval_loss": 2.0}) + "\n"
+                + json.dumps({"kind": "train", "step": 310, "loss": 0.1}) + "\n"
+                + json.dumps({"kind": "eval", "step": 310, "eval_loss": 0.1 * seed}) + "\n")
+    table = spider_table.collect(tmp_path)
+    for variant, values in ex.items():
+        s = table[variant]["summary"]
+        assert s["exec_plain"]["mean"] == pytest.approx(np.mean(values))
+        assert s["exec_plain"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert s["exec_schema"]["mean"] == pytest.approx(np.mean(values) + 0.05)
+        assert s["eval_loss"]["mean"] == pytest.approx(0.2)  # the last eval record of each log: 0.1, 0.2, 0.3
+    par = spider_table.parity(table)
+    assert par["nf4"]["within"] and par["nf4"]["seed_spread"] == pytest.approx(0.04)
+    assert not par["fp8"]["within"] and par["fp8"]["difference"] == pytest.approx(0.21 - 0.29)
+    text = spider_table.markdown(table)
+    assert "NOT within" in text and text.count("| QLoRA") == 2
+    assert spider_table.main([str(tmp_path / "missing")]) == 2
