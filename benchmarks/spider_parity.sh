@@ -27,6 +27,9 @@ JOBS=${JOBS:-4}        # lanes at once per GPU
 BS=${BS:-128}          # generation batch size
 BEAMS=${BEAMS:-4}
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+for v in JOBS T BS BEAMS; do
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "error: $v=${!v} is not a positive whole number: set $v=4 (or another count)" >&2; exit 2; }
+done
 for f in dev.json train_spider.json database; do
   [[ -e "$SPIDER/$f" ]] || { echo "error: $SPIDER/$f not found: set SPIDER to the Spider 1.0 folder (dev.json, train_spider.json, database/)" >&2; exit 2; }
 done

@@ -30,8 +30,7 @@ def seed_row(report: dict, log: Path | None) -> dict:
     plain = report.get("plain", report)
     loss = None
     if log is not None and log.is_file():
-        evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
-        evals = [e for e in evals if e.get("kind") == "eval"]
+        evals = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "eval"]
         loss = evals[-1]["eval_loss"] if evals else None
     return {"exec_plain": plain["execution_accuracy"], "exec_plain_ci95": plain["execution_accuracy_ci95"],
             "exec_schema": report["execution_accuracy"] if "plain" in report else None,
