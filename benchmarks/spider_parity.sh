@@ -8,16 +8,16 @@
 #   nf4      --fused_lora false               NF4 + double quant, peft's LoRA forward, eager
 #   fastest  --cuda_graphs true               NF4, the fused NF4+LoRA node, one CUDA graph per micro-batch
 #   fp8      --base_fp8 true                  NF4, the fused node, the base GEMMs in float8 e4m3
-# Then every adapter (and the base) is scored on Spider dev with schema-aware decoding, whose report also
-# holds the plain greedy column (`plain`). Lanes run JOBS at a time per GPU (default 4). Measured on one H100
+# Then every adapter (and the base) is scored on Spider dev with DECODING=schema (default; its report also
+# holds the plain greedy column, `plain`) or DECODING=greedy. Lanes run JOBS at a time per GPU (default 4). Measured on one H100
 # (80 GB): with 7 lanes at once a training took 290-360 s, with 12 at once 370-430 s (one lane alone on an H200:
 # ~90 s), and greedy scoring of one adapter (BS=256) ~245 s with 12 at once; 13 processes with CUDA-graph
 # capture once ran out of memory. T is per lane, and lanes start in waves of JOBS: the whole sweep takes about
-# (lanes / JOBS) x T, so on a machine with a time limit run it twice or more (it goes on where it stopped). Scoring runs the dequantised bf16
-# base (--dequantize true: the NF4 values, fast matmuls), the same for every variant.
+# (lanes / JOBS) x T, so on a machine with a time limit run it twice or more (it goes on where it stopped).
+# Scoring runs the dequantised bf16 base (--dequantize true: the NF4 values, fast matmuls), the same for every variant.
 # Outputs in $OUT: <variant>_s<seed>_spider_dev.json, base_spider_dev.json, <lane>.log.jsonl, <lane>.config.yaml,
-# sweep.tgz (all of these in one file). Adapters are kept in $RUNS (default $OUT/runs). Run the same command again to go on: a lane whose
-# report exists is skipped, a lane whose adapter exists is only scored, and a training stopped by the lane's
+# sweep.tgz (all of these in one file). Adapters are kept in $RUNS (default $OUT/runs). Run the same command
+# again to go on: a lane whose report exists is skipped, a lane whose adapter exists is only scored, and a training stopped by the lane's
 # T-second limit (SIGTERM: train.py writes a checkpoint) resumes from its checkpoint (--resume auto).
 set -u
 SPIDER=${SPIDER:-../shared/data/spider}
