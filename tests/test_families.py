@@ -228,8 +228,11 @@ def test_fused_node_keeps_qwen2_qkv_bias_exact(families):
     (lp, gp), (lf, gf) = (loss_and_grads(m, batch, attention.use_packed_attention(m, "sdpa"))
                           for m in (peft_path, fused))
     assert float(lf) == pytest.approx(float(lp), rel=1e-6)
+    # tolerance: measured in fp32, the two paths' gradients differ by <= 2.4e-6 of each tensor's largest entry
+    # (AVX2-only EPYC; summation order differs between the paths), while single entries near zero differ by
+    # far more than an elementwise rtol allows; 2e-5 of the largest entry leaves 8x room for other CPUs.
     for n in gp:
-        torch.testing.assert_close(gf[n], gp[n], rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(gf[n], gp[n], rtol=0, atol=2e-5 * float(gp[n].abs().max()), msg=n)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])

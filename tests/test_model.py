@@ -4,7 +4,7 @@ a LoRA target the model lacks, and the cached `compute_dtype: auto` choice.
 
 bitsandbytes decides per layer, from the CPU's flags, whether an eval-mode forward without grad
 repacks the weight for its bf16 kernel (`qlora.model.quant.REPACK_FLAG`). Setting that flag on by hand makes
-any CPU take the AVX512-BF16 CPUs' decision, so these tests run the same way on AVX2-only CPUs."""
+any CPU take the AVX512-BF16 CPUs' decision, so the guard is tested on AVX2-only CPUs too."""
 
 from types import SimpleNamespace
 
@@ -95,10 +95,15 @@ def test_an_eval_pass_leaves_the_gradients_bitwise_unchanged(batches, fused):
 
 
 @pytest.mark.filterwarnings("ignore:.*gemv_4bit")  # torch: the op has no autograd kernel
-def test_without_the_guard_an_eval_pass_blocks_the_gradient(batches):
-    """The failure the guard prevents, shown on any CPU: with bitsandbytes' AVX512-BF16 decision
-    forced on, one eval pass repacks every plain 4-bit linear, and afterwards no gradient reaches an
-    adapter upstream of them; the untrained-adapter check then names every q/v B."""
+def test_without_the_guard_an_eval_pass_breaks_training(batches):
+    """The failure the guard prevents, with bitsandbytes' AVX512-BF16 decision forced on: one eval pass
+    repacks every plain 4-bit linear in place, and training afterwards is wrong on every CPU. Where
+    bitsandbytes has its bf16 CPU kernel (AVX512-BF16), that kernel has no backward: no gradient reaches an
+    adapter upstream, and the untrained-adapter check names every q/v B. Elsewhere bitsandbytes' fallback
+    kernel reads the repacked bytes in the plain layout: the base weights, and so every gradient, are wrong."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    guarded = lora_grads(qv_model(fused_lora=True), batches)
     model = qv_model(fused_lora=True)
     force_repack_flag(model)
     eval_pass(model, batches)
@@ -107,7 +112,14 @@ def test_without_the_guard_an_eval_pass_blocks_the_gradient(batches):
     repacked = [n for n, m in linears_4bit(model) if is_repacked(m)]
     # if this fails, bitsandbytes no longer repacks through REPACK_FLAG: the guard needs updating
     assert repacked == plain
-    assert not any(g.any() for g in lora_grads(model, batches).values())
+    broken = lora_grads(model, batches)
+    assert broken.keys() == guarded.keys()
+    if not has_avx512bf16():
+        # far beyond rounding: the guarded path and a second guarded model agree bit for bit (test above)
+        for n in guarded:
+            assert float((broken[n] - guarded[n]).abs().max()) > 1e-2 * float(guarded[n].abs().max()), n
+        return
+    assert not any(g.any() for g in broken.values())
     # one optimizer step from B = 0: the adapters that got no gradient stay exactly at zero
     fresh = qv_model(fused_lora=True)
     with torch.no_grad():
