@@ -141,7 +141,14 @@ def spider(row: dict, where: str = "row", source: str = "") -> list[dict]:
     return spider_messages(row, where, source)
 
 
+def spider_linked(row: dict, where: str = "row", source: str = "") -> list[dict]:
+    """`spider` with the schema linked to the question: the tables it names whole, the others as
+    `name(col, ...)` (qlora.data.schema_link). Score with `--data dev.json:spider_linked`."""
+    return spider_messages(row, where, source, linked=True)
+
+
 spider.needs_source = True  # build_examples passes the data file's path (the databases sit beside it)
+spider_linked.needs_source = True
 
 FORMATTERS = {
     "guanaco": guanaco,
@@ -151,6 +158,7 @@ FORMATTERS = {
     "input_output": input_output,
     "messages": messages,
     "spider": spider,
+    "spider_linked": spider_linked,
 }
 
 # the fields each formatter reads: (required, optional); `columns` in a source maps them to a file's columns
@@ -162,6 +170,7 @@ FIELDS = {
     "input_output": (("input", "output"), ("instruction",)),
     "messages": (("messages",), ()),
     "spider": (("question", "query", "db_id"), ()),
+    "spider_linked": (("question", "query", "db_id"), ()),
 }
 
 # (formatter, columns that identify it), most specific first

@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import DataError, SkipRow
 from .sqlscore import collapse_whitespace, extract_sql, sql_instruction, sql_tokens
 
-__all__ = ["database_path", "connect_ro", "schema_text", "spider_messages", "answer_sql", "hardness", "HARDNESS_LEVELS"]
+__all__ = ["database_path", "connect_ro", "schema_text", "prompt_schema", "spider_messages", "answer_sql", "hardness", "HARDNESS_LEVELS"]
 
 # Sample rows of each table under its CREATE TABLE line, in training and evaluation prompts alike.
 SAMPLE_ROWS = 0
@@ -115,19 +115,34 @@ def spider_prompt(schema: str, question: str) -> str:
     return sql_instruction(schema, question)
 
 
-def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows: int | None = None) -> list[dict]:
+def prompt_schema(path: str, question: str, sample_rows: int = 0, linked: bool = False) -> str:
+    """The schema part of a Spider prompt, in training and evaluation alike: the whole schema
+    (`schema_text`), or with `linked` the question's tables whole and the rest shortened
+    (qlora.data.schema_link; sample rows are not combined with it)."""
+    if linked:
+        if sample_rows:
+            raise DataError("spider_linked prompts have no sample rows: use the spider formatter for those")
+        from .schema_link import linked_schema
+
+        return linked_schema(path, question)
+    return schema_text(path, sample_rows)
+
+
+def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows: int | None = None,
+                    linked: bool = False) -> list[dict]:
     """One Spider row (`question`, `query`, `db_id`) -> [user: schema + question, assistant: gold SQL].
 
     `source` is the json file the row came from; its `database/` folder holds the SQLite files;
-    `sample_rows` (default SAMPLE_ROWS) rows of each table follow its CREATE TABLE line. Raises
-    SkipRow when the row's database file is absent (the data pipeline counts those)."""
+    `sample_rows` (default SAMPLE_ROWS) rows of each table follow its CREATE TABLE line; `linked`: the
+    schema linked to the question (`prompt_schema`). Raises SkipRow when the row's database file is absent
+    (the data pipeline counts those)."""
     for key in ("question", "query", "db_id"):
         if row.get(key) is None:
             raise DataError(f"{where}: missing required field '{key}' (row has {', '.join(sorted(row))})")
     path = database_path(source, row["db_id"])
     if not path.is_file():
         raise SkipRow("Spider database missing")
-    schema = schema_text(str(path), SAMPLE_ROWS if sample_rows is None else sample_rows)
+    schema = prompt_schema(str(path), row["question"], SAMPLE_ROWS if sample_rows is None else sample_rows, linked)
     return [{"role": "user", "content": spider_prompt(schema, row["question"])},
             {"role": "assistant", "content": collapse_whitespace(row["query"])}]
 

@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
     try:
-        spider = parse_source(args.data).formatter == "spider"
+        spider = parse_source(args.data).formatter in ("spider", "spider_linked")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

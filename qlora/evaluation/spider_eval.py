@@ -31,7 +31,7 @@ from .generation import prompt_ids
 from .inference import load_for_inference
 from .schema_decode import beam_generator, choose_predictions, needs_beams, plain_rows
 from .shared_prefix import generate_grouped
-from ..data.spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, schema_text, spider_prompt
+from ..data.spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, prompt_schema, spider_prompt
 from ..data.sqlscore import execute_db, score_db_row
 
 __all__ = ["load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
@@ -142,18 +142,19 @@ def generate_all(model, tokenizer, recs: list[dict], prompts: dict, batch_size: 
 def evaluate_spider(model, tokenizer, cfg, source: str, limit: int = 0, batch_size: int = 8,
                     max_new_tokens: int = 128, sample_rows: int | None = None, timeout_s: float = 5.0,
                     generate_fn=None, progress=True, decoding: str = "greedy", num_beams: int = 4,
-                    beam_fn=None) -> dict:
+                    beam_fn=None, linked: bool = False) -> dict:
     """Generate for and score every scorable row of a Spider json file; returns the report (module doc).
-    `sample_rows`: as in training (default qlora.data.spider.SAMPLE_ROWS). `decoding="schema"`: the rows and the
+    `sample_rows`, `linked`: the prompt as in training (default qlora.data.spider.SAMPLE_ROWS; `linked`: the
+    `spider_linked` formatter's schema, qlora.data.schema_link). `decoding="schema"`: the rows and the
     top level are the schema-aware predictions (qlora.evaluation.schema_decode, `num_beams` beams from `beam_fn`,
     default qlora.evaluation.beam_search.beam_grouped), `plain` summarises the greedy ones."""
     rows = load_spider(source, limit)
     sample_rows = spider.SAMPLE_ROWS if sample_rows is None else sample_rows
     t0 = time.perf_counter()
     recs, gold = prepare_rows(rows, source, timeout_s)
-    prompts = {i: prompt_ids(tokenizer, spider_prompt(schema_text(str(database_path(source, recs[i]["db_id"])),
-                                                                  sample_rows), recs[i]["question"]),
-                             cfg.system_prompt) for i in gold}
+    prompts = {i: prompt_ids(tokenizer, spider_prompt(prompt_schema(str(database_path(source, recs[i]["db_id"])),
+                                                                    recs[i]["question"], sample_rows, linked),
+                                                      recs[i]["question"]), cfg.system_prompt) for i in gold}
     t1 = time.perf_counter()
     texts = generate_all(model, tokenizer, recs, prompts, batch_size, max_new_tokens, generate_fn, progress)
     t2 = time.perf_counter()
@@ -201,9 +202,11 @@ def _plain_part(report: dict) -> str:
 
 
 def main_spider(args) -> int:
-    """`python -m qlora.evaluate ... --data PATH.json:spider`: load, score, print the summary, write --out.
+    """`python -m qlora.evaluate ... --data PATH.json:spider` (or `:spider_linked`): load, score, print the
+    summary, write --out; a line on stderr when the adapter was trained on the other Spider prompt.
     `args` is qlora.evaluation.evaluate's parsed command line."""
-    source, sample_rows = parse_source(args.data).path, spider.SAMPLE_ROWS
+    src, sample_rows = parse_source(args.data), spider.SAMPLE_ROWS
+    source, linked = src.path, src.formatter == "spider_linked"
     try:
         if args.out:
             check_writable(args.out, "--out")
@@ -214,19 +217,39 @@ def main_spider(args) -> int:
     except (ConfigError, ModelLoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trained = trained_spider_prompts(cfg) if args.adapter else set()
+    if trained and src.formatter not in trained:
+        print(f"warning: the adapter was trained on {' and '.join(sorted(trained))} prompts and is scored on "
+              f"{src.formatter} prompts; pass --data {source}:{sorted(trained)[0]} to score it as it was trained",
+              file=sys.stderr)
     t0 = time.perf_counter()
     report = evaluate_spider(model, tokenizer, cfg, source, args.limit, args.batch_size, args.max_new_tokens,
-                             sample_rows, progress=args.progress, decoding=args.decoding, num_beams=args.num_beams)
+                             sample_rows, progress=args.progress, decoding=args.decoding, num_beams=args.num_beams,
+                             linked=linked)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant, "dequantize": dequantize,
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "limit": args.limit,
                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                         "sample_rows": sample_rows, "system_prompt": cfg.system_prompt, "decoding": args.decoding,
+                         "sample_rows": sample_rows, "prompt": src.formatter, "system_prompt": cfg.system_prompt,
+                         "decoding": args.decoding,
                          **({"num_beams": args.num_beams} if args.decoding == "schema" else {}),
                          "machine": _machine(model)},
               "wall_seconds": round(time.perf_counter() - t0, 1), **report}
     publish_report(report, summary_line(report), args.out)
     return 0
+
+
+def trained_spider_prompts(cfg) -> set[str]:
+    """The Spider formatters (`spider`, `spider_linked`) among the training sources of an adapter's config."""
+    out = set()
+    for spec in cfg.datasets:
+        try:
+            formatter = parse_source(spec).formatter
+        except DataError:
+            continue
+        if formatter in ("spider", "spider_linked"):
+            out.add(formatter)
+    return out
 
 
 def _machine(model) -> str:
