@@ -23,7 +23,7 @@ import re
 import sqlite3
 
 from .errors import DataError
-from .spider import compact_create, connect_ro
+from .spider import compact_create, connect_ro, user_tables
 from .sqlscore import sql_tokens
 
 __all__ = ["linked_schema", "linked_tables", "words", "link_recall"]
@@ -55,8 +55,7 @@ def _tables(path: str) -> tuple:
     conn = connect_ro(path)
     try:
         out = []
-        for name, sql in conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL "
-                                      "AND name NOT LIKE 'sqlite_%'").fetchall():
+        for name, sql in user_tables(conn):
             quoted = '"' + name.replace('"', '""') + '"'
             cols = [r[1] for r in conn.execute(f"PRAGMA table_info({quoted})")]
             values = set()

@@ -88,6 +88,12 @@ def _literal(v) -> str:
     return repr(v)
 
 
+def user_tables(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(name, CREATE statement) of a database's own tables, in sqlite_master order."""
+    return conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL "
+                        "AND name NOT LIKE 'sqlite_%'").fetchall()
+
+
 @functools.lru_cache(maxsize=512)
 def schema_text(path: str, sample_rows: int = 0) -> str:
     """The database's tables as compact `CREATE TABLE ...;` lines (sqlite_master order), each followed by
@@ -95,9 +101,7 @@ def schema_text(path: str, sample_rows: int = 0) -> str:
     conn = connect_ro(path)
     try:
         lines = []
-        tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL "
-                              "AND name NOT LIKE 'sqlite_%'").fetchall()
-        for name, sql in tables:
+        for name, sql in user_tables(conn):
             lines.append(compact_create(sql) + ";")
             if sample_rows:
                 quoted = '"' + name.replace('"', '""') + '"'
