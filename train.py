@@ -146,7 +146,7 @@ def prepare_objective(cfg: Config, accelerator, model, optimizer, pad_id: int, t
     clipping sees them, and the forward+backward to run (one CUDA graph with `cuda_graphs`).
     benchmarks/bench.py uses it too."""
     kernels = resolve_kernels(cfg.kernels, accelerator.device, accelerator.is_fsdp2)
-    ce = "fused" if cfg.cuda_graphs else "liger" if kernels == "liger" else "plain"
+    ce = "liger" if kernels == "liger" and not cfg.cuda_graphs else "fused"  # no logits kept: TokenLoss
     loss_model, optimizer = accelerator.prepare(TokenLoss(model, ce, dropout_seed(model)), optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]

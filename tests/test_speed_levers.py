@@ -2,6 +2,8 @@
 seeded LoRA dropout, the fused linear + cross-entropy, offloaded checkpoints, and the static-shape
 inputs that the CUDA-graph step replays (the graph itself needs a GPU: benchmarks/check_fast_path_cuda.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,21 +65,68 @@ def test_seeded_dropout_recompute_and_advance(sql_examples):
     assert max((g_torch[n] - g_full[n]).abs().max() for n in g_full) > 1e-4  # other masks: the flag matters
 
 
-def test_linear_cross_entropy_matches_plain_ce():
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_linear_cross_entropy_matches_plain_ce(softcap):
+    """Against torch's autograd through the logits (soft-capped as Gemma's head does: c tanh(x / c))."""
     torch.manual_seed(0)
     h = torch.randn(5000, 48, requires_grad=True)
     w = torch.randn(257, 48) * 0.3
     y = torch.randint(0, 257, (5000,))
     y[::5] = -100
-    got = LinearCrossEntropy.apply(h, w, y)
+    got = LinearCrossEntropy.apply(h, w, y, softcap)
     (2.5 * got).backward()
     g = h.grad.clone()
     h.grad = None
-    want = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    logits = h @ w.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+        assert logits.abs().max() > 0.9 * softcap  # the cap bends real logits here
+    want = F.cross_entropy(logits, y, reduction="sum")
     (2.5 * want).backward()
     # fp32 sums over 4000 positions in another order: relative 1e-6
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     torch.testing.assert_close(g, h.grad, rtol=1e-5, atol=1e-6)
+    if softcap:  # the cap's slope matters: without it the gradient is another one
+        uncapped = LinearCrossEntropy.apply(h.detach().requires_grad_(), w, y, 0.0)
+        assert abs(uncapped.item() - got.item()) > 1e-2 * got.item()
+
+
+def test_the_trained_loss_keeps_no_vocab_sized_tensor():
+    """train.py's TokenLoss (ce fused) keeps nothing of size positions x vocab for backward; the plain
+    loop keeps the fp32 log-probabilities (and, under a soft-cap, more). 2,000 positions, 32k vocab."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    vocab, hidden, n = 32_000, 64, 2_000
+
+    class Head(nn.Module):  # the shape TokenLoss reads: .model (backbone), .lm_head, .config
+        def __init__(self, softcap):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, hidden)
+            self.lm_head = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+            self.config = SimpleNamespace(final_logit_softcapping=softcap)
+            self.model = lambda input_ids, position_ids: SimpleNamespace(last_hidden_state=self.emb(input_ids))
+
+    ids = torch.randint(0, vocab, (1, n))
+    targets, sup = torch.randint(0, vocab, (1, n)), torch.arange(n)
+    for softcap in (None, 30.0):
+        saved = {}
+        for ce in ("plain", "fused"):
+            torch.manual_seed(1)
+            model = Head(softcap)
+            biggest = []
+
+            def pack(t):
+                biggest.append(t.numel())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = TokenLoss(model, ce)(ids, None, targets, sup)
+            loss.backward()
+            saved[ce] = (max(biggest), float(loss.detach()), model.emb.weight.grad.clone())
+        assert saved["plain"][0] >= n * vocab and saved["fused"][0] <= n * hidden
+        assert saved["fused"][1] == pytest.approx(saved["plain"][1], rel=1e-6)
+        torch.testing.assert_close(saved["fused"][2], saved["plain"][2], rtol=1e-4, atol=1e-6)
 
 
 def test_offloaded_checkpoints_give_the_same_gradients(sql_examples):

@@ -20,11 +20,16 @@ CE_KINDS = ("plain", "fused", "liger")
 class TokenLoss(nn.Module):
     """Wraps a (peft) causal LM: hidden states -> lm_head on supervised positions only -> summed CE.
 
-    `ce` picks how the vocab projection and cross-entropy run:
-      plain  lm_head + cross-entropy per chunk of positions (fp32 logits kept for backward)
+    `ce` picks how the vocab projection and cross-entropy run when they are trained through (train.py
+    passes "fused", or "liger" where liger's kernels are on and no CUDA graph is captured):
       fused  `LinearCrossEntropy`: the gradient of the hidden states is made chunk by chunk in forward,
-             so no (positions x vocab) logits are kept; no host sync, so a CUDA graph can capture it
-      liger  liger-kernel's fused linear + cross-entropy (the same idea in Triton; one host sync)
+             so no (positions x vocab) logits are kept, soft-capped logits included; no host sync, so a
+             CUDA graph can capture it
+      liger  liger-kernel's fused linear + cross-entropy (the same idea in Triton; one host sync);
+             a soft-capped head takes `fused`
+      plain  lm_head + cross-entropy per chunk of positions (fp32 logits kept for backward)
+    Every kind takes the plain loop without a gradient (eval passes), and for a head that is trained or
+    has a bias (`fused` and `liger` need a frozen bias-free `nn.Linear`).
     `dropout_seed` (qlora.speed.seeded_dropout): advanced once per training micro-batch, on the device.
     """
 
@@ -53,16 +58,14 @@ class TokenLoss(nn.Module):
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
         self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
-        # soft-capped logits (cap * tanh(logits / cap), Gemma's final_logit_softcapping) take the plain path
-        plain_head = (type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
-                      and not softcap)
-        if self.ce == "liger" and plain_head and h.is_cuda and torch.is_grad_enabled():
+        frozen_head = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+        if self.ce == "liger" and frozen_head and not softcap and h.is_cuda and torch.is_grad_enabled():
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
             return LigerFusedLinearCrossEntropyFunction.apply(h, lm_head.weight, y, None, None, -100, 0.0, 0.0,
                                                               "sum")[0].float()
-        if self.ce == "fused" and plain_head and torch.is_grad_enabled():
-            return LinearCrossEntropy.apply(h, lm_head.weight, y)
+        if self.ce != "plain" and frozen_head and torch.is_grad_enabled():
+            return LinearCrossEntropy.apply(h, lm_head.weight, y, softcap or 0.0)
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], CE_CHUNK):
             logits = lm_head(h[s:s + CE_CHUNK]).float()
@@ -87,16 +90,19 @@ def supervised_logits(loss_model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, y_i) over positions with y_i != -100, for a frozen W (the lm_head).
+    """sum_i CE(z_i, y_i) over positions with y_i != -100, z_i = h_i W^T for a frozen W (the lm_head), or
+    with a soft-cap c > 0 (Gemma's `final_logit_softcapping`) z_i = c tanh(h_i W^T / c).
 
-    The gradient w.r.t. h is computed in forward, one chunk of positions at a time (softmax minus
-    one-hot, times W), and is the only thing kept for backward: 2 bytes x hidden size per position
-    instead of fp32 logits (4 bytes x vocab). No `.item()`, so it runs inside a CUDA graph."""
+    The gradient w.r.t. h is computed in forward, one chunk of positions at a time ((softmax(z) minus
+    one-hot) times dz/dlogits = 1 - (z/c)^2 under a cap, times W), and is the only thing kept for
+    backward: 2 bytes x hidden size per position instead of fp32 logits (4 bytes x vocab; 8 GiB for
+    Gemma's 262k vocabulary at 8k positions, more again for the cap's tanh). No `.item()`, so it runs
+    inside a CUDA graph."""
 
     CHUNK = 4096
 
     @staticmethod
-    def forward(ctx, h, weight, y):
+    def forward(ctx, h, weight, y, softcap: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         with torch.autocast(h.device.type, enabled=False):
@@ -104,6 +110,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
                 hc, yc = h[s:s + LinearCrossEntropy.CHUNK], y[s:s + LinearCrossEntropy.CHUNK]
                 logits = (hc @ w.t()).float()
+                if softcap:
+                    logits.div_(softcap).tanh_()  # t = tanh(logits / c); z = c t
+                    slope = 1 - logits.square() if grad_h is not None else None
+                    logits.mul_(softcap)
                 valid = yc != -100
                 safe_y = yc.clamp(min=0)[:, None]
                 lse = logits.logsumexp(-1)
@@ -112,6 +122,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                     probs.scatter_add_(1, safe_y, -valid[:, None].float())
                     probs.mul_(valid[:, None])
+                    if softcap:
+                        probs.mul_(slope)
                     grad_h[s:s + LinearCrossEntropy.CHUNK] = probs.to(h.dtype) @ w
         ctx.save_for_backward(grad_h)
         return total
@@ -119,7 +131,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
 
 
 @torch.no_grad()
