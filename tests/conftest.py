@@ -16,6 +16,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Under pytest-xdist (`-n auto`) the cores are split between the workers, and the processes a test starts
+# inherit the split: N workers x all cores each would oversubscribe the CPU and run slower than one worker.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+MAX_WORKERS = 4  # a worker holds a few GiB at its peak (a real model, two FSDP ranks); more rarely pays
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most MAX_WORKERS and one per 6 GiB of memory."""
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 6 * MAX_WORKERS
+    return max(1, min(_cores(), MAX_WORKERS, int(mem_gib // 6)))
+
+
 @pytest.fixture(scope="session")
 def tok():
     from qlora.config import load_config

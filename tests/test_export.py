@@ -34,7 +34,7 @@ from qlora.evaluation.export import export, main
 from qlora.evaluation.gguf_check import check_gguf_file
 from qlora.evaluation.gguf_write import gguf_arch, pre_tokenizer_name, write_gguf
 from qlora.evaluation.merge import merged_model
-from qlora.model.base import ModelLoadError, load_tokenizer
+from qlora.model.base import ModelLoadError, load_tokenizer, resolve_source
 from qlora.model.trainable import load_model
 
 from badinput import assert_one_error, snapshot
@@ -193,7 +193,10 @@ def test_default_job_adapter_to_gguf(tmp_path_factory, monkeypatch):
     Marked slow: every GGUF reader parses SmolLM2's 49,152-token vocabulary token by token (seconds each).
     """
     root = tmp_path_factory.mktemp("smollm2")
+    converted = Path(resolve_source("smollm2"))  # the embedded GGUF's conversion, shared with the other tests
     monkeypatch.setenv("QLORA_CACHE", str(root / "cache"))  # the exported file's conversion stays here
+    (root / "cache").mkdir()
+    (root / "cache" / converted.name).symlink_to(converted, target_is_directory=True)
     cfg = load_config(["--config", "configs/default.yaml"], compute_dtype="float32", tracker="none")
     model = load_model(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
