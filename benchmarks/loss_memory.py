@@ -58,6 +58,7 @@ def measure(kind: str, vocab: int, hidden: int, positions: int, softcap: float, 
             self.lm_head.weight.requires_grad_(False)
             self.config = SimpleNamespace(final_logit_softcapping=softcap or None)
 
+    torch.manual_seed(0)  # the same lm_head in every kind's process
     loss_model = TokenLoss(Model(), kind).train()
     sup = torch.arange(positions, device=dev)
 

@@ -66,8 +66,15 @@ def test_seeded_dropout_recompute_and_advance(sql_examples):
 
 
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
-def test_linear_cross_entropy_matches_plain_ce(softcap):
-    """Against torch's autograd through the logits (soft-capped as Gemma's head does: c tanh(x / c))."""
+@pytest.mark.parametrize("budget", [None, 257 * 700], ids=["4096-row chunks", "~700-row chunks"])
+def test_linear_cross_entropy_matches_plain_ce(softcap, budget, monkeypatch):
+    """Against torch's autograd through the logits (soft-capped as Gemma 2's head does: c tanh(x / c)),
+    in chunks of CHUNK positions and in the smaller chunks a large vocabulary gets (a ragged last one)."""
+    from qlora.training import loss as loss_mod
+
+    if budget:
+        monkeypatch.setattr(loss_mod, "CE_CHUNK_ELEMENTS", budget)
+        assert loss_mod.chunk_rows(257, 4096, 2 if softcap else 1) in (350, 700)
     torch.manual_seed(0)
     h = torch.randn(5000, 48, requires_grad=True)
     w = torch.randn(257, 48) * 0.3

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CE_CHUNK = 8192  # supervised positions per lm_head + cross-entropy chunk: bounds the fp32 logits
+CE_CHUNK = 8192  # at most this many supervised positions per lm_head + cross-entropy chunk
+CE_CHUNK_ELEMENTS = 2**28  # and at most this many fp32 logits per chunk (1 GiB: 1,024 positions of a 262k vocab)
+
+
+def chunk_rows(vocab: int, cap: int = CE_CHUNK, buffers: int = 1) -> int:
+    """Positions per chunk of the vocab projection: `cap`, fewer where `buffers` fp32 [positions, vocab]
+    tensors would exceed CE_CHUNK_ELEMENTS (Llama 3's 128k and Gemma's 262k vocabularies)."""
+    return max(64, min(cap, CE_CHUNK_ELEMENTS // (buffers * max(1, vocab))))
 CE_KINDS = ("plain", "fused", "liger")
 
 
@@ -67,11 +74,12 @@ class TokenLoss(nn.Module):
         if self.ce != "plain" and frozen_head and torch.is_grad_enabled():
             return LinearCrossEntropy.apply(h, lm_head.weight, y, softcap or 0.0)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], CE_CHUNK):
-            logits = lm_head(h[s:s + CE_CHUNK]).float()
+        step = chunk_rows(lm_head.weight.shape[0], buffers=2)  # the logits and cross_entropy's log-softmax
+        for s in range(0, h.shape[0], step):
+            logits = lm_head(h[s:s + step]).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
-            total = total + F.cross_entropy(logits, y[s:s + CE_CHUNK], reduction="sum")
+            total = total + F.cross_entropy(logits, y[s:s + step], reduction="sum")
         return total
 
 
@@ -91,13 +99,14 @@ def supervised_logits(loss_model) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(z_i, y_i) over positions with y_i != -100, z_i = h_i W^T for a frozen W (the lm_head), or
-    with a soft-cap c > 0 (Gemma's `final_logit_softcapping`) z_i = c tanh(h_i W^T / c).
+    with a soft-cap c > 0 (Gemma 2's `final_logit_softcapping`) z_i = c tanh(h_i W^T / c).
 
     The gradient w.r.t. h is computed in forward, one chunk of positions at a time ((softmax(z) minus
     one-hot) times dz/dlogits = 1 - (z/c)^2 under a cap, times W), and is the only thing kept for
     backward: 2 bytes x hidden size per position instead of fp32 logits (4 bytes x vocab; 8 GiB for
-    Gemma's 262k vocabulary at 8k positions, more again for the cap's tanh). No `.item()`, so it runs
-    inside a CUDA graph."""
+    Gemma's 262k vocabulary at 8k positions, more again for the cap's tanh). The softmax is made in place
+    of the chunk's logits (no log-sum-exp temporary), and chunks hold at most CE_CHUNK_ELEMENTS fp32
+    logits, so the peak is about one chunk (two under a cap). No `.item()`, so it runs inside a CUDA graph."""
 
     CHUNK = 4096
 
@@ -105,26 +114,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, y, softcap: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
+        step = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK, buffers=2 if softcap else 1)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(h.dtype)
-            for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
-                hc, yc = h[s:s + LinearCrossEntropy.CHUNK], y[s:s + LinearCrossEntropy.CHUNK]
-                logits = (hc @ w.t()).float()
+            for s in range(0, h.shape[0], step):
+                hc, yc = h[s:s + step], y[s:s + step]
+                logits, probs, slope = (hc @ w.t()).float(), None, None
                 if softcap:
                     logits.div_(softcap).tanh_()  # t = tanh(logits / c); z = c t
-                    slope = 1 - logits.square() if grad_h is not None else None
+                    slope = logits.square().neg_().add_(1) if grad_h is not None else None  # 1 - t^2
                     logits.mul_(softcap)
                 valid = yc != -100
                 safe_y = yc.clamp(min=0)[:, None]
-                lse = logits.logsumexp(-1)
-                total += ((lse - logits.gather(1, safe_y)[:, 0]) * valid).sum()
+                top = logits.amax(-1, keepdim=True)
+                target = logits.gather(1, safe_y) - top
+                norm = logits.sub_(top).exp_().sum(-1, keepdim=True)  # exp(z - max), in place of the logits
+                total += ((norm.log() - target)[:, 0] * valid).sum()  # log-sum-exp(z) - z_y
                 if grad_h is not None:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    probs = logits.div_(norm)  # softmax(z)
                     probs.scatter_add_(1, safe_y, -valid[:, None].float())
                     probs.mul_(valid[:, None])
                     if softcap:
                         probs.mul_(slope)
-                    grad_h[s:s + LinearCrossEntropy.CHUNK] = probs.to(h.dtype) @ w
+                    grad_h[s:s + step] = probs.to(h.dtype) @ w
+                del logits, probs, slope  # freed before the next chunk's logits are made, not after
         ctx.save_for_backward(grad_h)
         return total
 
