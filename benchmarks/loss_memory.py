@@ -75,13 +75,18 @@ def measure(kind: str, vocab: int, hidden: int, positions: int, softcap: float, 
     def now() -> int:  # bytes live now: allocated (CUDA) or resident (CPU; large tensors are their own mappings)
         if dev.type == "cuda":
             return torch.cuda.memory_allocated()
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * resource.getpagesize()
+        except OSError:  # not Linux
+            import psutil  # noqa: PLC0415 (only where /proc is missing)
+
+            return psutil.Process().memory_info().rss
 
     def peak_now() -> int:
         if dev.type == "cuda":
             return torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
     sync()
     if dev.type == "cuda":

@@ -144,3 +144,21 @@ def test_spider_table_aggregates_seeds_and_tests_parity(tmp_path):
     text = spider_table.markdown(table)
     assert "NOT within" in text and text.count("| QLoRA") == 2
     assert spider_table.main([str(tmp_path / "missing")]) == 2
+
+
+def test_loss_memory_benchmark_measures_both_kinds(tmp_path, capsys):
+    """benchmarks/loss_memory.py: each kind in its own process, equal losses, and the memory it reports is
+    the logits' own size: plain keeps about positions x vocab fp32 for backward, fused a small part of it."""
+    import loss_memory
+
+    assert loss_memory.main(["--vocab", "32768", "--hidden", "64", "--positions", "2048", "--reps", "1",
+                             "--out", str(tmp_path)]) == 0
+    rec = {r["kind"]: r for r in json.loads((tmp_path / "loss_memory.json").read_text())}
+    assert set(rec) == {"plain", "fused"} and (tmp_path / "loss_memory.png").is_file()
+    assert rec["fused"]["loss"] == pytest.approx(rec["plain"]["loss"], rel=1e-5)
+    logits_gib = 2048 * 32768 * 4 / 2**30  # 0.25 GiB
+    assert 0.9 * logits_gib < rec["plain"]["held_gib"] < 1.5 * logits_gib, rec["plain"]
+    assert rec["fused"]["held_gib"] < 0.25 * logits_gib, rec["fused"]
+    capsys.readouterr()
+    assert loss_memory.main(["--kinds", "liger"]) == 2
+    assert capsys.readouterr().err.startswith("error: --kinds liger runs on CUDA only")
