@@ -2,7 +2,8 @@
 random hub-format checkpoints built here (2 layers, each family's own layer kinds, its real chat template
 and special tokens on the embedded SmolLM2 tokenizer): response-only masks through each template, packed
 rows equal to each example alone (Gemma 3's sliding-window layers and logit soft-capping included),
-LoRA targets per family, Qwen2's q/k/v bias in the fused node, exact resume, and the liger dispatch."""
+LoRA targets per family, Qwen2's q/k/v bias in the fused node, exact resume, the liger dispatch, and GGUF
+files of Llama 3, Mistral, Qwen2 and Qwen3 loading with the weights they were written with."""
 
 from __future__ import annotations
 
@@ -350,3 +351,36 @@ def test_random_shapes_have_the_real_models_parameter_count(shape):
                                                             "qwen2.5-7b": 152064, "qwen3-8b": 151936,
                                                             "gemma3-4b": 262208, "gemma3-12b": 262208,
                                                             "phi3-mini": 32064}.get(shape, 32000)
+
+
+# --------------------------------------------------------------------------- GGUF files of the families
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
+def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(families, family, tmp_path):
+    """`--model file.gguf` for the families transformers reads from GGUF and qlora.export writes: the tiny
+    checkpoint written as an f16 GGUF, then converted as train.py converts it, has the f16-rounded weights
+    (the logits of the original with every matrix rounded to f16, to fp32 rounding), and its tokenizer gives
+    the same ids through the family's chat template (so the response masks are the same)."""
+    from qlora.evaluation.gguf_write import write_gguf
+    from qlora.model.base import convert_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(families[family], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(families[family])
+    write_gguf(model, tok, tmp_path / f"{family}.gguf", "f16")
+    converted = convert_gguf(tmp_path / f"{family}.gguf", out_dir=tmp_path / "converted")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())  # the reference: what f16 storage keeps
+    def chat_ids(t):
+        return t(t.apply_chat_template(TWO_TURNS, tokenize=False), add_special_tokens=False).input_ids
+
+    ids = torch.tensor([chat_ids(tok)])
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert want.abs().max() > 1e-3  # a real signal
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    gguf_tok = AutoTokenizer.from_pretrained(converted)
+    assert chat_ids(gguf_tok) == ids[0].tolist()
+    assert gguf_tok.convert_ids_to_tokens(gguf_tok.eos_token_id) == tok.eos_token

@@ -138,7 +138,10 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
     rope = getattr(config, "rope_parameters", None) or {}
     names = gguf.TensorNameMap(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), config.num_hidden_layers)
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_name(name or Path(str(path)).stem)
+    name = name or Path(str(path)).stem
+    if arch == "llama" and name == "mistral":  # transformers reads a "llama" file named exactly that as
+        name = "mistral-llama"                  # model_type mistral, which gguf-py has no tensor map for
+    writer.add_name(name)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
     writer.add_context_length(config.max_position_embeddings)

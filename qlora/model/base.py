@@ -149,6 +149,26 @@ def check_gguf(path: Path):
                              "copy or download it again") from None
 
 
+def gguf_head_dim(reader) -> int | None:
+    """Per-head width of a GGUF model: `<arch>.attention.key_length`, else the first layer's query rows over
+    the head count; None when neither is there."""
+    fields = reader.fields
+    arch_field = fields.get("general.architecture")
+    if arch_field is None:
+        return None
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+
+    def number(key):
+        f = fields.get(f"{arch}.{key}")
+        return int(f.parts[f.data[0]][0]) if f is not None else None
+
+    if number("attention.key_length"):
+        return number("attention.key_length")
+    heads = number("attention.head_count")
+    q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
+    return int(q.shape[1]) // heads if heads and q is not None and len(q.shape) == 2 else None
+
+
 # --------------------------------------------------------------------------- sources
 
 def cache_root() -> Path:
@@ -199,7 +219,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     Qwen2/3, Gemma 3, Phi-3, ...); another is one ModelLoadError. Written to a temporary dir and renamed,
     so concurrent ranks and interrupted conversions never leave a half-written cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).resolve()
     st = gguf.stat()
@@ -212,9 +232,14 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except ValueError as e:  # transformers: "GGUF model with architecture X is not supported yet."
-        if "not supported" not in str(e):
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        head_dim = gguf_head_dim(reader)
+        if head_dim and getattr(config, "head_dim", None) not in (None, head_dim):
+            config.head_dim = head_dim  # transformers' Qwen3 reader drops it and assumes 128
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                   dtype=torch.float32)
+    except (ValueError, NotImplementedError) as e:  # "GGUF model with architecture X is not supported yet."
+        if "not supported" not in str(e) and "Unknown gguf model_type" not in str(e):
             raise
         raise ModelLoadError(f"{gguf}: {str(e).splitlines()[0]} (transformers reads Llama, Mistral, Qwen2/3, "
                              "Gemma 2/3, Phi-3 and a few others from GGUF): pass the model's Hugging Face "
