@@ -5,6 +5,8 @@ built from a tensor, and the supervised text of an encoded example."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from qlora.speed import attention
@@ -90,3 +92,22 @@ def nf4_weight(w: torch.Tensor) -> torch.nn.Parameter:
     weight = torch.nn.Parameter(q, requires_grad=False)
     weight.quant_state = qs
     return weight
+
+
+def small_tokenizer(tok, n: int = 1024):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    """The first `n` tokens of the SmolLM2 tokenizer (its specials, bytes and first merges), still byte-level
+    BPE with the chat template: a GGUF's vocabulary is parsed token by token by every reader (seconds for
+    49,152 tokens), so the tiny model gets a tiny vocabulary."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < n}
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if all(p in vocab for p in m) and "".join(m) in vocab]
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < n]
+    small = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
+                                    eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
+                                    chat_template=tok.chat_template)
+    small.padding_side = "right"
+    return small

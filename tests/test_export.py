@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,23 +38,7 @@ from qlora.model.trainable import load_model
 
 from badinput import assert_one_error, snapshot
 from conftest import tiny_cfg
-from helpers import randomise_lora_
-
-
-def small_tokenizer(tok, n: int = 1024):
-    """The first `n` tokens of the SmolLM2 tokenizer (its specials, bytes and first merges), still byte-level
-    BPE with the chat template: a GGUF's vocabulary is parsed token by token by every reader (seconds for
-    49,152 tokens), so the tiny model gets a tiny vocabulary."""
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < n}
-    spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if all(p in vocab for p in m) and "".join(m) in vocab]
-    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < n]
-    small = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
-                                    eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
-                                    chat_template=tok.chat_template)
-    small.padding_side = "right"
-    return small
+from helpers import randomise_lora_, small_tokenizer
 
 
 @pytest.fixture(scope="module")

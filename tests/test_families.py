@@ -24,7 +24,7 @@ from qlora.training.packing import collate
 from qlora.signals import StopRequest
 
 from conftest import tiny_cfg
-from helpers import lora_params, randomise_lora_
+from helpers import lora_params, randomise_lora_, small_tokenizer
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
@@ -67,18 +67,21 @@ TWO_TURNS = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assis
              {"role": "assistant", "content": "Seventy-two, which is 72."}]
 
 
-def family_dir(root, family: str, **config_kw):
-    """A tiny random checkpoint of `family` (fp32 safetensors, attention_dropout 0) with its tokenizer."""
+def family_dir(root, family: str, vocab: int = 49152, **config_kw):
+    """A tiny random checkpoint of `family` (fp32 safetensors, attention_dropout 0) with its tokenizer: the
+    SmolLM2 tokenizer's first `vocab` tokens and the family's special tokens."""
     shape, template, specials, bos, eos, _ = FAMILIES[family]
     folder = root / family
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2"))
+    if vocab < 49152:
+        tok = small_tokenizer(tok, vocab)
     tok.add_special_tokens({"additional_special_tokens": specials})
     tok.chat_template = template
     tok.eos_token = eos
     if bos:
         tok.bos_token = bos
     config = random_config(shape)
-    config.vocab_size = 49152 + 64  # room for the added special tokens
+    config.vocab_size = vocab + 64  # room for the added special tokens
     config.update(config_kw)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -356,7 +359,7 @@ def test_random_shapes_have_the_real_models_parameter_count(shape):
 # --------------------------------------------------------------------------- GGUF files of the families
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
-def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(families, family, tmp_path):
+def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(family, tmp_path):
     """`--model file.gguf` for the families transformers reads from GGUF and qlora.export writes: the tiny
     checkpoint written as an f16 GGUF, then converted as train.py converts it, has the f16-rounded weights
     (the logits of the original with every matrix rounded to f16, to fp32 rounding), and its tokenizer gives
@@ -364,8 +367,10 @@ def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(famili
     from qlora.evaluation.gguf_write import write_gguf
     from qlora.model.base import convert_gguf
 
-    model = AutoModelForCausalLM.from_pretrained(families[family], dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(families[family])
+    # a 1,024-token vocabulary: every GGUF reader parses the vocabulary token by token (seconds for 49,152)
+    folder = family_dir(tmp_path, family, vocab=1024)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
     write_gguf(model, tok, tmp_path / f"{family}.gguf", "f16")
     converted = convert_gguf(tmp_path / f"{family}.gguf", out_dir=tmp_path / "converted")
     loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
