@@ -149,6 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for loss_memory.json and loss_memory.png")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child measuring one kind
     a = ap.parse_args(argv)
+    for key in ("vocab", "hidden", "positions", "reps"):
+        if getattr(a, key) < 1:
+            print(f"error: --{key} must be a positive integer, got {getattr(a, key)}", file=sys.stderr)
+            return 2
+    if a.softcap < 0:
+        print(f"error: --softcap must be 0 (none) or positive, got {a.softcap:g}", file=sys.stderr)
+        return 2
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("plain", "fused", "liger")]
     if bad:
