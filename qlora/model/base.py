@@ -153,20 +153,15 @@ def gguf_head_dim(reader) -> int | None:
     """Per-head width of a GGUF model: `<arch>.attention.key_length`, else the first layer's query rows over
     the head count; None when neither is there."""
     fields = reader.fields
-    arch_field = fields.get("general.architecture")
-    if arch_field is None:
+    if "general.architecture" not in fields:
         return None
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-
-    def number(key):
-        f = fields.get(f"{arch}.{key}")
-        return int(f.parts[f.data[0]][0]) if f is not None else None
-
-    if number("attention.key_length"):
-        return number("attention.key_length")
-    heads = number("attention.head_count")
+    arch = fields["general.architecture"].contents()
+    key_length, heads = (fields[k].contents() if k in fields else None
+                         for k in (f"{arch}.attention.key_length", f"{arch}.attention.head_count"))
+    if key_length:
+        return int(key_length)
     q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
-    return int(q.shape[1]) // heads if heads and q is not None and len(q.shape) == 2 else None
+    return int(q.shape[1]) // int(heads) if heads and q is not None and len(q.shape) == 2 else None
 
 
 # --------------------------------------------------------------------------- sources

@@ -15,13 +15,13 @@ from torch import nn
 
 CE_CHUNK = 8192  # at most this many supervised positions per lm_head + cross-entropy chunk
 CE_CHUNK_ELEMENTS = 2**28  # and at most this many fp32 logits per chunk (1 GiB: 1,024 positions of a 262k vocab)
+CE_KINDS = ("plain", "fused", "liger")
 
 
 def chunk_rows(vocab: int, cap: int = CE_CHUNK, buffers: int = 1) -> int:
     """Positions per chunk of the vocab projection: `cap`, fewer where `buffers` fp32 [positions, vocab]
     tensors would exceed CE_CHUNK_ELEMENTS (Llama 3's 128k and Gemma's 262k vocabularies)."""
     return max(64, min(cap, CE_CHUNK_ELEMENTS // (buffers * max(1, vocab))))
-CE_KINDS = ("plain", "fused", "liger")
 
 
 class TokenLoss(nn.Module):
