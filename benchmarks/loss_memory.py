@@ -35,12 +35,16 @@ GIB = 2**30
 
 
 def measure(kind: str, vocab: int, hidden: int, positions: int, softcap: float, dtype: str, device: str,
-            reps: int) -> dict:
+            reps: int, chunk_elements: int = 0) -> dict:
     """One kind's peak extra memory (GiB) and median step time (s), in this process."""
     import torch
     from torch import nn
 
+    from qlora.training import loss as loss_mod
     from qlora.training.loss import TokenLoss
+
+    if chunk_elements:  # the fp32 logits per chunk of `plain` and `fused` (default loss_mod.CE_CHUNK_ELEMENTS)
+        loss_mod.CE_CHUNK_ELEMENTS = chunk_elements
 
     dt, dev = getattr(torch, dtype), torch.device(device)
     g = torch.Generator().manual_seed(0)
@@ -108,7 +112,7 @@ def measure(kind: str, vocab: int, hidden: int, positions: int, softcap: float, 
         sync()
         times.append(time.perf_counter() - t)
     return dict(kind=kind, vocab=vocab, hidden=hidden, positions=positions, softcap=softcap, dtype=dtype,
-                device=str(dev), held_gib=held / GIB, peak_extra_gib=peak / GIB, seconds=statistics.median(times), loss=float(loss),
+                device=str(dev), chunk_elements=loss_mod.CE_CHUNK_ELEMENTS, held_gib=held / GIB, peak_extra_gib=peak / GIB, seconds=statistics.median(times), loss=float(loss),
                 logits_fp32_gib=positions * vocab * 4 / GIB)
 
 
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kinds", default="plain,fused", help="comma-separated: plain, fused, liger (CUDA only)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk_elements", type=int, default=0,
+                    help="fp32 logits per chunk of plain/fused (0: qlora.training.loss.CE_CHUNK_ELEMENTS)")
     ap.add_argument("--out", default=None, help="folder for loss_memory.json and loss_memory.png")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child measuring one kind
     a = ap.parse_args(argv)
@@ -153,6 +159,9 @@ def main(argv=None) -> int:
         if getattr(a, key) < 1:
             print(f"error: --{key} must be a positive integer, got {getattr(a, key)}", file=sys.stderr)
             return 2
+    if a.chunk_elements < 0:
+        print(f"error: --chunk_elements must be 0 (the default) or positive, got {a.chunk_elements}", file=sys.stderr)
+        return 2
     if a.softcap < 0:
         print(f"error: --softcap must be 0 (none) or positive, got {a.softcap:g}", file=sys.stderr)
         return 2
@@ -165,20 +174,21 @@ def main(argv=None) -> int:
         print("error: --kinds liger runs on CUDA only: pass --device cuda or leave liger out", file=sys.stderr)
         return 2
     if a.one:
-        print(json.dumps(measure(kinds[0], a.vocab, a.hidden, a.positions, a.softcap, a.dtype, a.device, a.reps)))
+        print(json.dumps(measure(kinds[0], a.vocab, a.hidden, a.positions, a.softcap, a.dtype, a.device, a.reps,
+                                 a.chunk_elements)))
         return 0
     records = []
     for kind in kinds:  # a fresh process per kind: peak RSS and the CUDA caching allocator start clean
         args = [sys.executable, __file__, "--one", "--kinds", kind, "--vocab", str(a.vocab), "--hidden", str(a.hidden),
                 "--positions", str(a.positions), "--softcap", str(a.softcap), "--dtype", a.dtype, "--device", a.device,
-                "--reps", str(a.reps)]
+                "--reps", str(a.reps), "--chunk_elements", str(a.chunk_elements)]
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"error: kind {kind}: {(r.stderr.strip().splitlines() or ['no output'])[-1]}", file=sys.stderr)
             return 1
         rec = json.loads(r.stdout.strip().splitlines()[-1])
         records.append(rec)
-        print(f"{kind:6s} kept for backward {rec['held_gib']:7.3f} GiB | peak above inputs {rec['peak_extra_gib']:7.3f} GiB | {rec['seconds']:.3f} s fwd+bwd | "
+        print(f"{kind:6s} chunk {rec['chunk_elements']:>10d} | kept for backward {rec['held_gib']:7.3f} GiB | peak above inputs {rec['peak_extra_gib']:7.3f} GiB | {rec['seconds']:.3f} s fwd+bwd | "
               f"loss {rec['loss']:.4f} | positions x vocab fp32 = {rec['logits_fp32_gib']:.2f} GiB")
     if a.out:
         out = Path(a.out)

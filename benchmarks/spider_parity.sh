@@ -30,6 +30,7 @@ JOBS=${JOBS:-4}        # lanes at once per GPU
 BS=${BS:-128}          # generation batch size
 BEAMS=${BEAMS:-4}
 DECODING=${DECODING:-schema}   # schema (its report also holds the greedy column) or greedy
+BASE=${BASE:-1}        # 0: leave the base model unscored (a run that only adds seeds or variants)
 RUNS=${RUNS:-$OUT/runs}
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 for v in JOBS T BS BEAMS; do
@@ -38,6 +39,7 @@ done
 for f in dev.json train_spider.json database; do
   [[ -e "$SPIDER/$f" ]] || { echo "error: $SPIDER/$f not found: set SPIDER to the Spider 1.0 folder (dev.json, train_spider.json, database/)" >&2; exit 2; }
 done
+[[ "$BASE" == 0 || "$BASE" == 1 ]] || { echo "error: BASE=$BASE: set BASE=1 (score the base model) or BASE=0" >&2; exit 2; }
 [[ "$DECODING" == schema || "$DECODING" == greedy ]] || { echo "error: DECODING=$DECODING: set DECODING=schema or DECODING=greedy" >&2; exit 2; }
 (( NGPU > 0 )) || { echo "error: no GPU found (nvidia-smi -L lists none): set NGPU or run on a GPU host" >&2; exit 2; }
 declare -A OVER=([lora16]="--quant none" [nf4]="--fused_lora false" [fastest]="--cuda_graphs true" [fp8]="--base_fp8 true")
@@ -73,9 +75,8 @@ python -c "from qlora.model.base import resolve_source; print('base:', resolve_s
 export -f lane score
 export OUT MODEL DEV BS BEAMS DECODING COMMON W OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 pids=(); i=0
-( export CUDA_VISIBLE_DEVICES=0; timeout -k 10 "$T" bash -c 'score base --model "$MODEL"' >> "$OUT/base.log" 2>&1
+(( BASE )) && ( export CUDA_VISIBLE_DEVICES=0; timeout -k 10 "$T" bash -c 'score base --model "$MODEL"' >> "$OUT/base.log" 2>&1
   echo "exit $?" >> "$OUT/base.log" ) &
-pids+=($!)
 for seed in $SEEDS; do
   for v in $VARIANTS; do
     name="${v}_s${seed}"

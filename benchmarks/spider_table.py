@@ -5,7 +5,7 @@
     python benchmarks/spider_table.py /tmp/parity            # markdown on stdout
     python benchmarks/spider_table.py /tmp/parity --json t.json
 
-Reads <variant>_s<seed>_spider_dev.json (qlora.evaluate reports, --decoding schema: the top level is the
+Reads <variant>_s<seed>_spider_dev.json or .json.gz (qlora.evaluate reports, --decoding schema: the top level is the
 schema-aware column, `plain` the greedy one), <variant>_s<seed>.log.jsonl (train.py's log: the last `eval`
 record is the held-out loss) and base_spider_dev.json when present.
 """
@@ -13,16 +13,22 @@ record is the held-out loss) and base_spider_dev.json when present.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import statistics
 import sys
 from pathlib import Path
 
-NAME = re.compile(r"^(?P<variant>.+)_s(?P<seed>\d+)_spider_dev\.json$")
+NAME = re.compile(r"^(?P<variant>.+)_s(?P<seed>\d+)_spider_dev\.json(?:\.gz)?$")
 ORDER = ("lora16", "nf4", "fastest", "fp8")
 LABEL = {"lora16": "16-bit LoRA (quant none)", "nf4": "QLoRA NF4 + double quant, peft forward, eager",
          "fastest": "QLoRA NF4, fused node + CUDA graphs", "fp8": "QLoRA NF4, fused node + base_fp8"}
+
+
+def read_report(path: Path) -> dict:
+    """An evaluate report, as written (`.json`) or gzip-compressed (`.json.gz`, how large reports are kept)."""
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def seed_row(report: dict, log: Path | None) -> dict:
@@ -51,20 +57,20 @@ def spread(values: list) -> dict:
 def collect(folder: Path) -> dict:
     """{variant: {"seeds": {seed: row}, "summary": {metric: spread}}} plus "base" when scored."""
     out: dict = {}
-    for path in sorted(folder.glob("*_spider_dev.json")):
+    for path in sorted(folder.glob("*_spider_dev.json*")):
         m = NAME.match(path.name)
         if not m:
             continue
-        report = json.loads(path.read_text())
+        report = read_report(path)
         log = folder / f"{m['variant']}_s{m['seed']}.log.jsonl"
         out.setdefault(m["variant"], {"seeds": {}})["seeds"][int(m["seed"])] = seed_row(report, log)
     for v in out.values():
         rows = list(v["seeds"].values())
         v["summary"] = {k: spread([r[k] for r in rows]) for k in ("exec_plain", "exec_schema", "exact_plain",
                                                                    "exact_schema", "eval_loss")}
-    base = folder / "base_spider_dev.json"
-    if base.is_file():
-        out["base"] = {"seeds": {0: seed_row(json.loads(base.read_text()), None)}}
+    for base in (folder / "base_spider_dev.json", folder / "base_spider_dev.json.gz"):
+        if base.is_file():
+            out["base"] = {"seeds": {0: seed_row(read_report(base), None)}}
     return out
 
 

@@ -4,6 +4,7 @@ guanaco data, and that a failing setting is recorded instead of ending the sweep
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import subprocess
@@ -126,12 +127,16 @@ def test_spider_table_aggregates_seeds_and_tests_parity(tmp_path):
             report = {"execution_accuracy": v + 0.05, "execution_accuracy_ci95": [v, v + 0.1], "exact_match": v / 2,
                       "n_scored": 972, "plain": {"execution_accuracy": v, "execution_accuracy_ci95": [v - 0.03, v + 0.03],
                                                  "exact_match": v / 3}}
-            (tmp_path / f"{variant}_s{seed}_spider_dev.json").write_text(json.dumps(report))
+            if variant == "nf4":  # kept gzip-compressed, as the committed reports are
+                (tmp_path / f"{variant}_s{seed}_spider_dev.json.gz").write_bytes(gzip.compress(json.dumps(report).encode()))
+            else:
+                (tmp_path / f"{variant}_s{seed}_spider_dev.json").write_text(json.dumps(report))
             (tmp_path / f"{variant}_s{seed}.log.jsonl").write_text(
                 json.dumps({"kind": "eval", "step": 0, "eval_loss": 2.0}) + "\n"
                 + json.dumps({"kind": "train", "step": 310, "loss": 0.1}) + "\n"
                 + json.dumps({"kind": "eval", "step": 310, "eval_loss": 0.1 * seed}) + "\n")
     table = spider_table.collect(tmp_path)
+    assert sorted(table["nf4"]["seeds"]) == [1, 2, 3]
     for variant, values in ex.items():
         s = table[variant]["summary"]
         assert s["exec_plain"]["mean"] == pytest.approx(np.mean(values))

@@ -3,6 +3,7 @@ format, Spider's hardness levels and the bootstrap interval. Skips without ../sh
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -184,14 +185,24 @@ def test_report_rows_and_counts(tmp_path, tok):
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
 
 
-def test_committed_reports_match_their_rows():
+def committed_reports() -> list:
+    """Every committed Spider dev report, as written (.json) or gzip-compressed (.json.gz)."""
     from conftest import ROOT
 
-    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
+    return sorted((ROOT / "results").glob("**/*spider*dev*.json")) + sorted((ROOT / "results").glob("**/*spider*dev*.json.gz"))
+
+
+def read_report(path) -> dict:
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
+def test_committed_reports_match_their_rows():
+    reports = committed_reports()
+    assert any(p.suffix == ".gz" for p in reports) or not reports
     if not reports:
         pytest.skip("no Spider reports committed")
     for path in reports:
-        report = json.loads(path.read_text())
+        report = read_report(path)
         scored = [r for r in report["rows"] if r["correct"] is not None]
         assert report["n_scored"] == len(scored) >= 900, path
         assert report["execution_accuracy"] == pytest.approx(sum(r["correct"] for r in scored) / len(scored),
@@ -200,15 +211,13 @@ def test_committed_reports_match_their_rows():
 
 def test_committed_reports_rescore_on_the_real_databases():
     """Every 40th row of each committed report, re-run against the Spider database: the same verdict."""
-    from conftest import ROOT
-
-    reports = sorted((ROOT / "results").glob("**/*spider*dev*.json"))
+    reports = committed_reports()
     if not reports:
         pytest.skip("no Spider reports committed")
     spider_file("dev.json")  # skips without ../shared
     checked = 0
     for path in reports:
-        for r in json.loads(path.read_text())["rows"][::40]:
+        for r in read_report(path)["rows"][::40]:
             if r["correct"] is None:
                 continue
             got = score_db_row(db(r["db_id"]), r["gold"], r["pred"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CE_CHUNK = 8192  # at most this many supervised positions per lm_head + cross-entropy chunk
-CE_CHUNK_ELEMENTS = 2**28  # and at most this many fp32 logits per chunk (1 GiB: 1,024 positions of a 262k vocab)
+CE_CHUNK_ELEMENTS = 2**26  # and at most this many fp32 logits per chunk (256 MiB: 512 positions of a 128k vocab)
 CE_KINDS = ("plain", "fused", "liger")
 
 
