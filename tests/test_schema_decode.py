@@ -52,6 +52,19 @@ def test_names_on_a_real_database():
         assert invalid_reason(sql, db("concert_singer")) is not None, sql
 
 
+def test_an_alias_reused_in_a_subquery_stands_for_both_tables():
+    """A fine-tuned model's answer on dog_kennels (Spider dev) that runs: `T1` is professionals outside and dogs
+    inside the subquery. Each column is checked against the tables its alias stands for anywhere in the query;
+    a column of neither is still caught."""
+    schema = schema_names(str(db("dog_kennels")))
+    sql = ("SELECT count(*) FROM professionals AS T1 JOIN treatments AS T2 ON T1.professional_id = T2.professional_id "
+           "WHERE T2.dog_id NOT IN (SELECT T1.dog_id FROM dogs AS T1 JOIN treatments AS T2 ON T1.dog_id = T2.dog_id)")
+    assert "professional_id" not in schema["dogs"] and "dog_id" not in schema["professionals"]
+    assert unknown_names(sql, schema) == [] and invalid_reason(sql, db("dog_kennels")) is None
+    wrong = sql.replace("SELECT T1.dog_id", "SELECT T1.breed_nme")
+    assert unknown_names(wrong, schema) == ["t1.breed_nme"]
+
+
 def test_names_agree_with_sqlite_on_committed_predictions():
     """Every committed Spider prediction and gold query that runs uses only existing names; of those that
     fail with SQLite's `no such column/table: X`, the check names X without running them (most: one scope

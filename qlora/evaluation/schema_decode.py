@@ -53,8 +53,9 @@ def _name(kind: str, text: str) -> str | None:
     return None
 
 
-def _definitions(toks) -> tuple[set[str], dict[str, str | None]]:
-    """Names the query defines (aliases, WITH tables) and, per alias, the name it stands for."""
+def _definitions(toks) -> tuple[set[str], dict[str, set]]:
+    """Names the query defines (aliases, WITH tables) and, per alias, the names it stands for: more than one
+    where subqueries reuse an alias (`T1` for a table in the outer query and another in a subquery)."""
     defined, alias_of = set(), {}
     for i, (kind, text, _) in enumerate(toks):
         name = _name(kind, text)
@@ -64,11 +65,11 @@ def _definitions(toks) -> tuple[set[str], dict[str, str | None]]:
         follows = toks[i + 1][1] if i + 1 < len(toks) else ""
         if prev[1].lower() == "as":  # ... AS name
             defined.add(name)
-            alias_of[name] = _name(*toks[i - 2][:2]) if i >= 2 else None
+            alias_of.setdefault(name, set()).add(_name(*toks[i - 2][:2]) if i >= 2 else None)
         elif i and (prev[0] in ("str", "num") or prev[1] == ")" or _name(*prev[:2]) is not None):
             # right after an operand (a name, a literal, a closing parenthesis): an alias without AS
             defined.add(name)
-            alias_of[name] = _name(*prev[:2])
+            alias_of.setdefault(name, set()).add(_name(*prev[:2]))
         elif follows.lower() == "as" and i + 2 < len(toks) and toks[i + 2][1] == "(":  # WITH name AS (...)
             defined.add(name)
     return defined, alias_of
@@ -93,10 +94,11 @@ def unknown_names(sql: str, schema: dict[str, frozenset[str]]) -> list[str]:
             continue
         if prev == "." and i >= 2:
             qual = _name(*toks[i - 2][:2])
-            table = qual if qual in schema and qual not in defined else alias_of.get(qual)
-            if table in schema:
-                ok = name in schema[table] or name in _BUILTIN
-            else:  # a subquery or WITH alias: a column of a table the query names, or a name it defines
+            stands = {qual} if qual in schema and qual not in defined else alias_of.get(qual, set())
+            tables = {t for t in stands if t in schema}
+            ok = name in _BUILTIN or any(name in schema[t] for t in tables)
+            if not ok and (stands - tables or not tables):
+                # (also) a subquery or WITH alias: a column of a table the query names, or a name it defines
                 ok = qual in defined and name in known
             if not ok:
                 bad.append(f"{qual}.{name}")
