@@ -13,22 +13,19 @@ record is the held-out loss) and base_spider_dev.json when present.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qlora.cli import read_report  # noqa: E402
+
 NAME = re.compile(r"^(?P<variant>.+)_s(?P<seed>\d+)_spider_dev\.json(?:\.gz)?$")
 ORDER = ("lora16", "nf4", "fastest", "fp8")
 LABEL = {"lora16": "16-bit LoRA (quant none)", "nf4": "QLoRA NF4 + double quant, peft forward, eager",
          "fastest": "QLoRA NF4, fused node + CUDA graphs", "fp8": "QLoRA NF4, fused node + base_fp8"}
-
-
-def read_report(path: Path) -> dict:
-    """An evaluate report, as written (`.json`) or gzip-compressed (`.json.gz`, how large reports are kept)."""
-    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def seed_row(report: dict, log: Path | None) -> dict:

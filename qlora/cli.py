@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gzip
 import json
 import os
 import sys
@@ -112,3 +113,9 @@ def publish_report(report: dict, summary: str, out: str) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1))
         print(f"report: {out}")
+
+
+def read_report(path: str | Path) -> dict:
+    """A report publish_report wrote, as written (`.json`) or gzip-compressed (`.json.gz`, how large ones are kept)."""
+    path = Path(path)
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())

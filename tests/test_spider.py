@@ -3,7 +3,6 @@ format, Spider's hardness levels and the bootstrap interval. Skips without ../sh
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -15,6 +14,7 @@ from badinput import assert_one_error, run_cli
 from conftest import SHARED, shared_file
 from helpers import supervised_text
 
+from qlora.cli import read_report
 from qlora.data.examples import IGNORE, DataStats, build_examples, parse_source
 from qlora.data.spider import compact_create, connect_ro, database_path, hardness, schema_text
 from qlora.evaluation.spider_eval import answer_sql, bootstrap_ci, evaluate_spider, summarise
@@ -190,10 +190,6 @@ def committed_reports() -> list:
     from conftest import ROOT
 
     return sorted((ROOT / "results").glob("**/*spider*dev*.json")) + sorted((ROOT / "results").glob("**/*spider*dev*.json.gz"))
-
-
-def read_report(path) -> dict:
-    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def test_committed_reports_match_their_rows():
