@@ -49,6 +49,9 @@ class Config:
     cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/speed/cuda_graphs.py):
     # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
     offload_recompute: bool = False  # recomputed layers keep their inputs in pinned host memory (long rows)
+    rebuild_inputs: bool = False  # layers that do not recompute rebuild the norm outputs and the gated MLP activation
+    # their 4-bit projections read, in backward, instead of keeping them (qlora/speed/rebuild.py): bitwise the same
+    # training, 1/3 less memory per such layer, so fewer layers need to recompute; needs fused_lora
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
     # (qlora/speed/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:

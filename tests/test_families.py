@@ -389,3 +389,16 @@ def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(family
     gguf_tok = AutoTokenizer.from_pretrained(converted)
     assert chat_ids(gguf_tok) == ids[0].tolist()
     assert gguf_tok.convert_ids_to_tokens(gguf_tok.eos_token_id) == tok.eos_token
+
+
+def test_train_and_eval_keep_the_instance_forwards_that_kernels_set(families):
+    """transformers with the `kernels` package re-kernelizes hub-decorated layers (RMSNorm) at every
+    train()/eval() of a from_pretrained model, which would reset the forwards liger and rebuild_inputs set."""
+    model = load_base_model(family_cfg(families["qwen2"], quant="nf4"), torch.device("cpu"))
+    norm = model.model.layers[0].input_layernorm
+    norm.forward = lambda x: x  # as qlora.speed.kernels does, per instance
+    model.train()
+    model.eval()
+    model.train()
+    assert "forward" in norm.__dict__
+    assert not getattr(model, "use_kernels", False)

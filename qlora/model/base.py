@@ -432,6 +432,16 @@ def model_vocab_size(cfg: Config) -> int:
     return AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code).vocab_size
 
 
+def no_hub_kernels(model) -> None:
+    """Turn off transformers' hub kernels on `model`. With the `kernels` package installed, `from_pretrained`
+    swaps layers (RMSNorm, ...) for kernels fetched from the hub, and does it again at every train()/eval(),
+    resetting each such layer's forward: code from the network, and the instance forwards that liger
+    (qlora/speed/kernels.py) and rebuild_inputs set would silently go back to transformers' own. The
+    project's kernels are its own config switches."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False  # resets what was kernelized; train()/eval() no longer kernelize
+
+
 def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, park=None):
     """The frozen base model on `device` (the whole model on this process's own device, never `auto`).
     `layerwise`: checkpoints are read one decoder layer at a time too (qlora/model/layerwise.py; random shapes
@@ -470,6 +480,7 @@ def load_base_model(cfg: Config, device: torch.device, layerwise: bool = False, 
             _diagnose_snapshot(source)
             raise ModelLoadError(f"cannot load model '{cfg.model}': {(str(e).splitlines() or [type(e).__name__])[0]}"
                                  ) from None
+    no_hub_kernels(model)
     guard_cpu_4bit_repack(model)  # an eval pass must never change what the model computes or trains
     model.requires_grad_(False)
     model.config.use_cache = False

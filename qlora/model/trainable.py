@@ -15,6 +15,7 @@ from ..speed.kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
 from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
 from ..speed.offload import offloaded_checkpoint
+from ..speed.rebuild import count as rebuilt_count, use_rebuilt_inputs
 from ..speed.seeded_dropout import new_seed
 
 
@@ -103,8 +104,10 @@ def describe_speedups(model) -> str:
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
     liger = sum(bool(getattr(m, LIGER_ATTR, False)) for m in model.modules())
     fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
+    norms, mlps = rebuilt_count(model)
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
-        (f", FP8 base GEMMs in {fp8}" if fp8 else "")
+        (f", FP8 base GEMMs in {fp8}" if fp8 else "") + \
+        (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "")
     unpatched = getattr(model, NO_PATCH_ATTR, None)
     off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
@@ -149,4 +152,6 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             fuse_on_gathered_weights(model)
     use_kernels(model, cfg.kernels, device, fsdp)
+    if cfg.rebuild_inputs and fused:  # after the kernels: it wraps the forwards they set
+        use_rebuilt_inputs(decoder_layers(model))
     return model

@@ -22,6 +22,7 @@ import types
 import torch
 
 from . import fp8 as fp8_gemm
+from . import rebuild as rebuilt
 from . import seeded_dropout
 
 FUSED_ATTR = "_qlora_fused"
@@ -70,11 +71,12 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     Dropout is torch's (a stored one-byte mask) or, when `seed` is given, `qlora.speed.seeded_dropout`'s
     (the mask recomputed from seed, salt and element index: nothing stored, no RNG state). With `fp8`
-    the two GEMMs with the frozen weight run in float8 (qlora/speed/fp8.py)."""
+    the two GEMMs with the frozen weight run in float8 (qlora/speed/fp8.py). With `recipe`
+    (qlora/speed/rebuild.py) it keeps the inputs x was made from instead of x, and rebuilds x in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
-                salt: int = 0, fp8: bool = False, bias=None):
+                salt: int = 0, fp8: bool = False, bias=None, recipe=None):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         seeded = p > 0 and seed is not None
@@ -95,7 +97,12 @@ class NF4LoRAFunction(torch.autograd.Function):
             y.addmm_(h, b.t(), alpha=scale)
         # the seed is saved (not copied): TokenLoss advances it only at the next micro-batch's forward,
         # after this backward; autograd's version check would catch any other order
-        ctx.save_for_backward(x2, h, keep if keep is not None else seed)
+        mask = keep if keep is not None else seed
+        if recipe is None:
+            ctx.save_for_backward(x2, h, mask)
+        else:  # x is rebuilt in backward from tensors its maker keeps anyway
+            ctx.save_for_backward(None, h, mask, *recipe[1])
+        ctx.recipe = None if recipe is None else (recipe[0], recipe[2])
         ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt, ctx.fp8 = \
             weight, scale, p, cache_absmax, seeded, salt, fp8
         ctx.ab = (a, b)  # the compute-dtype copies (r x (in + out), small): no second cast in backward
@@ -103,7 +110,10 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, keep_or_seed = ctx.saved_tensors
+        x2, h, keep_or_seed, *inputs = ctx.saved_tensors
+        if ctx.recipe is not None:
+            x2 = rebuilt.rebuild((ctx.recipe[0], inputs, ctx.recipe[1]))
+            x2 = x2.reshape(-1, x2.shape[-1])
         a, b = ctx.ab
         dtype, scale, p = x2.dtype, ctx.scale, ctx.p
         if ctx.seeded:
@@ -129,7 +139,7 @@ class NF4LoRAFunction(torch.autograd.Function):
                     dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -156,10 +166,12 @@ def _fused_forward(self, x, *args, **kwargs):
     dtype = base.compute_dtype or x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    y = NF4LoRAFunction.apply(x.to(dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
+    xin = x.to(dtype)
+    recipe = rebuilt.recipe(x) if xin is x else None  # only a tensor used as it is can be rebuilt
+    y = NF4LoRAFunction.apply(xin, base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
                               float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
                               getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0),
-                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias)
+                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias, recipe)
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 

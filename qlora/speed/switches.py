@@ -103,6 +103,11 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("offload_recompute", lambda c: c.offload_recompute, "false",
            "recomputed layers keep their inputs in pinned host memory (very long rows)", "qlora/speed/offload.py",
            (RECOMPUTE,)),
+    Switch("rebuild_inputs", lambda c: c.rebuild_inputs, "false",
+           "layers that do not recompute rebuild their projections' inputs (norm outputs, gated MLP activation) in "
+           "backward instead of keeping them: bitwise the same, 1/3 less memory per such layer", "qlora/speed/rebuild.py",
+           (FUSED, Need("recompute false or recompute_layers >= 0 (it acts on the layers that do not recompute)",
+                        lambda c, w: not c.recompute or c.recompute_layers >= 0))),
     Switch("base_fp8", lambda c: c.base_fp8, "false",
            "the frozen 4-bit weight's GEMMs in float8 e4m3 with per-row scales (changes the numbers)", "qlora/speed/fp8.py",
            (FUSED, Need("a 4-bit base (quant nf4 or fp4)", lambda c, w: c.quant in ("nf4", "fp4")),
