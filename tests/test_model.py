@@ -234,3 +234,17 @@ def test_auto_compute_dtype_is_timed_once_and_explicit_dtypes_never(monkeypatch)
         assert calls == [torch.bfloat16, torch.float32]  # the second call used the cached choice
     finally:
         quant.fastest_cpu_dtype.cache_clear()  # later tests time the real CPU again
+
+
+def test_a_saved_tokenizer_folder_is_a_tokenizer_source(tok, tmp_path):
+    """--tokenizer DIR takes a folder holding only a tokenizer (no model config.json); a folder without
+    one is a clear error naming the files it looks for."""
+    from qlora.model.base import load_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    got = load_tokenizer(tiny_cfg(tokenizer=str(tmp_path / "tok")))
+    text = "SELECT name FROM singer WHERE age > 20"
+    assert got(text)["input_ids"] == tok(text)["input_ids"] and got.eos_token_id == tok.eos_token_id
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no tokenizer.json"):
+        load_tokenizer(tiny_cfg(tokenizer=str(tmp_path / "empty")))

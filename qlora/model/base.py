@@ -353,7 +353,14 @@ def load_tokenizer(cfg: Config):
 
     src = cfg.tokenizer or cfg.model
     src = "smollm2" if src.startswith("random:") else src
-    source = resolve_source(src)
+    folder = Path(src).expanduser()
+    if cfg.tokenizer and folder.is_dir():  # a tokenizer folder needs no model config
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ModelLoadError(f"tokenizer folder {src} has no tokenizer.json, tokenizer_config.json or "
+                                 "tokenizer.model: point --tokenizer at a saved tokenizer or a model")
+        source = str(folder)
+    else:
+        source = resolve_source(src)
     if not cfg.tokenizer and not cfg.model.startswith("random:"):
         _check_causal_lm(source, cfg.trust_remote_code)  # fail on a wrong --model before data work starts
     try:
