@@ -112,7 +112,7 @@ class NF4LoRAFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x2, h, keep_or_seed, *inputs = ctx.saved_tensors
         if ctx.recipe is not None:
-            x2 = rebuilt.rebuild((ctx.recipe[0], inputs, ctx.recipe[1]))
+            x2 = rebuilt.rebuild(ctx.recipe[0], inputs, ctx.recipe[1])
             x2 = x2.reshape(-1, x2.shape[-1])
         a, b = ctx.ab
         dtype, scale, p = x2.dtype, ctx.scale, ctx.p

@@ -49,9 +49,9 @@ def tag(out, fn, *inputs):
     return out
 
 
-def rebuild(rec) -> torch.Tensor:
+def rebuild(fn, inputs, state) -> torch.Tensor:
     """Run a recipe again: no autograd, the autocast state it was made under."""
-    fn, inputs, (autocast, dtype) = rec
+    autocast, dtype = state
     with torch.no_grad(), torch.autocast(inputs[0].device.type, dtype=dtype, enabled=autocast):
         return fn(*inputs)
 
@@ -66,7 +66,7 @@ def gated(mlp):
             return LigerGELUMulFunction.apply
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-        return lambda g, u: LigerSiLUMulFunction.apply(g, u)
+        return LigerSiLUMulFunction.apply
     act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
     return None if act is None else (lambda g, u: act(g) * u)
 
@@ -111,9 +111,8 @@ def use_rebuilt_inputs(blocks) -> tuple[int, int]:
                 _wrap_norm(norm)
                 norms += 1
         mlp = getattr(block, "mlp", None)
-        split = mlp is not None and all(hasattr(mlp, k) for k in ("gate_proj", "up_proj", "down_proj"))
-        if (split or (mlp is not None and hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"))) \
-                and not hasattr(mlp, REBUILD_ATTR):
+        gate_up = hasattr(mlp, "gate_up_proj") or (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"))
+        if gate_up and hasattr(mlp, "down_proj") and not hasattr(mlp, REBUILD_ATTR):
             fn = gated(mlp)
             if fn is not None:
                 _wrap_mlp(mlp, fn)
