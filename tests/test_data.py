@@ -1,7 +1,7 @@
 """Formatters, rendering and response-only labels (qlora/data/formatters.py, qlora/data/examples.py).
 
 The central property: for every formatter, the decoded supervised tokens are exactly each
-assistant response followed by EOS, and nothing else.
+assistant response followed by EOS (with the whitespace between them), and nothing else.
 """
 
 import copy
@@ -67,6 +67,28 @@ def test_supervised_tokens_are_exactly_response_plus_eos(tok, name, template):
         assert ex.labels[0] == IGNORE
         # labels are either ignored or the token itself (no shifting in the dataset)
         assert all(lab in (IGNORE, tid) for lab, tid in zip(ex.labels, ex.input_ids))
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat_template", "llama2_inst"])
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_each_response_is_supervised_without_a_gap_through_its_eos(tok, name, template):
+    """From a response's first token through the EOS that closes it, every token is supervised. In the
+    Llama-2 rendering (`answer </s>`) the space before EOS is a token of its own; left unsupervised, the
+    model never learns to write it, so at inference it never reaches EOS and runs on to max_new_tokens."""
+    tk = tok if template else no_template(tok)
+    for row in ROWS[name]:
+        msgs = FORMATTERS[name](row)
+        ex, why = encode(msgs, tk, 1024)
+        assert ex is not None, why
+        runs, run = [], []
+        for tid, label in zip(ex.input_ids, ex.labels):
+            if label != IGNORE:
+                run.append(tid)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+        assert len(runs) == len(expected_responses(msgs)), [tk.decode(r) for r in runs]
+        assert all(r[-1] == tk.eos_token_id and tk.eos_token_id not in r[:-1] for r in runs)
 
 
 def test_chat_template_render_is_what_the_model_sees(tok):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import train
 from qlora.speed import attention, kernels
 from qlora.model.base import ModelLoadError, load_base_model, load_tokenizer, random_config, resolve_source
-from qlora.data.examples import IGNORE, encode
+from qlora.data.examples import IGNORE, encode, stop_ids
 from qlora.training.loss import TokenLoss
 from qlora.model.trainable import describe_speedups, load_model
 from qlora.training.packing import collate
@@ -128,6 +128,38 @@ def test_response_masks_through_the_family_chat_template(families, family):
     turns = sum(m["role"] == "assistant" for m in messages)
     assert got.count(tok.convert_tokens_to_ids(marker)) == turns  # each response closed by its marker
     assert tok.decode(got).endswith(marker) and messages[-1]["content"] in tok.decode(got)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generation_stops_at_the_family_turn_closer(families, family):
+    """Training supervises each answer through its turn closer (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`,
+    which are not EOS), so a fine-tuned model writes the closer when it is done: every decoding path stops
+    there. A model made to write the closer first takes one decode step, not max_new_tokens."""
+    from qlora.evaluation.beam_search import beam_grouped
+    from qlora.evaluation.generation import generate_ids, prompt_ids
+    from qlora.evaluation.shared_prefix import generate_grouped
+
+    tok = load_tokenizer(family_cfg(families[family]))
+    closer = tok.convert_tokens_to_ids(FAMILIES[family][5])
+    assert stop_ids(tok) == {tok.eos_token_id, closer}
+    model = AutoModelForCausalLM.from_pretrained(families[family], dtype=torch.float32)
+    calls = []
+
+    def closer_first(module, args, kwargs, out):
+        calls.append(1)
+        out.logits[..., closer] = out.logits.max() + 100.0
+        return out
+
+    model.register_forward_hook(closer_first, with_kwargs=True)
+    ids = prompt_ids(tok, "What is 12 times 7?")
+    assert generate_grouped(model, tok, {"g": [ids]}, max_new_tokens=8) == {"g": [""]}
+    assert len(calls) == 2  # the shared prefix, then one step that writes the closer
+    calls.clear()
+    assert generate_ids(model, tok, [ids], max_new_tokens=8, device=torch.device("cpu")) == [""]
+    assert len(calls) == 1
+    calls.clear()
+    beam_grouped(model, tok, {"g": [ids]}, max_new_tokens=8, num_beams=2)
+    assert len(calls) < 8
 
 
 # --------------------------------------------------------------------------- (b) packed == alone

@@ -75,11 +75,11 @@ def render_llama2(messages, tok, add_generation_prompt=False) -> str:
 def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and return (text, [(start, end) char spans to supervise]).
 
-    Each assistant turn's span covers its content and the token that closes it (EOS, or the template's
-    end-of-turn token: Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), and nothing
-    of the template glue around them. Templates must be prefix-stable (rendering the first k turns is a
-    prefix of rendering all of them, an EOS that only closes the whole conversation apart); we check that
-    rather than trust it.
+    Each assistant turn's span runs from its content through the token that closes it (EOS, or the
+    template's end-of-turn token: Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`),
+    whitespace between the two included; nothing of the prompt glue before the content. Templates must be
+    prefix-stable (rendering the first k turns is a prefix of rendering all of them, an EOS that only closes
+    the whole conversation apart); we check that rather than trust it.
     """
     eos = tok.eos_token
     markers = _turn_closers(tok)
@@ -104,7 +104,10 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
         if close < 0 or upto[end:close].strip():
             raise DataError(f"the chat template does not close assistant turns with EOS {eos!r} or another special "
                             "token right after the response")
-        spans += [(start, end), (close, close + len(marker))]  # content and its closer, not the glue between
+        # the content, the whitespace the template puts before its closer, and the closer: all of it is what the
+        # model must write to end its turn (a space before EOS is its own token in SentencePiece vocabularies;
+        # left out, the model never learns to emit it and, at inference, never reaches EOS)
+        spans.append((start, close + len(marker)))
     return text, spans
 
 
@@ -114,6 +117,23 @@ def _turn_closers(tok) -> list[str]:
     added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
     skip = {tok.bos_token, tok.pad_token, None}
     return list(dict.fromkeys(m for m in [tok.eos_token, *tok.all_special_tokens, *added] if m not in skip))
+
+
+def stop_ids(tok) -> frozenset[int]:
+    """Token ids that end a generated answer: EOS, and the token the rendering closes an assistant turn with
+    when that is another one (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`): training supervises the closer,
+    so that is what a fine-tuned model writes when its answer is done."""
+    ids = {tok.eos_token_id}
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, spans = supervised_spans(tok, probe)
+        closer = text[spans[-1][0]:spans[-1][1]].removeprefix("Hello").strip()
+        cid = tok.convert_tokens_to_ids(closer) if closer else None
+        if cid != tok.unk_token_id or closer == tok.unk_token:  # not one token: not a closer
+            ids.add(cid)
+    except (DataError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # EOS only (a template that
+        pass  # needs other turns, or a tokenizer with no rendering of its own)
+    return frozenset(i for i in ids if isinstance(i, int))
 
 
 def _first_marker(text: str, start: int, markers: list[str]) -> tuple[int, str]:

@@ -29,12 +29,12 @@ __all__ = ["beam_grouped"]
 _NEG = -1.0e9  # the score of the placeholder beams before the first step (transformers uses the same)
 
 
-def _step_prompt(state: dict, scores, tokens, beams, n: int, eos: int, last: bool, gen_len: int) -> list:
+def _step_prompt(state: dict, scores, tokens, beams, n: int, stops: frozenset, last: bool, gen_len: int) -> list:
     """One prompt's step: its 2n ranked (score, token, beam) candidates update `state` (finished answers
     and whether it can still improve); returns the n (beam, token, score) that go on (none when done)."""
     going = []
     for c, (s, t, b) in enumerate(zip(scores, tokens, beams)):
-        if t == eos or last:
+        if t in stops or last:
             if c < n and state["open"]:
                 state["done"].append((s / gen_len, state["seqs"][b] + [t]))
         elif len(going) < n:
@@ -47,8 +47,8 @@ def _step_prompt(state: dict, scores, tokens, beams, n: int, eos: int, last: boo
 
 @torch.no_grad()
 def _beam_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_tokens: int, n: int, pad: int,
-                eos: int, device) -> list[list[list[int]]]:
-    """The n best token lists (EOS dropped) for each suffix after the cached prefix of length `plen`."""
+                stops: frozenset, device) -> list[list[list[int]]]:
+    """The n best token lists (the stop token dropped) for each suffix after the cached prefix of length `plen`."""
     from transformers import StaticCache
 
     q, width = len(suffixes), max(len(s) for s in suffixes)
@@ -76,7 +76,7 @@ def _beam_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_
         top_s, tok, beam = top_s.tolist(), (top_i % vocab).tolist(), (top_i // vocab).tolist()
         src, nxt, new_sums, still = [], [], [], []
         for j, p in enumerate(live):
-            going = _step_prompt(states[p], top_s[j], tok[j], beam[j], n, eos, step == max_new_tokens - 1, step + 1)
+            going = _step_prompt(states[p], top_s[j], tok[j], beam[j], n, stops, step == max_new_tokens - 1, step + 1)
             if not going:
                 continue
             states[p]["seqs"] = [states[p]["seqs"][b] + [t] for b, t, _ in going]
@@ -101,7 +101,7 @@ def _beam_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_
         ids = torch.tensor(nxt, device=device)[:, None]
         mask[:, end] = 1
         pos = pos[:, -1:] + 1
-    return [[[t for t in seq if t != eos] for _, seq in st["done"]] for st in states]
+    return [[[t for t in seq if t not in stops] for _, seq in st["done"]] for st in states]
 
 
 def beam_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_size: int = 8, progress=None,
@@ -109,8 +109,8 @@ def beam_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_size
     """{group: [prompt ids, ...]} -> {group: [[answer text, ...num_beams, best first], ...]} (decoded
     without special tokens, stripped, as qlora.evaluation.generation.generate_ids). `batch_size` prompts run at once
     (times `num_beams` rows), longest first; `progress(n)` is called after each batch with its size."""
-    def run(prefix_kv, plen, suffixes, pad, eos, device):
-        beams = _beam_batch(model, prefix_kv, plen, suffixes, max_new_tokens, num_beams, pad, eos, device)
+    def run(prefix_kv, plen, suffixes, pad, stops, device):
+        beams = _beam_batch(model, prefix_kv, plen, suffixes, max_new_tokens, num_beams, pad, stops, device)
         return [[tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs] for seqs in beams]
 
     return run_grouped(model, tokenizer, groups, batch_size, progress, run)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..speed.attention import use_default_attention
-from ..data.examples import _render
+from ..data.examples import _render, stop_ids
 
 __all__ = ["prompt_ids", "generate_ids"]
 
@@ -37,7 +37,8 @@ def prompt_ids(tokenizer, question: str, system_prompt: str = "") -> list[int]:
 def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device,
                  temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
     """Generate for a batch of tokenised prompts; returns the decoded answers (special tokens dropped,
-    stripped), in prompt order.
+    stripped), in prompt order. An answer ends at EOS or at the token that closes an assistant turn
+    (`qlora.data.examples.stop_ids`).
 
     Prompts are left-padded with the tokenizer's pad token (masked out) and decoded with a KV cache,
     greedily unless `temperature > 0` (then sampling with `top_p`). The model's attention is switched
@@ -51,7 +52,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, use_cache=True,
-              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+              pad_token_id=pad, eos_token_id=sorted(stop_ids(tokenizer)))
     if temperature > 0:
         kw.update(temperature=temperature, top_p=top_p)
     else:

@@ -21,6 +21,7 @@ import inspect
 
 import torch
 
+from ..data.examples import stop_ids
 from ..speed.attention import use_default_attention
 
 __all__ = ["cache_kwarg", "common_prefix_len", "generate_grouped"]
@@ -61,8 +62,8 @@ def _prefix_cache(model, prefix: list[int], device):
 
 
 @torch.no_grad()
-def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_tokens: int, pad: int, eos: int,
-                    device) -> list[list[int]]:
+def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_new_tokens: int, pad: int,
+                    stops: frozenset, device) -> list[list[int]]:
     """Greedy tokens for each suffix after the cached prefix of length `plen`.
 
     The cache is static (written in place): a growing cache re-copies every layer's keys and values at
@@ -90,7 +91,7 @@ def _generate_batch(model, prefix_kv, plen: int, suffixes: list[list[int]], max_
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                        **kw).logits[:, -1]
         nxt = logits.argmax(-1).tolist()
-        keep = [row for row, tok in enumerate(nxt) if tok != eos]
+        keep = [row for row, tok in enumerate(nxt) if tok not in stops]
         for row in keep:
             out[live[row]].append(nxt[row])
         if not keep:
@@ -113,8 +114,8 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
     """Greedy answers for {group: [prompt ids, ...]} -> {group: [answer text, ...]} (decoded without special
     tokens, stripped, as generate_ids). Within a group the shared prefix is computed once; its prompts run
     in batches of `batch_size`, longest first. `progress(n)` is called after each batch with its size."""
-    def run(prefix_kv, plen, suffixes, pad, eos, device):
-        toks = _generate_batch(model, prefix_kv, plen, suffixes, max_new_tokens, pad, eos, device)
+    def run(prefix_kv, plen, suffixes, pad, stops, device):
+        toks = _generate_batch(model, prefix_kv, plen, suffixes, max_new_tokens, pad, stops, device)
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
 
     return run_grouped(model, tokenizer, groups, batch_size, progress, run)
@@ -122,13 +123,13 @@ def generate_grouped(model, tokenizer, groups: dict, max_new_tokens: int, batch_
 
 def run_grouped(model, tokenizer, groups: dict, batch_size: int, progress, run_batch) -> dict:
     """{group: [prompt ids, ...]} -> {group: [run_batch's answer per prompt, ...]}: per group the shared
-    prefix's KV cache is computed once, then `run_batch(prefix_kv, prefix_len, suffixes, pad, eos, device)`
+    prefix's KV cache is computed once, then `run_batch(prefix_kv, prefix_len, suffixes, pad, stops, device)`
     answers its prompts `batch_size` at a time, longest first (greedy here, beams in qlora.evaluation.beam_search)."""
     was_training = model.training
     model.eval()
     use_default_attention(model, "sdpa")  # packed-training attention has no KV-cache path
     device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)  # EOS and the turn closer
     answers = {}
     try:
         for key, prompts in groups.items():
@@ -138,7 +139,7 @@ def run_grouped(model, tokenizer, groups: dict, batch_size: int, progress, run_b
             texts: list = [None] * len(prompts)
             for k in range(0, len(order), batch_size):
                 idx = order[k:k + batch_size]
-                for i, answer in zip(idx, run_batch(prefix_kv, plen, [prompts[i][plen:] for i in idx], pad, eos,
+                for i, answer in zip(idx, run_batch(prefix_kv, plen, [prompts[i][plen:] for i in idx], pad, stops,
                                                     device)):
                     texts[i] = answer
                 if progress:
