@@ -52,6 +52,8 @@ class Config:
     rebuild_inputs: bool = False  # layers that do not recompute rebuild the norm outputs and the gated MLP activation
     # their 4-bit projections read, in backward, instead of keeping them (qlora/speed/rebuild.py): bitwise the same
     # training, 1/3 less memory per such layer, so fewer layers need to recompute; needs fused_lora
+    mlp_tile_tokens: int = 0  # a micro-batch of more tokens runs each MLP in tiles of this many (qlora/speed/tiled_mlp.py):
+    # one tile's intermediates at a time, for one more MLP forward per layer; very long rows. 0 = off
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales
     # (qlora/speed/fp8.py): faster on Ada/Hopper, less precise (RESULTS.md gives the loss deviation); needs fused_lora
     fp8_exclude: list = field(default_factory=lambda: ["down_proj"])  # projections that stay bf16 under base_fp8:
@@ -311,7 +313,7 @@ _CHOICES = {
 }
 # the allowed range of every numeric field, and what its edge values mean
 _RANGES = {
-    "recompute_layers": ">= -1", "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "recompute_layers": ">= -1", "mlp_tile_tokens": ">= 0", "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     "eval_fraction": "[0, 1)", "max_seq_len": ">= 1", "max_steps": ">= 1", "micro_batch_size": ">= 1",
     "grad_accum": ">= 1", "lr": "> 0", "min_lr_ratio": "[0, 1]", "warmup_steps": ">= 0", "weight_decay": ">= 0",
     "max_grad_norm": ">= 0", "seed": "[0, 4294967295]", "eval_every": ">= 0", "eval_batches": ">= 0",

@@ -16,6 +16,7 @@ from .layerwise import decoder_layers
 from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
 from ..speed.offload import offloaded_checkpoint
 from ..speed.rebuild import count as rebuilt_count, use_rebuilt_inputs
+from ..speed.tiled_mlp import TILED_ATTR, tile_mlps
 from ..speed.seeded_dropout import new_seed
 
 
@@ -107,7 +108,9 @@ def describe_speedups(model) -> str:
     norms, mlps = rebuilt_count(model)
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "") + \
-        (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "")
+        (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "") + \
+        (f", MLPs in tiles of {tiled[0]} tokens" if (tiled := [m._qlora_tile for m in model.modules()
+                                                           if hasattr(m, TILED_ATTR)]) else "")
     unpatched = getattr(model, NO_PATCH_ATTR, None)
     off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
@@ -154,4 +157,6 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
     use_kernels(model, cfg.kernels, device, fsdp)
     if cfg.rebuild_inputs and fused:  # after the kernels: it wraps the forwards they set
         use_rebuilt_inputs(decoder_layers(model))
+    if cfg.mlp_tile_tokens:  # last: it wraps whatever MLP forward is in place
+        tile_mlps(decoder_layers(model), cfg.mlp_tile_tokens)
     return model

@@ -91,6 +91,12 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("seeded_dropout", lambda c: c.seeded_dropout and c.lora_dropout > 0, "false",
            "LoRA dropout mask recomputed from a seed: no stored mask, no RNG state", "qlora/speed/seeded_dropout.py",
            (FUSED,)),
+    Switch("mlp_tile_tokens", lambda c: c.mlp_tile_tokens > 0, "0",
+           "each MLP over more tokens than this runs in tiles of this many: one tile's intermediates at a time, one "
+           "more MLP forward per layer (very long rows)", "qlora/speed/tiled_mlp.py",
+           (Need("one process (the LoRA gradients accumulate inside its backward, where DDP's hooks would fire once "
+                 "per tile)", lambda c, w: w.processes == 1),
+            Need("cuda_graphs false (a long row is not captured)", lambda c, w: not c.cuda_graphs))),
     Switch("cuda_graphs", lambda c: c.cuda_graphs, "false",
            "each micro-batch's forward + backward (train.py's micro_batch_loss) as one CUDA graph",
            "qlora/speed/cuda_graphs.py",
