@@ -58,7 +58,7 @@ def test_backward_replays_the_forward_dropout_masks(sql_examples_tiny, monkeypat
     kw = dict(lora_dropout=0.1, mlp_tile_tokens=TILE)
     tiled = loss_grads_and_saved(cfg_for("random:tiny", **kw), sql_examples_tiny)
 
-    def plain_tiles(run, tile, anchor, x):
+    def plain_tiles(run, tile, preserve_rng, anchor, x):
         flat = x.reshape(-1, x.shape[-1])
         outs = [run(flat[i:i + tile].unsqueeze(0)).squeeze(0) for i in range(0, flat.shape[0], tile)]
         return torch.cat(outs).view(*x.shape[:-1], -1)

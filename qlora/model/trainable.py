@@ -158,5 +158,5 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
     if cfg.rebuild_inputs and fused:  # after the kernels: it wraps the forwards they set
         use_rebuilt_inputs(decoder_layers(model))
     if cfg.mlp_tile_tokens:  # last: it wraps whatever MLP forward is in place
-        tile_mlps(decoder_layers(model), cfg.mlp_tile_tokens)
+        tile_mlps(decoder_layers(model), cfg.mlp_tile_tokens, preserve_rng=cfg.lora_dropout > 0 and not seeded)
     return model

@@ -12,6 +12,8 @@ One process only (a reentrant-style backward: DDP would see its gradient hooks f
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -19,9 +21,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, preserve_rng: bool, anchor, hidden, *rest):
         ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
-        ctx.rng = None
-        if preserve_rng:  # as torch's checkpoint: the CPU state, and the device's
-            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
+        ctx.rng = rng_state(hidden.device) if preserve_rng else None
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
         if hidden.is_cuda:
             stream = _copy_stream(hidden.device)
@@ -43,18 +43,29 @@ class _OffloadedLayer(torch.autograd.Function):
             ctx.copied.synchronize()  # the forward copy has landed in host memory
         hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.host = None
-        cuda = ctx.rng is not None and ctx.rng[1] is not None
-        with torch.random.fork_rng(devices=[ctx.device] if cuda else [], enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if cuda:
-                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad():
-                out = ctx.run(hidden, *ctx.rest)
+        with replayed_rng(ctx.rng, ctx.device), torch.enable_grad():
+            out = ctx.run(hidden, *ctx.rest)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, hidden.grad) + (None,) * len(ctx.rest)
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The RNG state a recompute must start from, as torch's checkpoint keeps it: the CPU's and the device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_rng(state: tuple | None, device: torch.device):
+    """Run the body from `state` (`rng_state`), leaving the RNG as it was before; None: as it is."""
+    cuda = state is not None and state[1] is not None
+    with torch.random.fork_rng(devices=[device] if cuda else [], enabled=state is not None):
+        if state is not None:
+            torch.set_rng_state(state[0])
+            if cuda:
+                torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 _STREAMS: dict = {}

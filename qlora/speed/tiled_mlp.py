@@ -22,6 +22,8 @@ import types
 
 import torch
 
+from .offload import replayed_rng, rng_state
+
 TILED_ATTR = "_qlora_tiled_mlp"
 
 
@@ -39,9 +41,9 @@ def _tiles(run, x, tile: int) -> torch.Tensor:
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, tile: int, anchor, x):
+    def forward(ctx, run, tile: int, preserve_rng: bool, anchor, x):
         ctx.run, ctx.tile = run, tile
-        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.rng = rng_state(x.device) if preserve_rng else None
         ctx.save_for_backward(x)
         with torch.no_grad():
             return _tiles(run, x, tile)
@@ -50,12 +52,8 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         flat, g = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        dx = torch.empty_like(flat) if ctx.needs_input_grad[3] else None
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.rng[0])
-            if x.is_cuda:
-                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+        dx = torch.empty_like(flat) if ctx.needs_input_grad[4] else None
+        with replayed_rng(ctx.rng, x.device):
             for i in range(0, flat.shape[0], ctx.tile):
                 xt = flat[i:i + ctx.tile].unsqueeze(0).detach().requires_grad_(dx is not None)
                 with torch.enable_grad():
@@ -65,7 +63,7 @@ class _TiledMLP(torch.autograd.Function):
                 if dx is not None:
                     dx[i:i + ctx.tile] = xt.grad.squeeze(0)
                 del xt, yt
-        return None, None, None, None if dx is None else dx.view(x.shape)
+        return None, None, None, None, None if dx is None else dx.view(x.shape)
 
 
 def _tiled_forward(self, x):
@@ -74,12 +72,14 @@ def _tiled_forward(self, x):
         return inner(x)
     if not torch.is_grad_enabled():  # a checkpointed layer's first forward, evaluation
         return _tiles(inner, x, tile)
-    return _TiledMLP.apply(inner, tile, self._qlora_anchor, x)
+    return _TiledMLP.apply(inner, tile, self._qlora_preserve_rng, self._qlora_anchor, x)
 
 
-def tile_mlps(blocks, tile: int) -> int:
+def tile_mlps(blocks, tile: int, preserve_rng: bool = True) -> int:
     """Route the MLP of every decoder block in `blocks` through `_TiledMLP` when a call holds more than
-    `tile` tokens. Call last: it wraps whatever forward the kernels and rebuilt inputs set. Returns how many."""
+    `tile` tokens. Call last: it wraps whatever forward the kernels and rebuilt inputs set. `preserve_rng`:
+    keep the RNG state for the tiles' backward (needed only when the MLP draws random numbers: torch's
+    dropout). Returns how many."""
     n = 0
     # an input that requires grad, so backward reaches the MLP's LoRA weights even when x does not
     anchor = torch.empty(0, requires_grad=True)
@@ -88,7 +88,7 @@ def tile_mlps(blocks, tile: int) -> int:
         if mlp is None or hasattr(mlp, TILED_ATTR):
             continue
         setattr(mlp, TILED_ATTR, mlp.forward)
-        mlp._qlora_tile, mlp._qlora_anchor = tile, anchor
+        mlp._qlora_tile, mlp._qlora_anchor, mlp._qlora_preserve_rng = tile, anchor, preserve_rng
         mlp.forward = types.MethodType(_tiled_forward, mlp)
         n += 1
     return n
