@@ -55,7 +55,7 @@ from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 
 # every grid key is a Config key, spelled as train.py takes it; so is every other key of CONFIG_KEYS
 GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
-             "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs", "base_fp8",
+             "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8",
              "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens")
 CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "optimizer", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
@@ -64,12 +64,12 @@ OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "
              "offload": "offload_recompute", "fp8": "base_fp8"}
 # the seed recipe has none of these
 OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
-             "offload_recompute", "rebuild_inputs", "base_fp8", "deterministic", "mlp_tile_tokens")
+             "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8", "deterministic", "mlp_tile_tokens")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch_size=2, grad_accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch_size", "grad_accum", "packing",
               "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs",
-              "mlp_tile_tokens", "base_fp8", "deterministic", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "group_projections", "mlp_tile_tokens", "base_fp8", "deterministic", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -207,6 +207,8 @@ def parse_args(argv=None):
                    "more (ours only; 0 off), e.g. 0,16384")
     p.add_argument("--rebuild_inputs", default="off", help="layers that do not recompute rebuild their projections' "
                    "inputs in backward on,off (ours only)")
+    p.add_argument("--group_projections", default="off", help="q/k/v and gate/up as one autograd node each on,off "
+                   "(ours only)")
     p.add_argument("--base_fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
     p.add_argument("--deterministic", default="off", help="deterministic kernels on,off (ours only; "
                    "qlora/training/determinism.py)")
@@ -268,7 +270,8 @@ def settings(args) -> list[dict]:
             "recompute_layers": _vals(args.recompute_layers, int), "fused_lora": _vals(args.fused_lora, bool),
             "kernels": _vals(args.kernels, str), "seeded_dropout": _vals(args.seeded_dropout, bool), "cuda_graphs": _vals(args.cuda_graphs, bool),
             "offload_recompute": _vals(args.offload_recompute, bool),
-            "rebuild_inputs": _vals(args.rebuild_inputs, bool), "base_fp8": _vals(args.base_fp8, bool),
+            "rebuild_inputs": _vals(args.rebuild_inputs, bool),
+            "group_projections": _vals(args.group_projections, bool), "base_fp8": _vals(args.base_fp8, bool),
             "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int),
             "deterministic": _vals(args.deterministic, bool),
             "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}

@@ -52,6 +52,8 @@ class Config:
     rebuild_inputs: bool = False  # layers that do not recompute rebuild the norm outputs and the gated MLP activation
     # their 4-bit projections read, in backward, instead of keeping them (qlora/speed/rebuild.py): bitwise the same
     # training, 1/3 less memory per such layer, so fewer layers need to recompute; needs fused_lora
+    group_projections: bool = False  # q/k/v and gate/up, which read one input, as one autograd node each
+    # (qlora/speed/grouped.py): their input gradients summed inside the GEMMs, one LoRA-A GEMM; needs fused_lora
     mlp_tile_tokens: int = 0  # a micro-batch of more tokens runs each MLP in tiles of this many (qlora/speed/tiled_mlp.py):
     # one tile's intermediates at a time, for one more MLP forward per layer; very long rows. 0 = off
     base_fp8: bool = False  # the frozen 4-bit weight's two GEMMs per linear in float8 e4m3, per-row scales

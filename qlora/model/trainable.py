@@ -15,6 +15,7 @@ from ..speed.kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
 from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
 from ..speed.offload import offloaded_checkpoint
+from ..speed.grouped import count as grouped_count, group_projections
 from ..speed.rebuild import count as rebuilt_count, use_rebuilt_inputs
 from ..speed.tiled_mlp import TILED_ATTR, tile_mlps
 from ..speed.seeded_dropout import new_seed
@@ -109,6 +110,7 @@ def describe_speedups(model) -> str:
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "") + \
         (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "") + \
+        (f", {grouped} projections grouped by shared input" if (grouped := grouped_count(model)) else "") + \
         (f", MLPs in tiles of {tiled[0]} tokens" if (tiled := [m._qlora_tile for m in model.modules()
                                                            if hasattr(m, TILED_ATTR)]) else "")
     unpatched = getattr(model, NO_PATCH_ATTR, None)
@@ -154,6 +156,8 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
                   cfg.fp8_exclude)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             fuse_on_gathered_weights(model)
+        elif cfg.group_projections:
+            group_projections(model)
     use_kernels(model, cfg.kernels, device, fsdp)
     if cfg.rebuild_inputs and fused:  # after the kernels: it wraps the forwards they set
         use_rebuilt_inputs(decoder_layers(model))

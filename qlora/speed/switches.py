@@ -114,6 +114,11 @@ SWITCHES: tuple[Switch, ...] = (
            "backward instead of keeping them: bitwise the same, 1/3 less memory per such layer", "qlora/speed/rebuild.py",
            (FUSED, Need("recompute false or recompute_layers >= 0 (it acts on the layers that do not recompute)",
                         lambda c, w: not c.recompute or c.recompute_layers >= 0))),
+    Switch("group_projections", lambda c: c.group_projections, "false",
+           "q/k/v and gate/up as one autograd node each: input gradients summed inside the GEMMs, one LoRA-A GEMM "
+           "per group (same maths, another order of additions)", "qlora/speed/grouped.py",
+           (FUSED, Need("no FSDP (each layer's gathered 4-bit weights reach the projections one by one)",
+                        lambda c, w: not w.fsdp))),
     Switch("base_fp8", lambda c: c.base_fp8, "false",
            "the frozen 4-bit weight's GEMMs in float8 e4m3 with per-row scales (changes the numbers)", "qlora/speed/fp8.py",
            (FUSED, Need("a 4-bit base (quant nf4 or fp4)", lambda c, w: c.quant in ("nf4", "fp4")),
