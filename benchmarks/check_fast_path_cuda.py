@@ -18,6 +18,7 @@ chunked lm_head + CE, all layers checkpointed):
   +seeded         seeded LoRA dropout (qlora/speed/seeded_dropout.py; the plain side draws the same masks)
   +graphs         forward+backward replayed as a CUDA graph (qlora/speed/cuda_graphs.py), twice
   +rebuild        projection inputs rebuilt in backward in the layers that keep activations (qlora/speed/rebuild.py)
+  +grouped        q/k/v and gate/up as one autograd node each (qlora/speed/grouped.py)
   fp8             the frozen base GEMMs in float8 (qlora/speed/fp8.py): reported with its own, looser bounds
   noise           the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
                   the yardstick for what bf16 rounding alone moves
@@ -76,7 +77,7 @@ class SeededMaskDropout(torch.nn.Module):
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
-        fp8=False, seam=None, rebuild=False):
+        fp8=False, seam=None, rebuild=False, grouped=False):
     seam = seam or train.micro_batch_loss
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
@@ -84,7 +85,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
                       lora_dropout=dropout, fused_lora=fused, kernels=kernels, recompute_layers=ckpt_layers,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
                       seeded_dropout=seeded and fused, offload_recompute=offload, base_fp8=fp8,
-                      rebuild_inputs=rebuild)
+                      rebuild_inputs=rebuild, group_projections=grouped)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -271,12 +272,16 @@ def main():
                      ("+ckpt0+rebuild inputs", True, "liger", 0, auto, {"rebuild": True}),
                      ("+graphs ckpt 1+rebuild", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "rebuild": True}),
+                     ("+ckpt0+rebuild+grouped", True, "liger", 0, auto, {"rebuild": True, "grouped": True}),
+                     ("+graphs ckpt 1+grouped", True, "liger", 1, auto,
+                      {"seeded": True, "graphs": True, "ce": "fused", "grouped": True}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
     else:
         variants += [("fused+seeded", True, "none", -1, auto, {"seeded": True}),
                      ("fused+ckpt0+rebuild", True, "none", 0, auto, {"rebuild": True}),
+                     ("fused+grouped", True, "none", -1, auto, {"grouped": True}),
                      ("fused+offload", True, "none", -1, auto, {"offload": True}),
                      ("fp8: fused", True, "none", -1, auto, {"fp8": True})]
     if args.only:

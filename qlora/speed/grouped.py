@@ -28,8 +28,9 @@ import torch
 from . import fp8 as fp8_gemm
 from . import rebuild as rebuilt
 from . import seeded_dropout
+from . import lora_fused
 from .lora_fused import (ABSMAX_ATTR, FP8_ATTR, FUSED_ATTR, SALT_ATTR, SEED_ATTR, _fused_adapter, _fused_forward,
-                         block_absmax, dequantize, dropout, undrop)
+                         block_absmax, dequantize, undrop)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GROUP_ATTR = "_qlora_group"  # on a member: its group's modules, in call order
@@ -72,7 +73,7 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
                     if p > 0 and seed is not None:
                         xd, mask = seeded_dropout.apply(x2, seed, salt, p), seed
                     else:
-                        xd, mask = dropout(x2, p) if p > 0 else (x2, None)
+                        xd, mask = lora_fused.dropout(x2, p) if p > 0 else (x2, None)  # the fused node's draw
                     hs.append(xd @ ab[i][0].t())
                     masks.append(mask)
                     del xd
