@@ -162,6 +162,55 @@ def test_generation_stops_at_the_family_turn_closer(families, family):
     assert len(calls) < 8
 
 
+# Real special-token layouts with no pad distinct from EOS: Llama 3.1 (no pad, no unk, a pad-named reserved
+# token), Llama 3.0 (only reserved tokens), Qwen base models (pad is EOS, no unk), and a tokenizer with
+# nothing to spare (padding then holds EOS, which must stay a turn closer and a stop token).
+PAD_LAYOUTS = {
+    "llama3.1": (["<|reserved_special_token_0|>", "<|finetune_right_pad_id|>"], None, "<|finetune_right_pad_id|>"),
+    "llama3.0": (["<|reserved_special_token_0|>", "<|reserved_special_token_1|>"], None,
+                 "<|reserved_special_token_0|>"),
+    "qwen-base": (["<|fim_pad|>"], "<|eot_id|>", "<|fim_pad|>"),
+    "nothing spare": ([], None, "<|eot_id|>"),
+}
+
+
+@pytest.mark.parametrize("layout", list(PAD_LAYOUTS))
+def test_a_tokenizer_with_no_pad_but_eos_trains_and_stops_right(families, tmp_path, layout):
+    """A tokenizer with no pad distinct from EOS and no unk (every Llama 3; Qwen's base models) loads: the
+    padding token is a spare special token where one exists, EOS otherwise; the response mask still ends
+    each answer with its closer, generation still stops there, and a padded micro-batch is the same loss
+    as each example alone (padding is never attended nor supervised). train.py runs two steps on it."""
+    extra, pad, want = PAD_LAYOUTS[layout]
+    tok = AutoTokenizer.from_pretrained(families["llama3"])
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.pad_token, tok.unk_token = pad, None
+    folder = tmp_path / "tok"
+    tok.save_pretrained(folder)
+    cfg = family_cfg(families["llama3"], tokenizer=str(folder))
+    tok = load_tokenizer(cfg)
+    assert tok.pad_token == want and tok.unk_token is None and tok.eos_token == "<|eot_id|>"
+    ex, why = encode(TWO_TURNS, tok, 512)
+    assert ex is not None, why
+    got = [t for t in ex.labels if t != IGNORE]
+    assert got == reference_labels(tok, TWO_TURNS, "<|eot_id|>") and got.count(tok.eos_token_id) == 2
+    assert stop_ids(tok) == {tok.eos_token_id}
+    model = load_model(family_cfg(families["llama3"]), torch.device("cpu"))
+    randomise_lora_(model)
+    short, long_ = examples(tok, 2)
+    padded = collate([[short], [long_]], tok.pad_token_id)
+    assert (padded["input_ids"] == tok.pad_token_id).any()
+    loss, _ = loss_and_grads(model, padded, "varlen")
+    alone = sum(loss_and_grads(model, collate([[e]], tok.pad_token_id))[0] for e in (short, long_))
+    assert torch.allclose(loss, alone, rtol=1e-5), (loss, alone)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."}) + "\n"
+                            for i in range(8)))
+    out = train.main(family_cfg(families["llama3"], tokenizer=str(folder), datasets=[str(data)], max_seq_len=64,
+                                max_steps=2, save_every=0, eval_every=0, output_dir=str(tmp_path / "run")))
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file(), out
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").pad_token == want  # saved beside the adapter
+
+
 # --------------------------------------------------------------------------- (b) packed == alone
 
 def examples(tok, n=3):

@@ -113,9 +113,9 @@ def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
 
 def _turn_closers(tok) -> list[str]:
     """Tokens that may close an assistant turn: EOS and the tokenizer's other special tokens, BOS and pad
-    apart (the template's end-of-turn token is one of them)."""
+    apart (pad only where it is not EOS too; the template's end-of-turn token is one of them)."""
     added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
-    skip = {tok.bos_token, tok.pad_token, None}
+    skip = {tok.bos_token, None} | ({tok.pad_token} if tok.pad_token != tok.eos_token else set())
     return list(dict.fromkeys(m for m in [tok.eos_token, *tok.all_special_tokens, *added] if m not in skip))
 
 

@@ -370,13 +370,25 @@ def load_tokenizer(cfg: Config):
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer of '{src}' has no EOS token: responses could never be terminated")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # pad must never be EOS (a classic bug masks every EOS label); unk is unused in practice
-        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-            tok.pad_token = tok.unk_token
-        else:
-            raise ModelLoadError(f"tokenizer {src} has no pad or unk token distinct from EOS; set one")
+        tok.pad_token = padding_token(tok)
     tok.padding_side = "right"
     return tok
+
+
+def padding_token(tok) -> str:
+    """The token padded positions hold when the tokenizer has none distinct from EOS (Llama 3 has no pad
+    and no unk; Qwen's base models pad with their EOS). Padding is never attended by a real token nor
+    supervised (labels come from the response spans, not from comparing ids with pad), so any id is
+    correct; a distinct one keeps EOS what it is everywhere else (a turn closer, a stop token). In order:
+    a special token named as padding (Llama 3.1's `<|finetune_right_pad_id|>`, `<pad>`), unk, a reserved
+    special token (Llama 3.0's `<|reserved_special_token_0|>`), and only then EOS itself."""
+    specials = [t.content for _, t in sorted(getattr(tok, "added_tokens_decoder", {}).items())
+                if getattr(t, "special", False)]
+    taken = {tok.eos_token, tok.bos_token, None}
+    named = [t for t in specials if "pad" in t.lower() and t not in taken]
+    reserved = [t for t in specials if "reserved" in t.lower() and t not in taken]
+    unk = [tok.unk_token] if tok.unk_token not in taken else []
+    return (named + unk + reserved + [tok.eos_token])[0]
 
 
 def random_shape(name: str) -> dict:
