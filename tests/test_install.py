@@ -97,7 +97,8 @@ def test_the_lock_pins_every_dependency_within_its_range_and_is_what_ci_and_the_
     assert "LOCK=(-c constraints.txt)" in ci and '"${LOCK[@]}" -e ".[test]"' in ci
 
 
-@pytest.mark.skipif(__import__("os").environ.get("QLORA_DEPS") == "latest", reason="testing the newest versions")
+@pytest.mark.skipif(__import__("os").environ.get("QLORA_DEPS") in ("latest", "gpu-image"),
+                    reason="testing other versions than the lock's")
 def test_this_environment_is_the_locked_one():
     """Under the locked install (CI's default) every pinned package that is installed has its pinned version."""
     from packaging.version import Version
