@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The speed levers measured one by one beside Unsloth, on one GPU, in one call. From the repository root,
+# with Unsloth's kit in .unsloth (../shared/device/unsloth/site.sh: its site folder also holds the
+# bitsandbytes and liger-kernel the project's runs use):
+#
+#   OUT=/tmp/levers END_S=540 bash benchmarks/levers_vs_unsloth.sh grp chk fp8 long r32
+#
+# Parts, run in the order given while time is left (END_S seconds from the start, default 540):
+#   grp   Llama-3-8B shape, 2 x 4 x 2048, dropout 0, CUDA graphs, rebuilt inputs, no layer recomputed:
+#         group_projections off then on; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
+#   chk   benchmarks/check_fast_path_cuda.py on the grouped variants (loss and gradients vs the plain path)
+#   fp8   the grp setting with base_fp8 and group_projections on
+#   long  one 262,144-token Llama-3-8B row: every layer recomputed from offloaded inputs, cuDNN attention,
+#         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
+#   longu the same row with untiled MLPs (the comparison for `long`)
+#   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
+#         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
+# Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
+set -u
+OUT=${OUT:-/tmp/levers}; END=${END_S:-540}; mkdir -p "$OUT"
+t0=$(date +%s)
+left() { echo $(( END - ($(date +%s) - t0) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
+tar xzf .unsloth/site.tgz -C /tmp
+mkdir -p /tmp/ours/site
+for d in bitsandbytes bitsandbytes-0.50.2.dist-info liger_kernel liger_kernel-0.8.5.dist-info; do
+  ln -sfn /tmp/site/$d /tmp/ours/site/$d
+done
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+
+ours() {  # ours PART TIMEOUT bench-args...
+  local part=$1 t=$2; shift 2
+  ( export PYTHONPATH=/tmp/ours/site HF_HUB_OFFLINE=1
+    timeout "$(cap "$t")" python3 benchmarks/bench.py --no_plot --warmup 2 --steps 4 --out "$OUT/$part" "$@" 2>&1 \
+      | tee -a "$OUT/$part.log" | grep "\[bench\] ours\|rror" )
+}
+unsloth() {  # unsloth PART DIR ROWSxMBxLEN CKPT model_type config...
+  local part=$1 dir=$2 cfg=$3 ckpt=$4; shift 4
+  ( export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+    timeout "$(cap 90)" python3 .unsloth/anchor.py prepare "$dir" "$@" 2>&1 | tail -1
+    CKPT=$ckpt STEPS=4 WARM=1 timeout "$(cap 150)" python3 .unsloth/anchor.py run "$dir" 0 "$cfg" 2>&1 | tail -1
+    rm -rf "$dir" ) | tee -a "$OUT/unsloth_$part.txt"
+}
+L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=8
+    vocab_size=128256 rope_theta=500000.0 max_position_embeddings=8192)
+L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
+    vocab_size=32000 max_position_embeddings=4096)
+ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
+LONG="--model random:llama3-8b --max_seq_len 262144 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 1 --lora_dropout 0
+      --attn_backend cudnn --recompute_layers=-1 --offload_recompute on"
+
+for part in "$@"; do
+  [ "$(left)" -gt 30 ] || { echo "no time left for $part"; break; }
+  echo "== $part at $(( $(date +%s) - t0 )) s"
+  case $part in
+    grp)   ours grp 110 --model random:llama3-8b $ROWS --group_projections off,on
+           unsloth grp /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    chk)   ( export PYTHONPATH=/tmp/ours/site
+             timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only grouped 2>&1 | grep -v Warn | tail -14 ) \
+             | tee "$OUT/check_grouped.txt" ;;
+    fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on ;;
+    long)  ours long 330 $LONG --mlp_tile_tokens 32768 ;;
+    longu) ours long 330 $LONG --mlp_tile_tokens 0 ;;
+    r32)   ours r32 150 --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 3 \
+             --lora_dropout 0 --base_fp8 on --recompute_layers=22 --rebuild_inputs on --offload_recompute on --attn_backend cudnn
+           unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
+    *)     echo "unknown part $part" ;;
+  esac
+done
+echo "all done at $(( $(date +%s) - t0 )) s"
