@@ -61,7 +61,22 @@ def test_every_family(tmp_path, family, groups):
     folder = str(family_dir(tmp_path, family))
     tok = load_tokenizer(tiny_cfg(model=folder))
     batch = collate([examples(tok)], tok.pad_token_id)
-    check_close(cfg_for(folder), cfg_for(folder, group_projections=True), batch, groups=groups)
+    model = check_close(cfg_for(folder), cfg_for(folder, group_projections=True), batch, groups=groups)
+    line = describe_speedups(model)
+    assert ("group_projections on but no q/k/v or gate/up set" in line) == (groups == 0), line
+
+
+def test_a_set_not_wholly_adapted_stays_separate_and_nothing_grouped_is_said(sql_examples_tiny):
+    """LoRA on q and v only: k is a plain 4-bit linear, so q/k/v cannot be one node; gate/up still is. With
+    no whole set left, the start-up line says group_projections applies to nothing (never silently off)."""
+    part = dict(lora_targets=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    model = check_close(cfg_for("random:tiny", **part), cfg_for("random:tiny", group_projections=True, **part),
+                        sql_examples_tiny, groups=4)
+    assert "4 projections grouped" in describe_speedups(model)
+    none = dict(lora_targets=["q_proj", "v_proj"])
+    model = check_close(cfg_for("random:tiny", **none), cfg_for("random:tiny", group_projections=True, **none),
+                        sql_examples_tiny, groups=0)
+    assert "group_projections on but no q/k/v or gate/up set" in describe_speedups(model)
 
 
 @pytest.mark.parametrize("kw", [dict(compute_dtype="bfloat16"), dict(base_fp8=True),

@@ -99,6 +99,9 @@ def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, off
     return keep
 
 
+UNGROUPED_ATTR = "qlora_nothing_grouped"  # set on a model where group_projections found no set to group
+
+
 def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
     blocks = decoder_layers(model)
@@ -113,6 +116,9 @@ def describe_speedups(model) -> str:
         (f", {grouped} projections grouped by shared input" if (grouped := grouped_count(model)) else "") + \
         (f", MLPs in tiles of {tiled[0]} tokens" if (tiled := [m._qlora_tile for m in model.modules()
                                                            if hasattr(m, TILED_ATTR)]) else "")
+    if getattr(model, UNGROUPED_ATTR, False):
+        extras += (", group_projections on but no q/k/v or gate/up set whose every member is a fused NF4+LoRA "
+                   "linear (fused projections such as Phi-3's, or LoRA targets without the whole set)")
     unpatched = getattr(model, NO_PATCH_ATTR, None)
     off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
     return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
@@ -156,8 +162,8 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
                   cfg.fp8_exclude)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             fuse_on_gathered_weights(model)
-        elif cfg.group_projections:
-            group_projections(model)
+        elif cfg.group_projections and not group_projections(model):
+            setattr(model, UNGROUPED_ATTR, True)  # asked for, applies to nothing: said at start-up
     use_kernels(model, cfg.kernels, device, fsdp)
     if cfg.rebuild_inputs and fused:  # after the kernels: it wraps the forwards they set
         use_rebuilt_inputs(decoder_layers(model))
