@@ -13,8 +13,10 @@ projections are permuted the way llama.cpp's convert_hf_to_gguf.py does (llama.c
 embeddings to interleaved pairs; transformers' GGUF reader permutes them back).
 
 Supported: Llama, Mistral (both as GGUF "llama"), Qwen2 and Qwen3 models with a byte-level BPE tokenizer
-(GPT-2 style: SmolLM2, Llama 3, Qwen). SentencePiece tokenizers (Llama 2, Mistral v0.1, Gemma), other
-architectures and rope scaling are refused with a ModelLoadError that says what is supported.
+(GPT-2 style: SmolLM2, Llama 3, Qwen), with plain rotary embeddings or, on Llama models, Llama 3.1-style
+scaling (written as llama.cpp's `rope_freqs.weight`, qlora/model/gguf_rope.py). SentencePiece tokenizers
+(Llama 2, Mistral v0.1, Gemma), other architectures and other rope scalings are refused with a
+ModelLoadError that says what is supported.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from ..model.base import ModelLoadError
+from ..model.gguf_rope import GGUF_NAME as ROPE_FREQS, rope_factors, rope_settings
 
 # transformers model_type -> (gguf architecture, q/k permuted for llama.cpp's rotary layout)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
@@ -47,10 +50,10 @@ def gguf_arch(config) -> tuple[str, bool]:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise ModelLoadError(f"cannot export a '{model_type}' model to GGUF: supported are {SUPPORTED}")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ModelLoadError(f"cannot export this {model_type} model to GGUF: its rope scaling "
-                             f"'{rope.get('rope_type', rope.get('type'))}' is not written (only plain rope is)")
+    kind = rope_settings(config)["rope_type"]
+    if kind not in ("default", "llama3") or (kind == "llama3" and not ARCHS[model_type][1]):
+        raise ModelLoadError(f"cannot export this {model_type} model to GGUF: its rope scaling '{kind}' is not "
+                             "written (plain rope is, and Llama 3.1-style 'llama3' scaling on Llama models)")
     return ARCHS[model_type]
 
 
@@ -169,6 +172,9 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
             w = permute_qk(w, n_head if "attn_q" in gguf_name else n_kv)
         data, raw = tensor_data(w, ftype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
+    factors = rope_factors(model)
+    if factors is not None:  # Llama 3.1-style scaling: per-pair divisors of the default frequencies, as llama.cpp reads them
+        writer.add_tensor(ROPE_FREQS, factors.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
