@@ -15,10 +15,12 @@ attention and gated-activation kernels read them unchanged. With LoRA dropout ea
 mask, as peft does, and keeps its own h. The input (or its rebuild recipe, qlora/speed/rebuild.py) is kept
 once per group and rebuilt once.
 
-How it meets the model: the first member called computes every member's output; the others, called next
-with the very same tensor, take theirs. A member called with another tensor computes alone, and an output
-no sibling took is dropped when the parent (attention or MLP) returns. Training is the same maths: only the
-order of some additions differs (tests/test_grouped.py).
+How it meets the model: the first member (q, gate) computes every member's output; the others, called next
+with the very same tensor, take theirs. An output no sibling took is dropped when the parent (attention or
+MLP) returns or raises. A model that calls a member with another tensor (cross-attention) or before the
+first member ungroups that set for good: its members then run alone, exactly as without grouping, torch's
+dropout masks drawn in call order. Training is the same maths: only the order of some additions differs
+(tests/test_grouped.py).
 """
 
 from __future__ import annotations
@@ -148,13 +150,33 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
         return tuple(out)
 
 
+def _alone(group, first, x):
+    """The first member computes alone this time (adapters off, mixed dtypes): so do its siblings."""
+    for m in group:
+        if m is not first:
+            m.__dict__[PENDING_ATTR] = (x, None)
+
+
+def _ungroup(group):
+    """A model that calls the members with different inputs, or in another order than the group's: every
+    member runs on its own from now on, exactly as without grouping (dropout masks drawn in call order)."""
+    for m in group:
+        m.__dict__.pop(GROUP_ATTR, None)
+        m.__dict__.pop(PENDING_ATTR, None)
+
+
 def _grouped_forward(self, x, *args, **kwargs):
     pending = self.__dict__.pop(PENDING_ATTR, None)
-    if pending is not None and pending[0] is x and not args and not kwargs:
-        return pending[1]
     group = self.__dict__.get(GROUP_ATTR, ())
+    if pending is not None and pending[0] is x and not args and not kwargs:
+        return pending[1] if pending[1] is not None else _fused_forward(self, x)
+    if group and (pending is not None or group[0] is not self):
+        _ungroup(group)
+    if not self.__dict__.get(GROUP_ATTR):
+        return _fused_forward(self, x, *args, **kwargs)
     names = [_fused_adapter(m, x, args, kwargs) for m in group]
-    if not names or any(name is None for name in names):
+    if any(name is None for name in names):
+        _alone(group, self, x)
         return _fused_forward(self, x, *args, **kwargs)
     dtype = None
     members, tensors = [], []
@@ -164,6 +186,7 @@ def _grouped_forward(self, x, *args, **kwargs):
         if torch.is_autocast_enabled(x.device.type):
             d = torch.get_autocast_dtype(x.device.type)
         if dtype not in (None, d):  # members that compute in different dtypes: each on its own
+            _alone(group, self, x)
             return _fused_forward(self, x, *args, **kwargs)
         dtype = d
         drop = m.lora_dropout[name]
@@ -198,12 +221,14 @@ def group_projections(model) -> int:
             members = [getattr(parent, name, None) for name in names]
             if not all(getattr(m, FUSED_ATTR, False) and GROUP_ATTR not in m.__dict__ for m in members):
                 continue
+            if len({m.get_base_layer().in_features for m in members}) > 1:  # not one input after all
+                continue
             for m in members:
                 m.__dict__[GROUP_ATTR] = tuple(members)
                 m.forward = _grouped_forward.__get__(m)
             parent.__dict__["_qlora_group_members"] = parent.__dict__.get("_qlora_group_members", ()) + tuple(members)
             if not getattr(parent, "_qlora_drop_hook", False):
-                parent.register_forward_hook(_drop_pending)
+                parent.register_forward_hook(_drop_pending, always_call=True)  # also when the forward raises
                 parent._qlora_drop_hook = True
             n += 1
     return n
