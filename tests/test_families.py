@@ -212,6 +212,43 @@ def test_a_tokenizer_with_no_pad_but_eos_trains_and_stops_right(families, tmp_pa
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").pad_token == want  # saved beside the adapter
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_adapter_loads_in_peft_and_merges_per_family(families, family, tmp_path):
+    """The adapter trained through the fused NF4+LoRA node of each family (Phi-3's fused qkv_proj and
+    gate_up_proj as targets, Qwen2's q/k/v bias, Gemma 3's tied embeddings) gives the training model's
+    logits through peft's own LoRA layers on the same 4-bit base, and through the merged plain model that
+    `qlora.evaluation.merge` writes (loaded by transformers alone)."""
+    from peft import PeftModel
+
+    from qlora.evaluation.merge import merge
+    from qlora.training.checkpoint import save_adapter
+
+    cfg = family_cfg(families[family], quant="nf4")
+    model = load_model(cfg, torch.device("cpu"))
+    assert describe_speedups(model).count("fused NF4+LoRA linears 0") == 0
+    randomise_lora_(model, seed=1)
+    model.eval()
+    tok = load_tokenizer(cfg)
+    ids = torch.tensor([tok(tok.apply_chat_template(TWO_TURNS, tokenize=False), add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_adapter(model, tok, cfg, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg, torch.device("cpu")), str(tmp_path / "adapter")).eval()
+    merge(str(tmp_path / "adapter"), str(tmp_path / "merged"), device="cpu", check_rows=2)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        by_peft, by_merge = reloaded(input_ids=ids).logits, merged(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=ids).logits
+    scale = want.abs().max().item()
+    # measured (2-core CPU, fp32 compute), relative to the largest logit: peft 0.0 for every family, merged
+    # 7.4e-7 to 1.6e-6 (fp32 rounding of W x + s B A x vs (W + s B A) x), without the adapter 1.4 to 1.9;
+    # 1e-4 leaves room for other CPUs' kernels (test_merge.py: ~1e-6 on AVX2 and AVX512-BF16 alike)
+    assert (by_peft - want).abs().max().item() <= 1e-4 * scale
+    assert (by_merge - want).abs().max().item() <= 1e-4 * scale
+    assert (base - want).abs().max().item() > 1e-2 * scale  # the adapter matters
+
+
 # --------------------------------------------------------------------------- (b) packed == alone
 
 def examples(tok, n=3):
