@@ -3,7 +3,8 @@ random hub-format checkpoints built here (2 layers, each family's own layer kind
 and special tokens on the embedded SmolLM2 tokenizer): response-only masks through each template, packed
 rows equal to each example alone (Gemma 3's sliding-window layers and logit soft-capping included),
 LoRA targets per family, Qwen2's q/k/v bias in the fused node, exact resume, the liger dispatch, and GGUF
-files of Llama 3, Mistral, Qwen2 and Qwen3 loading with the weights they were written with."""
+files of Llama 3, Mistral, Qwen2, Qwen3 and Phi-3 loading with the weights they were written with (Llama 3.1 rope
+scaling, Phi-3 LongRoPE and sliding window included); each family's adapter in peft and merged."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import train
 from qlora.speed import attention, kernels
 from qlora.model.base import ModelLoadError, load_base_model, load_tokenizer, random_config, resolve_source
-from qlora.model.gguf_rope import set_rope
+from qlora.model.gguf_restore import set_rope
 from qlora.data.examples import IGNORE, encode, stop_ids
 from qlora.training.loss import TokenLoss
 from qlora.model.trainable import describe_speedups, load_model
@@ -477,7 +478,24 @@ def test_random_shapes_have_the_real_models_parameter_count(shape):
 
 # --------------------------------------------------------------------------- GGUF files of the families
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
+def refused_as_misread(path) -> bool:
+    """Under a transformers that would misread the file's tokenizer (5.17 takes every Phi-3 file's as
+    SentencePiece), converting stops with one line naming the file and nothing is converted: True. Else False."""
+    import gguf as gguf_py
+
+    from qlora.model.base import convert_gguf
+    from qlora.model.gguf_restore import misread_tokenizer
+
+    if misread_tokenizer(gguf_py.GGUFReader(path)) is None:
+        return False
+    with pytest.raises(ModelLoadError) as e:
+        convert_gguf(path, out_dir=path.parent / "refused")
+    assert "\n" not in str(e.value) and str(path) in str(e.value) and "SentencePiece" in str(e.value)
+    assert not (path.parent / "refused").exists()
+    return True
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3"])
 def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(family, tmp_path):
     """`--model file.gguf` for the families transformers reads from GGUF and qlora.export writes: the tiny
     checkpoint written as an f16 GGUF, then converted as train.py converts it, has the f16-rounded weights
@@ -491,6 +509,8 @@ def test_a_gguf_file_of_the_family_loads_as_the_model_it_was_written_from(family
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     write_gguf(model, tok, tmp_path / f"{family}.gguf", "f16")
+    if refused_as_misread(tmp_path / f"{family}.gguf"):
+        return
     converted = convert_gguf(tmp_path / f"{family}.gguf", out_dir=tmp_path / "converted")
     loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -522,7 +542,7 @@ def test_llama3_1_rope_scaling_goes_through_gguf_both_ways(tmp_path):
     logits at positions 500 apart equal the original's (f16-rounded weights); with plain rope they would not."""
     from qlora.evaluation.gguf_write import write_gguf
     from qlora.model.base import convert_gguf
-    from qlora.model.gguf_rope import GGUF_NAME, rope_settings
+    from qlora.model.gguf_restore import GGUF_NAME, rope_settings
 
     folder = family_dir(tmp_path, "llama3", vocab=1024)
     config = AutoConfig.from_pretrained(folder)
@@ -567,11 +587,67 @@ def test_llama3_1_rope_scaling_goes_through_gguf_both_ways(tmp_path):
     assert (unscaled - want).abs().max().item() > 1e-1 * scale  # the scaling matters at these positions
 
 
+def test_phi3_longrope_partial_rotary_and_window_go_through_gguf_both_ways(tmp_path):
+    """Phi-3-*-128k / Phi-3.5 scale rotary frequencies per pair with one set of factors for short contexts
+    and one for long (LongRoPE), Phi-4-mini rotates part of each head, and Phi-3 attends within a sliding
+    window. GGUF keeps the factors as tensors and the rest as keys, all dropped by transformers' reader.
+    Round trip: the converted model has them back, and its logits equal the original's (f16-rounded weights)
+    in the short regime and in the long one (positions past the original context), where the plain
+    reading would differ."""
+    from qlora.evaluation.gguf_write import write_gguf
+    from qlora.model.base import convert_gguf
+    from qlora.model.gguf_restore import rope_settings
+
+    folder = family_dir(tmp_path, "phi3", vocab=1024, sliding_window=8)
+    config = AutoConfig.from_pretrained(folder)
+    long_factor, short_factor = [1.0, 1.5, 2.0, 4.0, 8.0, 16.0], [1.0, 1.0, 1.1, 1.2, 1.5, 2.0]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": long_factor, "short_factor": short_factor,
+            "original_max_position_embeddings": 64, "partial_rotary_factor": 0.75}
+    set_rope(config, rope)
+    config.partial_rotary_factor, config.original_max_position_embeddings = 0.75, 64
+    config.max_position_embeddings = 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # sharp attention, so that rotations and the window show in the logits
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(30)
+    tok = AutoTokenizer.from_pretrained(folder)
+    write_gguf(model, tok, tmp_path / "phi.gguf", "f16")
+    if refused_as_misread(tmp_path / "phi.gguf"):
+        return
+    converted = convert_gguf(tmp_path / "phi.gguf", out_dir=tmp_path / "converted")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    got = rope_settings(loaded.config)
+    assert got["rope_type"] == "longrope" and loaded.config.sliding_window == 8
+    assert got["long_factor"] == pytest.approx(long_factor) and got["short_factor"] == pytest.approx(short_factor)
+    assert got["original_max_position_embeddings"] == 64 and got["partial_rotary_factor"] == 0.75
+    plain_config = AutoConfig.from_pretrained(converted)
+    set_rope(plain_config, {"rope_type": "default", "rope_theta": 10000.0})
+    plain_config.sliding_window, plain_config.partial_rotary_factor = None, 1.0
+    plain = AutoModelForCausalLM.from_config(plain_config).eval()
+    plain.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())
+    ids = torch.tensor([tok("Name a prime number larger than ten and smaller than twenty, please.",
+                            add_special_tokens=False).input_ids])
+    # measured (2-core CPU, fp32), relative to the largest logit: converted vs original 0.0 in both regimes,
+    # the plain reading 1.2-1.3; 1e-5 leaves room for other CPUs' summation order
+    for pos in (torch.arange(ids.shape[1])[None], torch.arange(ids.shape[1])[None] * 20):  # short, then long
+        with torch.no_grad():
+            want = model(input_ids=ids, position_ids=pos).logits
+            out, off = loaded(input_ids=ids, position_ids=pos).logits, plain(input_ids=ids, position_ids=pos).logits
+        scale = want.abs().max().item()
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5 * scale)
+        assert (off - want).abs().max().item() > 1e-1 * scale
+
+
 def test_rope_factors_no_llama3_scaling_gives_are_one_line(tmp_path):
     import gguf as gguf_py
 
     from qlora.model.base import convert_gguf
-    from qlora.model.gguf_rope import GGUF_NAME, llama3_factors, llama3_parameters
+    from qlora.model.gguf_restore import GGUF_NAME, llama3_factors, llama3_parameters
 
     exact = llama3_factors(500000.0, 16, 8.0, 1.0, 4.0, 8192)
     assert llama3_parameters(exact.float(), 500000.0, 16, "f")["original_max_position_embeddings"] == 8192

@@ -12,11 +12,11 @@ pre-tokenizer split llama.cpp applies) and the chat template. For the "llama" ar
 projections are permuted the way llama.cpp's convert_hf_to_gguf.py does (llama.cpp applies rotary
 embeddings to interleaved pairs; transformers' GGUF reader permutes them back).
 
-Supported: Llama, Mistral (both as GGUF "llama"), Qwen2 and Qwen3 models with a byte-level BPE tokenizer
-(GPT-2 style: SmolLM2, Llama 3, Qwen), with plain rotary embeddings or, on Llama models, Llama 3.1-style
-scaling (written as llama.cpp's `rope_freqs.weight`, qlora/model/gguf_rope.py). SentencePiece tokenizers
-(Llama 2, Mistral v0.1, Gemma), other architectures and other rope scalings are refused with a
-ModelLoadError that says what is supported.
+Supported: Llama, Mistral (both as GGUF "llama"), Qwen2, Qwen3 and Phi-3 models with a byte-level BPE
+tokenizer (GPT-2 style: SmolLM2, Llama 3, Qwen, Phi-4-mini), with plain rotary embeddings, Llama 3.1-style
+scaling on Llama models (llama.cpp's `rope_freqs.weight`) or LongRoPE on Phi-3 (`rope_factors_long/short`);
+qlora/model/gguf_restore.py reads them back. SentencePiece tokenizers (Llama 2, Mistral v0.1, Gemma), other
+architectures and other rope scalings are refused with a ModelLoadError that says what is supported.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 from ..model.base import ModelLoadError
-from ..model.gguf_rope import GGUF_NAME as ROPE_FREQS, rope_factors, rope_settings
+from ..model.gguf_restore import GGUF_NAME as ROPE_FREQS, LONG_NAME, SHORT_NAME, rope_factors, rope_settings
 
 # transformers model_type -> (gguf architecture, q/k permuted for llama.cpp's rotary layout)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+         "phi3": ("phi3", False)}
+ROPE_KINDS = {"llama": ("default", "llama3"), "mistral": ("default", "llama3"), "phi3": ("default", "longrope")}
 TYPES = ("f16", "bf16", "q8_0")
-SUPPORTED = ("Llama, Mistral, Qwen2 and Qwen3 models with a byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen); "
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3 and Phi-3 models with a byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen); "
              "SentencePiece tokenizers (Llama 2, Mistral v0.1, Gemma) are not exported")
 
 # the pre-tokenizer split of the tokenizer (tokenizer.json) -> llama.cpp's `tokenizer.ggml.pre` name
@@ -51,9 +53,9 @@ def gguf_arch(config) -> tuple[str, bool]:
     if model_type not in ARCHS:
         raise ModelLoadError(f"cannot export a '{model_type}' model to GGUF: supported are {SUPPORTED}")
     kind = rope_settings(config)["rope_type"]
-    if kind not in ("default", "llama3") or (kind == "llama3" and not ARCHS[model_type][1]):
+    if kind not in ROPE_KINDS.get(model_type, ("default",)):
         raise ModelLoadError(f"cannot export this {model_type} model to GGUF: its rope scaling '{kind}' is not "
-                             "written (plain rope is, and Llama 3.1-style 'llama3' scaling on Llama models)")
+                             "written (plain rope is, Llama 3.1-style 'llama3' on Llama models and LongRoPE on Phi-3)")
     return ARCHS[model_type]
 
 
@@ -138,7 +140,6 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
     pre_tokenizer_name(tokenizer)  # refuse an unsupported tokenizer before any weight is converted
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    rope = getattr(config, "rope_parameters", None) or {}
     names = gguf.TensorNameMap(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), config.num_hidden_layers)
     writer = gguf.GGUFWriter(path, arch)
     name = name or Path(str(path)).stem
@@ -153,11 +154,14 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
+    rope_all = rope_settings(config)
+    writer.add_rope_dimension_count(int(head_dim * float(rope_all.get("partial_rotary_factor") or 1.0)))
+    if getattr(config, "sliding_window", None) and arch == "phi3":
+        writer.add_sliding_window(int(config.sliding_window))
     if head_dim != config.hidden_size // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope_all["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     add_tokenizer(writer, tokenizer, config.vocab_size)
@@ -172,9 +176,15 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
             w = permute_qk(w, n_head if "attn_q" in gguf_name else n_kv)
         data, raw = tensor_data(w, ftype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
-    factors = rope_factors(model)
-    if factors is not None:  # Llama 3.1-style scaling: per-pair divisors of the default frequencies, as llama.cpp reads them
-        writer.add_tensor(ROPE_FREQS, factors.float().numpy())
+    if rope_all["rope_type"] == "llama3":  # per-pair divisors of the default frequencies, as llama.cpp reads them
+        writer.add_tensor(ROPE_FREQS, rope_factors(model).float().numpy())
+    elif rope_all["rope_type"] == "longrope":  # Phi-3's short and long context factors, as llama.cpp's converter writes them
+        original = rope_all.get("original_max_position_embeddings") or config.original_max_position_embeddings
+        writer.add_tensor(LONG_NAME, np.asarray(rope_all["long_factor"], dtype=np.float32))
+        writer.add_tensor(SHORT_NAME, np.asarray(rope_all["short_factor"], dtype=np.float32))
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        if rope_all.get("attention_factor"):
+            writer.add_rope_scaling_attn_factors(float(rope_all["attention_factor"]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -16,11 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import Config
 from ..filecheck import safetensors_shapes, umask_mode
+from .gguf_restore import misread_tokenizer, restore as restore_gguf
 from .layerwise import ModelFilesError, build_random_layerwise, load_safetensors_layerwise
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
@@ -150,24 +150,6 @@ def check_gguf(path: Path):
                              "copy or download it again") from None
 
 
-def read_rope_factors(reader, config, gguf: Path) -> None:
-    """Llama 3.1-style rope scaling from the file's `rope_freqs.weight` into `config` (qlora/model/gguf_rope.py)."""
-    from .gguf_rope import GGUF_NAME, llama3_parameters, rope_settings, set_rope
-
-    tensor = next((t for t in reader.tensors if t.name == GGUF_NAME), None)
-    if tensor is None:
-        return
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    theta = float(rope_settings(config)["rope_theta"])
-    try:
-        params = llama3_parameters(torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy()), theta, dim,
-                                   f"GGUF file {gguf}")
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
-    if params is not None:
-        set_rope(config, params)
-
-
 def gguf_head_dim(reader) -> int | None:
     """Per-head width of a GGUF model: `<arch>.attention.key_length`, else the first layer's query rows over
     the head count; None when neither is there."""
@@ -243,6 +225,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     reader = check_gguf(gguf)
     in_bf16 = all(t.tensor_type.name.startswith(("Q4", "Q5", "BF16")) for t in reader.tensors
                   if len(t.shape) > 1 and t.name != "token_embd.weight")
+    if why := misread_tokenizer(reader):
+        raise ModelLoadError(f"GGUF file {gguf}: {why}, or pass the model's Hugging Face folder instead")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -250,10 +234,12 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         head_dim = gguf_head_dim(reader)
         if head_dim and getattr(config, "head_dim", None) not in (None, head_dim):
             config.head_dim = head_dim  # transformers' Qwen3 reader drops it and assumes 128
-        read_rope_factors(reader, config, gguf)  # transformers' reader ignores Llama 3.1's rope_freqs
+        restore_gguf(reader, config, f"GGUF file {gguf}")  # what transformers' reader drops (gguf_restore.py)
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
                                                    dtype=torch.float32)
     except (ValueError, NotImplementedError) as e:  # "GGUF model with architecture X is not supported yet."
+        if str(e).startswith(f"GGUF file {gguf}:"):  # from restore_gguf
+            raise ModelLoadError(str(e)) from None
         if "not supported" not in str(e) and "Unknown gguf model_type" not in str(e):
             raise
         raise ModelLoadError(f"{gguf}: {str(e).splitlines()[0]} (transformers reads Llama, Mistral, Qwen2/3, "
