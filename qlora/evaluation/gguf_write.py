@@ -183,8 +183,10 @@ def write_gguf(model, tokenizer, path, ftype: str = "f16", name: str = "") -> No
         writer.add_tensor(LONG_NAME, np.asarray(rope_all["long_factor"], dtype=np.float32))
         writer.add_tensor(SHORT_NAME, np.asarray(rope_all["short_factor"], dtype=np.float32))
         writer.add_rope_scaling_orig_ctx_len(int(original))
-        if rope_all.get("attention_factor"):
-            writer.add_rope_scaling_attn_factors(float(rope_all["attention_factor"]))
+        # always, as llama.cpp's converter does (llama.cpp takes 1.0 when it is missing): the scale the model's
+        # rotary embedding puts on cos and sin, which transformers derives from the context ratio when unset
+        scaling = next(m.attention_scaling for m in model.modules() if hasattr(m, "attention_scaling"))
+        writer.add_rope_scaling_attn_factors(float(scaling))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -86,6 +86,9 @@ def llama3_parameters(factors: torch.Tensor, theta: float, dim: int, source: str
             for original in sorted(_ORIGINAL, key=lambda n: n != 8192):
                 want = llama3_factors(theta, dim, factor, low, high, original)
                 if want.shape == factors.shape and torch.allclose(want, factors, rtol=1e-5, atol=0):
+                    snapped = float(f"{factor:.6g}")  # 8.000000953674316 (float32 inv_freq noise) -> 8.0
+                    if torch.allclose(llama3_factors(theta, dim, snapped, low, high, original), factors, rtol=1e-5, atol=0):
+                        factor = snapped
                     return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
                             "high_freq_factor": high, "original_max_position_embeddings": original}
     raise ValueError(f"{source}: its {GGUF_NAME} ({factors.numel()} rotary factors, largest {factor:g}) is not "
