@@ -195,7 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch_size", default=str(DEFAULTS["micro_batch_size"]))
     p.add_argument("--grad_accum", default=str(DEFAULTS["grad_accum"]))
     p.add_argument("--packing", default="on", help="on,off")
-    p.add_argument("--attn_backend", default="auto", help="auto,varlen,sdpa,flex (ours only; the baseline is stock sdpa)")
+    p.add_argument("--attn_backend", default="auto", help="auto,varlen,sdpa,cudnn,flex (ours only; the baseline is stock sdpa)")
     p.add_argument("--recompute", default="on", help="activation recompute on,off")
     p.add_argument("--recompute_layers", default="-1", help="decoder layers that recompute (-1 all), e.g. -1,16,8")
     p.add_argument("--fused_lora", default="on", help="fused NF4+LoRA autograd node on,off (ours only)")
