@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config
 from ..filecheck import safetensors_shapes, umask_mode
-from .gguf_restore import misread_tokenizer, restore as restore_gguf
+from .gguf_restore import GGUFRestoreError, misread_tokenizer, restore as restore_gguf
 from .layerwise import ModelFilesError, build_random_layerwise, load_safetensors_layerwise
 from .quant import guard_cpu_4bit_repack, resolve_compute_dtype
 
@@ -150,21 +150,6 @@ def check_gguf(path: Path):
                              "copy or download it again") from None
 
 
-def gguf_head_dim(reader) -> int | None:
-    """Per-head width of a GGUF model: `<arch>.attention.key_length`, else the first layer's query rows over
-    the head count; None when neither is there."""
-    fields = reader.fields
-    if "general.architecture" not in fields:
-        return None
-    arch = fields["general.architecture"].contents()
-    key_length, heads = (fields[k].contents() if k in fields else None
-                         for k in (f"{arch}.attention.key_length", f"{arch}.attention.head_count"))
-    if key_length:
-        return int(key_length)
-    q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
-    return int(q.shape[1]) // int(heads) if heads and q is not None and len(q.shape) == 2 else None
-
-
 # --------------------------------------------------------------------------- sources
 
 def cache_root() -> Path:
@@ -231,15 +216,12 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        head_dim = gguf_head_dim(reader)
-        if head_dim and getattr(config, "head_dim", None) not in (None, head_dim):
-            config.head_dim = head_dim  # transformers' Qwen3 reader drops it and assumes 128
         restore_gguf(reader, config, f"GGUF file {gguf}")  # what transformers' reader drops (gguf_restore.py)
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
                                                    dtype=torch.float32)
+    except GGUFRestoreError as e:
+        raise ModelLoadError(str(e)) from None
     except (ValueError, NotImplementedError) as e:  # "GGUF model with architecture X is not supported yet."
-        if str(e).startswith(f"GGUF file {gguf}:"):  # from restore_gguf
-            raise ModelLoadError(str(e)) from None
         if "not supported" not in str(e) and "Unknown gguf model_type" not in str(e):
             raise
         raise ModelLoadError(f"{gguf}: {str(e).splitlines()[0]} (transformers reads Llama, Mistral, Qwen2/3, "

@@ -1,5 +1,6 @@
 """What transformers' GGUF reader drops from a file, put back into the config (and what the GGUF writer
-must write for it): rotary scalings that llama.cpp keeps as tensors, and Phi-3's sliding window.
+must write for it): rotary scalings that llama.cpp keeps as tensors, Phi-3's sliding window and Qwen3's
+head width.
 
 Llama 3.1-style scaling (`rope_type: llama3`, Llama 3.1 / 3.2 / 3.3). A GGUF file has no key for it:
 llama.cpp stores the tensor `rope_freqs.weight`, one factor per rotary pair that divides the pair's default
@@ -32,6 +33,10 @@ LONG_NAME, SHORT_NAME = "rope_factors_long.weight", "rope_factors_short.weight"
 # search tries the values of the released Llama 3.x configs first (1, 4, 8,192) and returns the first match.
 _LOW, _HIGH = (1.0, 0.5, 2.0), (4.0, 2.0, 8.0)
 _ORIGINAL = tuple(2 ** k for k in range(10, 18))  # 1,024 .. 131,072 tokens
+
+
+class GGUFRestoreError(ValueError):
+    """What a GGUF file holds cannot be put back into the config (the message names the file)."""
 
 
 def default_frequencies(theta: float, dim: int) -> torch.Tensor:
@@ -76,7 +81,7 @@ def rope_factors(model) -> torch.Tensor | None:
 
 def llama3_parameters(factors: torch.Tensor, theta: float, dim: int, source: str) -> dict | None:
     """The `rope_type: llama3` settings that give `factors` (float32 as a GGUF file holds them), None when
-    every factor is 1 (plain rope); a ValueError with the reason when no Llama 3 scaling gives them."""
+    every factor is 1 (plain rope); a GGUFRestoreError with the reason when no Llama 3 scaling gives them."""
     factors = factors.double()
     factor = float(factors.max())
     if abs(factor - 1.0) < 1e-6 and float(factors.min()) > 1 - 1e-6:
@@ -91,7 +96,7 @@ def llama3_parameters(factors: torch.Tensor, theta: float, dim: int, source: str
                         factor = snapped
                     return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
                             "high_freq_factor": high, "original_max_position_embeddings": original}
-    raise ValueError(f"{source}: its {GGUF_NAME} ({factors.numel()} rotary factors, largest {factor:g}) is not "
+    raise GGUFRestoreError(f"{source}: its {GGUF_NAME} ({factors.numel()} rotary factors, largest {factor:g}) is not "
                          "a Llama 3 frequency scaling, the only one read here: pass the model's Hugging Face "
                          "folder or hub id instead")
 
@@ -115,6 +120,19 @@ def _tensor(reader, name):
     return None if t is None else torch.from_numpy(np.asarray(t.data, dtype=np.float32).copy())
 
 
+def gguf_head_dim(reader) -> int | None:
+    """Per-head width of a GGUF model: `<arch>.attention.key_length`, else the first layer's query rows over
+    the head count; None when neither is there."""
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        return None
+    key_length, heads = _field(reader, f"{arch}.attention.key_length"), _field(reader, f"{arch}.attention.head_count")
+    if key_length:
+        return int(key_length)
+    q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
+    return int(q.shape[1]) // int(heads) if heads and q is not None and len(q.shape) == 2 else None
+
+
 def misread_tokenizer(reader) -> str | None:
     """Why this transformers would read the file's tokenizer wrongly, or None. Older transformers (5.17)
     convert every Phi-3 file's tokenizer as Phi-3's own SentencePiece one; a byte-level BPE tokenizer (Phi-4-mini,
@@ -132,8 +150,11 @@ def misread_tokenizer(reader) -> str | None:
 
 def restore(reader, config, source: str) -> None:
     """Put back into `config` what transformers' GGUF reader dropped from `reader`'s file (see the module
-    docstring); a ValueError names what cannot be put back."""
+    docstring); a GGUFRestoreError names what cannot be put back."""
     arch = _field(reader, "general.architecture")
+    head_dim = gguf_head_dim(reader)
+    if head_dim and getattr(config, "head_dim", None) not in (None, head_dim):
+        config.head_dim = head_dim  # transformers' Qwen3 reader drops it and assumes 128
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     factors = _tensor(reader, GGUF_NAME)
     if factors is not None:
@@ -142,11 +163,11 @@ def restore(reader, config, source: str) -> None:
             set_rope(config, params)
     long_, short = _tensor(reader, LONG_NAME), _tensor(reader, SHORT_NAME)
     if (long_ is None) != (short is None):
-        raise ValueError(f"{source}: it has one of {LONG_NAME} and {SHORT_NAME} but not the other")
+        raise GGUFRestoreError(f"{source}: it has one of {LONG_NAME} and {SHORT_NAME} but not the other")
     if long_ is not None:
         original = _field(reader, f"{arch}.rope.scaling.original_context_length")
         if not original:
-            raise ValueError(f"{source}: LongRoPE factors without {arch}.rope.scaling.original_context_length")
+            raise GGUFRestoreError(f"{source}: LongRoPE factors without {arch}.rope.scaling.original_context_length")
         params = {"rope_type": "longrope", "rope_theta": float(rope_settings(config)["rope_theta"]),
                   "long_factor": long_.tolist(), "short_factor": short.tolist(),
                   "original_max_position_embeddings": int(original)}
