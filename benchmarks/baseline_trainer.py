@@ -163,7 +163,8 @@ def run_baseline(spec: dict, rec: dict) -> None:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=spec["micro_batch_size"],
             gradient_accumulation_steps=spec["grad_accum"], max_steps=total_steps, learning_rate=spec["lr"],
-            optim="paged_adamw_8bit", gradient_checkpointing=spec["recompute"], bf16=bf16, fp16=False,
+            optim={"adamw": "adamw_torch"}.get(spec["optimizer"], spec["optimizer"]),
+            gradient_checkpointing=spec["recompute"], bf16=bf16, fp16=False,
             logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], data_seed=spec["seed"],
             disable_tqdm=True, dataloader_num_workers=0, use_cpu=not on_cuda)
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collator,

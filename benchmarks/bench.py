@@ -56,8 +56,8 @@ from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 # every grid key is a Config key, spelled as train.py takes it; so is every other key of CONFIG_KEYS
 GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
              "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8",
-             "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens")
-CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "optimizer", "lr", "seed")
+             "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens", "optimizer")
+CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
 OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
              "ckpt_layers": "recompute_layers", "fused": "fused_lora", "seeded": "seeded_dropout", "graphs": "cuda_graphs",
@@ -216,6 +216,8 @@ def parse_args(argv=None):
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="paged_adamw_8bit,adamw_8bit,adamw (the seed "
+                   "recipe takes the same names)")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
     p.add_argument("--lora_alpha", type=float, default=DEFAULTS["lora_alpha"])
     p.add_argument("--lora_dropout", default=str(DEFAULTS["lora_dropout"]))
@@ -274,7 +276,8 @@ def settings(args) -> list[dict]:
             "group_projections": _vals(args.group_projections, bool), "base_fp8": _vals(args.base_fp8, bool),
             "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int),
             "deterministic": _vals(args.deterministic, bool),
-            "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float)}
+            "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float),
+            "optimizer": _vals(args.optimizer, str)}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch_size", "grad_accum") if getattr(args, k) != str(DEFAULTS[k])}
         base.update({k: v for k, v in TINY.items() if k not in ("max_seq_len", "micro_batch_size", "grad_accum")

@@ -87,6 +87,8 @@ def setting_label(s: dict) -> str:
         parts.append(f"r{s['lora_r']}")
     if s["lora_dropout"] != 0.05:
         parts.append(f"do{s['lora_dropout']:g}")
+    if s.get("optimizer", "paged_adamw_8bit") != "paged_adamw_8bit":
+        parts.append(s["optimizer"])
     return " ".join(parts)
 
 

@@ -7,12 +7,14 @@
 #
 # Parts, run in the order given while time is left (END_S seconds from the start, default 540):
 #   grp   Llama-3-8B shape, 2 x 4 x 2048, dropout 0, CUDA graphs, rebuilt inputs, no layer recomputed:
-#         group_projections off then on; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
+#         group_projections off then on; with it on, the unpaged 8-bit and torch's fused AdamW; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on
 #   long  one 262,144-token Llama-3-8B row: every layer recomputed from offloaded inputs, cuDNN attention,
 #         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
+#         (LONG_S: its time limit, default 330 s)
 #   longu the same row with untiled MLPs (the comparison for `long`)
+#   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
 # Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
@@ -54,16 +56,17 @@ for part in "$@"; do
   echo "== $part at $(( $(date +%s) - t0 )) s"
   case $part in
     grp)   ours grp 110 --model random:llama3-8b $ROWS --group_projections off,on
+           ours grp 110 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit,adamw
            unsloth grp /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only grouped 2>&1 | grep -v Warn | tail -14 ) \
              | tee "$OUT/check_grouped.txt" ;;
     fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on ;;
-    long)  ours long 330 $LONG --mlp_tile_tokens 32768 ;;
-    longu) ours long 330 $LONG --mlp_tile_tokens 0 ;;
-    r32)   ours r32 150 --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 3 \
+    long)  ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 32768 ;;
+    longu) ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 0 ;;
+    r32|r32o) ours r32 150 --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 3 \
              --lora_dropout 0 --base_fp8 on --recompute_layers=22 --rebuild_inputs on --offload_recompute on --attn_backend cudnn
-           unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
+           [ "$part" = r32o ] || unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
     *)     echo "unknown part $part" ;;
   esac
 done

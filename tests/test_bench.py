@@ -101,10 +101,13 @@ def test_guanaco_lengths_and_synthetic_examples():
 def test_config_keys_are_taken_and_old_flags_name_the_new_key(tmp_path):
     # Config's own keys select the setting; each setting of a comma list is one record
     proc = _run(["--tiny", "--micro_batch_size", "1", "--grad_accum", "2", "--recompute_layers=1",
-                 "--deterministic", "off,on", "--no_plot", "--out", str(tmp_path)], timeout=300)
+                 "--deterministic", "off,on", "--optimizer", "adamw", "--no_plot", "--out", str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert sorted((r["grad_accum"], r["deterministic"]) for r in recs) == [(2, False), (2, True)]
+    # the optimizer key reaches the step: torch's AdamW, not the default bitsandbytes one
+    assert all(r["optimizer"] == "adamw" and r["optimizer_class"].startswith("torch.optim") for r in recs), \
+        [r.get("optimizer_class") for r in recs]
     assert all(r["status"] == "ok" and r["micro_batch_size"] == 1 and r["recompute_layers"] == 1 for r in recs)
     assert all(r["tokens_per_step"] == 64 * r["grad_accum"] for r in recs)
     # a flag of the old bench.py: one line that names the key to use, nothing runs
