@@ -56,7 +56,7 @@ from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 # every grid key is a Config key, spelled as train.py takes it; so is every other key of CONFIG_KEYS
 GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
              "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8",
-             "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens", "optimizer")
+             "recompute_attention", "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens", "optimizer")
 CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
 OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
@@ -64,12 +64,13 @@ OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "
              "offload": "offload_recompute", "fp8": "base_fp8"}
 # the seed recipe has none of these
 OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
-             "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8", "deterministic", "mlp_tile_tokens")
+             "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8", "deterministic", "mlp_tile_tokens",
+             "recompute_attention")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch_size=2, grad_accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch_size", "grad_accum", "packing",
               "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs",
-              "group_projections", "mlp_tile_tokens", "base_fp8", "deterministic", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "recompute_attention", "group_projections", "mlp_tile_tokens", "base_fp8", "deterministic", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -205,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--offload_recompute", default="off", help="recomputed layers' inputs in host memory on,off (ours only)")
     p.add_argument("--mlp_tile_tokens", default="0", help="MLPs in tiles of this many tokens when a micro-batch holds "
                    "more (ours only; 0 off), e.g. 0,16384")
+    p.add_argument("--recompute_attention", default="on", help="recomputed layers run attention again on,off "
+                   "(off keeps its output; ours only)")
     p.add_argument("--rebuild_inputs", default="off", help="layers that do not recompute rebuild their projections' "
                    "inputs in backward on,off (ours only)")
     p.add_argument("--group_projections", default="off", help="q/k/v and gate/up as one autograd node each on,off "
@@ -272,6 +275,7 @@ def settings(args) -> list[dict]:
             "recompute_layers": _vals(args.recompute_layers, int), "fused_lora": _vals(args.fused_lora, bool),
             "kernels": _vals(args.kernels, str), "seeded_dropout": _vals(args.seeded_dropout, bool), "cuda_graphs": _vals(args.cuda_graphs, bool),
             "offload_recompute": _vals(args.offload_recompute, bool),
+            "recompute_attention": _vals(args.recompute_attention, bool),
             "rebuild_inputs": _vals(args.rebuild_inputs, bool),
             "group_projections": _vals(args.group_projections, bool), "base_fp8": _vals(args.base_fp8, bool),
             "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int),

@@ -79,6 +79,8 @@ def setting_label(s: dict) -> str:
     parts += [short for key, short in (("seeded_dropout", "seeded_dropout"), ("cuda_graphs", "cuda_graphs"),
                                        ("offload_recompute", "offload_recompute"), ("rebuild_inputs", "rebuild_inputs"), ("group_projections", "grouped"),
                                        ("deterministic", "deterministic")) if s.get(key)]
+    if not s.get("recompute_attention", True):
+        parts.append("attn_kept")
     if s.get("mlp_tile_tokens"):
         parts.append(f"mlp_tiles{s['mlp_tile_tokens']}")
     if s.get("base_fp8"):

@@ -14,6 +14,7 @@
 #         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
 #         (LONG_S: its time limit, default 330 s)
 #   longu the same row with untiled MLPs (the comparison for `long`)
+#         (R32_LAYERS, R32_ATTN: comma lists for --recompute_layers, --recompute_attention; R32_S: time limit)
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
@@ -64,8 +65,9 @@ for part in "$@"; do
     fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on ;;
     long)  ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 32768 ;;
     longu) ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 0 ;;
-    r32|r32o) ours r32 150 --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 3 \
-             --lora_dropout 0 --base_fp8 on --recompute_layers=22 --rebuild_inputs on --offload_recompute on --attn_backend cudnn
+    r32|r32o) ours r32 "${R32_S:-150}" --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 \
+             --warmup 1 --steps 3 --lora_dropout 0 --base_fp8 on --recompute_layers="${R32_LAYERS:-22}" \
+             --recompute_attention "${R32_ATTN:-on}" --rebuild_inputs on --offload_recompute on --attn_backend cudnn
            [ "$part" = r32o ] || unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
     *)     echo "unknown part $part" ;;
   esac

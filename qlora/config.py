@@ -49,6 +49,8 @@ class Config:
     cuda_graphs: bool = False  # capture each micro-batch's forward+backward as one CUDA graph (qlora/speed/cuda_graphs.py):
     # no per-kernel host cost; one GPU, packed rows padded to max_seq_len
     offload_recompute: bool = False  # recomputed layers keep their inputs in pinned host memory (long rows)
+    recompute_attention: bool = True  # recomputed layers run their attention kernel again in backward; false keeps
+    # its output (hidden x 2 + heads x 4 bytes per token and layer) and recomputes the rest (qlora/speed/keep_attention.py)
     rebuild_inputs: bool = False  # layers that do not recompute rebuild the norm outputs and the gated MLP activation
     # their 4-bit projections read, in backward, instead of keeping them (qlora/speed/rebuild.py): bitwise the same
     # training, 1/3 less memory per such layer, so fewer layers need to recompute; needs fused_lora

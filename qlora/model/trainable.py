@@ -14,6 +14,7 @@ from ..distributed.fsdp import fuse_on_gathered_weights
 from ..speed.kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
 from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
+from ..speed.keep_attention import keep_attention_contexts
 from ..speed.offload import offloaded_checkpoint
 from ..speed.grouped import count as grouped_count, group_projections
 from ..speed.rebuild import count as rebuilt_count, use_rebuilt_inputs
@@ -80,22 +81,27 @@ def untrained_adapters(model_or_tensors) -> list[str]:
     return frozen
 
 
-def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, offload: bool = False) -> int:
+def enable_checkpointing(model, layers: int = -1, preserve_rng: bool = True, offload: bool = False,
+                         keep_attention: bool = False) -> int:
     """Non-reentrant activation checkpointing (no need for inputs that require grad; composes with DDP
     without the unused-parameter search) of the first `layers` decoder layers (-1: all). The others
     keep their activations: faster (no recompute) at the cost of memory. `preserve_rng` stashes and
     restores the RNG state for the recompute (needed only when the layer draws random numbers: torch's
-    dropout); `offload` keeps the checkpointed inputs in host memory (qlora/speed/offload.py). Returns how
-    many layers recompute."""
+    dropout); `offload` keeps the checkpointed inputs in host memory (qlora/speed/offload.py);
+    `keep_attention` keeps each recomputed layer's attention output instead of running the kernel again
+    (qlora/speed/keep_attention.py). Returns how many layers recompute."""
     # transformers >= 5.24 names it activation checkpointing; the old name warns there
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False, "preserve_rng_state": preserve_rng})
+    context_fn = keep_attention_contexts if keep_attention else None
+    enable({"use_reentrant": False, "preserve_rng_state": preserve_rng,
+            **({"context_fn": context_fn} if context_fn else {})})
     blocks = decoder_layers(model)
     keep = len(blocks) if layers < 0 else min(layers, len(blocks))
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < keep
+        block._qlora_keeps_attention = keep_attention and i < keep
         if offload and i < keep:
-            block._gradient_checkpointing_func = offloaded_checkpoint(preserve_rng)
+            block._gradient_checkpointing_func = offloaded_checkpoint(preserve_rng, context_fn)
     return keep
 
 
@@ -106,6 +112,8 @@ def describe_speedups(model) -> str:
     """One line: how many layers recompute, how many linears are fused, which kernels are in."""
     blocks = decoder_layers(model)
     ckpt = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
+    kept = sum(bool(getattr(b, "gradient_checkpointing", False) and getattr(b, "_qlora_keeps_attention", False))
+               for b in blocks)
     fused = sum(bool(getattr(m, FUSED_ATTR, False)) for m in model.modules())
     liger = sum(bool(getattr(m, LIGER_ATTR, False)) for m in model.modules())
     fp8 = sum(bool(getattr(m, FP8_ATTR, False)) for m in model.modules())
@@ -121,7 +129,8 @@ def describe_speedups(model) -> str:
                    "linear (fused projections such as Phi-3's, or LoRA targets without the whole set)")
     unpatched = getattr(model, NO_PATCH_ATTR, None)
     off = f"off (liger-kernel has no patch for model type '{unpatched}')" if unpatched else "off"
-    return (f"checkpointing {ckpt}/{len(blocks)} layers, fused NF4+LoRA linears {fused}{extras}, "
+    kept_note = f" (attention output kept in {kept})" if kept else ""
+    return (f"checkpointing {ckpt}/{len(blocks)} layers{kept_note}, fused NF4+LoRA linears {fused}{extras}, "
             f"liger kernels {f'on ({liger} modules)' if liger else off}")
 
 
@@ -156,7 +165,7 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
     if cfg.recompute:
         # only torch's dropout draws random numbers in a layer; a seeded mask needs no RNG state
         enable_checkpointing(model, cfg.recompute_layers, preserve_rng=cfg.lora_dropout > 0 and not seeded,
-                             offload=cfg.offload_recompute)
+                             offload=cfg.offload_recompute, keep_attention=not cfg.recompute_attention)
     if fused:
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
                   cfg.fp8_exclude)

@@ -19,8 +19,9 @@ import torch
 
 class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, preserve_rng: bool, anchor, hidden, *rest):
+    def forward(ctx, run, preserve_rng: bool, contexts, anchor, hidden, *rest):
         ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
+        keep, ctx.recompute_ctx = contexts if contexts is not None else (contextlib.nullcontext(), None)
         ctx.rng = rng_state(hidden.device) if preserve_rng else None
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
         if hidden.is_cuda:
@@ -34,7 +35,7 @@ class _OffloadedLayer(torch.autograd.Function):
             host.copy_(hidden)
             ctx.copied = None
         ctx.host = host
-        with torch.no_grad():
+        with torch.no_grad(), keep:
             return run(hidden, *rest)
 
     @staticmethod
@@ -43,12 +44,14 @@ class _OffloadedLayer(torch.autograd.Function):
             ctx.copied.synchronize()  # the forward copy has landed in host memory
         hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.host = None
-        with replayed_rng(ctx.rng, ctx.device), torch.enable_grad():
+        again = ctx.recompute_ctx if ctx.recompute_ctx is not None else contextlib.nullcontext()
+        with replayed_rng(ctx.rng, ctx.device), torch.enable_grad(), again:
             out = ctx.run(hidden, *ctx.rest)
+        ctx.recompute_ctx = None
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, hidden.grad) + (None,) * len(ctx.rest)
+        return (None, None, None, None, hidden.grad) + (None,) * len(ctx.rest)
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -77,14 +80,16 @@ def _copy_stream(device) -> torch.cuda.Stream:
     return _STREAMS[device]
 
 
-def offloaded_checkpoint(preserve_rng: bool = True):
+def offloaded_checkpoint(preserve_rng: bool = True, context_fn=None):
     """A `_gradient_checkpointing_func` for transformers' checkpointed layers: `func(run, hidden, *rest)`,
-    where `run` is the layer's forward with its keyword arguments bound."""
+    where `run` is the layer's forward with its keyword arguments bound. `context_fn` as torch's checkpoint
+    takes it: a (forward, recompute) context pair per call (qlora/speed/keep_attention.py)."""
     # an input that requires grad, so backward reaches the layer (and its LoRA weights) even when the
     # hidden states do not (the first layer's input comes from frozen embeddings)
     anchor = torch.empty(0, requires_grad=True)
 
     def func(run, hidden, *rest):
-        return _OffloadedLayer.apply(run, preserve_rng, anchor, hidden, *rest)
+        contexts = context_fn() if context_fn is not None else None
+        return _OffloadedLayer.apply(run, preserve_rng, contexts, anchor, hidden, *rest)
 
     return func

@@ -109,6 +109,13 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("offload_recompute", lambda c: c.offload_recompute, "false",
            "recomputed layers keep their inputs in pinned host memory (very long rows)", "qlora/speed/offload.py",
            (RECOMPUTE,)),
+    Switch("recompute_attention", lambda c: not c.recompute_attention, "true",
+           "false: recomputed layers keep their attention output and log-sum-exp instead of running the attention kernel "
+           "again (long rows: the kernel is the dearest part of a recompute)", "qlora/speed/keep_attention.py",
+           (RECOMPUTE, Need("cuda_graphs false (not verified inside a capture)", lambda c, w: not c.cuda_graphs),
+            Need("attn_backend other than flex (flex attention is not one op whose output can be kept)",
+                 lambda c, w: c.attn_backend != "flex"),
+            Need("no FSDP (its gathers run inside the recomputed region)", lambda c, w: not w.fsdp))),
     Switch("rebuild_inputs", lambda c: c.rebuild_inputs, "false",
            "layers that do not recompute rebuild their projections' inputs (norm outputs, gated MLP activation) in "
            "backward instead of keeping them: bitwise the same, 1/3 less memory per such layer", "qlora/speed/rebuild.py",
