@@ -12,7 +12,7 @@
 #   fp8   the grp setting with base_fp8 and group_projections on
 #   long  one 262,144-token Llama-3-8B row: every layer recomputed from offloaded inputs, cuDNN attention,
 #         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
-#         (LONG_S: its time limit, default 330 s)
+#         (LONG_S: its time limit, default 330 s; LONG_WARM: warm-up steps, default 1)
 #   longu the same row with untiled MLPs (the comparison for `long`)
 #         (R32_LAYERS, R32_ATTN: comma lists for --recompute_layers, --recompute_attention; R32_S: time limit)
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
@@ -49,7 +49,7 @@ L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_atte
 L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
     vocab_size=32000 max_position_embeddings=4096)
 ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
-LONG="--model random:llama3-8b --max_seq_len 262144 --micro_batch_size 1 --grad_accum 1 --warmup 1 --steps 1 --lora_dropout 0
+LONG="--model random:llama3-8b --max_seq_len 262144 --micro_batch_size 1 --grad_accum 1 --warmup ${LONG_WARM:-1} --steps 1 --lora_dropout 0
       --attn_backend cudnn --recompute_layers=-1 --offload_recompute on"
 
 for part in "$@"; do
