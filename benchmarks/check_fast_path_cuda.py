@@ -77,7 +77,7 @@ class SeededMaskDropout(torch.nn.Module):
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
-        fp8=False, seam=None, rebuild=False, grouped=False):
+        fp8=False, seam=None, rebuild=False, grouped=False, keep_attn=False):
     seam = seam or train.micro_batch_loss
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
@@ -85,7 +85,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
                       lora_dropout=dropout, fused_lora=fused, kernels=kernels, recompute_layers=ckpt_layers,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
                       seeded_dropout=seeded and fused, offload_recompute=offload, base_fp8=fp8,
-                      rebuild_inputs=rebuild, group_projections=grouped)
+                      rebuild_inputs=rebuild, group_projections=grouped, recompute_attention=not keep_attn)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -275,6 +275,9 @@ def main():
                      ("+ckpt0+rebuild+grouped", True, "liger", 0, auto, {"rebuild": True, "grouped": True}),
                      ("+graphs ckpt 1+grouped", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "grouped": True}),
+                     ("+attn kept", True, "liger", -1, auto, {"keep_attn": True}),
+                     ("+attn kept cudnn", True, "liger", -1, "cudnn", {"keep_attn": True}),
+                     ("+attn kept+offload", True, "liger", -1, auto, {"keep_attn": True, "offload": True}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
@@ -283,6 +286,7 @@ def main():
                      ("fused+ckpt0+rebuild", True, "none", 0, auto, {"rebuild": True}),
                      ("fused+grouped", True, "none", -1, auto, {"grouped": True}),
                      ("fused+offload", True, "none", -1, auto, {"offload": True}),
+                     ("fused+attn kept", True, "none", -1, auto, {"keep_attn": True}),
                      ("fp8: fused", True, "none", -1, auto, {"fp8": True})]
     if args.only:
         variants = [v for v in variants if any(f in v[0] for f in args.only.split(","))]
