@@ -7,7 +7,7 @@
 #
 # Parts, run in the order given while time is left (END_S seconds from the start, default 540):
 #   grp   Llama-3-8B shape, 2 x 4 x 2048, dropout 0, CUDA graphs, rebuilt inputs, no layer recomputed:
-#         group_projections off then on; with it on, the unpaged 8-bit and torch's fused AdamW; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
+#         group_projections off then on; with it on, torch's fused AdamW; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on
 #   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length): every layer recomputed from offloaded inputs, cuDNN attention,
@@ -58,7 +58,7 @@ for part in "$@"; do
   echo "== $part at $(( $(date +%s) - t0 )) s"
   case $part in
     grp)   ours grp 110 --model random:llama3-8b $ROWS --group_projections off,on
-           ours grp 110 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit,adamw
+           ours grp 110 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw
            unsloth grp /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
