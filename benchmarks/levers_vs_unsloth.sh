@@ -8,9 +8,10 @@
 # Parts, run in the order given while time is left (END_S seconds from the start, default 540):
 #   grp   Llama-3-8B shape, 2 x 4 x 2048, dropout 0, CUDA graphs, rebuilt inputs, no layer recomputed:
 #         group_projections off then on; with it on, torch's fused AdamW; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
+#   grp2  Llama-2-7B shape, the grp setting with group_projections on, 8-bit then fused AdamW; then Unsloth on it
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
-#   fp8   the grp setting with base_fp8 and group_projections on
-#   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length): every layer recomputed from offloaded inputs, cuDNN attention,
+#   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
+#   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length; LONG_MODEL: another random: shape): every layer recomputed from offloaded inputs, cuDNN attention,
 #         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
 #         (LONG_S: its time limit, default 330 s; LONG_WARM: warm-up steps, default 1)
 #   longu the same row with untiled MLPs (the comparison for `long`)
@@ -50,7 +51,7 @@ L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_atte
 L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
     vocab_size=32000 max_position_embeddings=4096)
 ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
-LONG="--model random:llama3-8b --max_seq_len ${LONG_TOKENS:-262144} --micro_batch_size 1 --grad_accum 1 --warmup ${LONG_WARM:-1} --steps 1 --lora_dropout 0
+LONG="--model random:${LONG_MODEL:-llama3-8b} --max_seq_len ${LONG_TOKENS:-262144} --micro_batch_size 1 --grad_accum 1 --warmup ${LONG_WARM:-1} --steps 1 --lora_dropout 0
       --attn_backend cudnn --recompute_layers=-1 --offload_recompute on"
 
 for part in "$@"; do
@@ -63,7 +64,9 @@ for part in "$@"; do
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
              | tee "$OUT/check.txt" ;;
-    fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on ;;
+    fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on --optimizer "${FP8_OPT:-adamw_8bit}" ;;
+    grp2)  ours grp2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit,adamw
+           unsloth grp2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     long)  ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 32768 ;;
     longu) ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 0 ;;
     r32|r32o) ours r32 "${R32_S:-150}" --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 \
