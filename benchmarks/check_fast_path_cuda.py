@@ -278,6 +278,7 @@ def main():
                      ("+attn kept", True, "liger", -1, auto, {"keep_attn": True}),
                      ("+attn kept cudnn", True, "liger", -1, "cudnn", {"keep_attn": True}),
                      ("+attn kept+offload", True, "liger", -1, auto, {"keep_attn": True, "offload": True}),
+                     ("+attn kept cudnn+offload", True, "liger", -1, "cudnn", {"keep_attn": True, "offload": True}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]

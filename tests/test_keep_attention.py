@@ -70,6 +70,59 @@ def test_same_numbers_attention_once(sql_examples_tiny, offload, dropout):
     assert "checkpointing 2/2 layers (attention output kept in 2)" in describe_speedups(model)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_unfused_linears(sql_examples_tiny, offload):
+    # peft's and bitsandbytes' own 4-bit linears: torch's selective checkpointing matches the recompute's ops
+    # to the forward's, so the offloaded forward must run them as the recompute does (with grad on)
+    check_same_and_fewer("random:tiny", sql_examples_tiny, layers=2, offload_recompute=offload, fused_lora=False)
+
+
+@torch.library.custom_op("qlora_test::lse_attention", mutates_args=())
+def lse_attention(q: torch.Tensor, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like SDPA's efficient and cuDNN kernels on CUDA: the log-sum-exp its backward reads is written only when
+    grad is on and an input requires it (aten's should_compute_logsumexp), else it is empty."""
+    return q.softmax(-1), q.logsumexp(-1) if with_lse else q.new_empty(q.shape[:-1] + (0,))
+
+
+def _lse_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _lse_backward(ctx, grad_out, _grad_lse):
+    q, lse = ctx.saved_tensors
+    p = (q - lse.unsqueeze(-1)).exp()  # the softmax rebuilt from the kept log-sum-exp
+    return p * (grad_out - (grad_out * p).sum(-1, keepdim=True)), None
+
+
+lse_attention.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+def test_kernel_that_writes_lse_only_under_grad(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora.speed import keep_attention
+    from qlora.speed.offload import offloaded_checkpoint
+
+    monkeypatch.setattr(keep_attention, "ATTENTION_OPS", ATTENTION_OPS | {"qlora_test.lse_attention"})
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+
+    def layer(h):
+        q = h @ w
+        return lse_attention(q, torch.is_grad_enabled() and q.requires_grad)[0]
+
+    def grad_of(call):
+        w.grad = None
+        (call() * torch.arange(8.0)).sum().backward()
+        return w.grad.clone()
+
+    want = grad_of(lambda: checkpoint(layer, x, use_reentrant=False))
+    kept = grad_of(lambda: checkpoint(layer, x, use_reentrant=False, context_fn=keep_attention.keep_attention_contexts))
+    offloaded = grad_of(lambda: offloaded_checkpoint(True, keep_attention.keep_attention_contexts)(layer, x))
+    assert want.abs().max() > 0
+    assert torch.equal(kept, want) and torch.equal(offloaded, want)
+
+
 def test_only_recomputed_layers_keep(sql_examples_tiny):
     model = check_same_and_fewer("random:tiny", sql_examples_tiny, layers=2, recompute_layers=1)
     assert "checkpointing 1/2 layers (attention output kept in 1)" in describe_speedups(model)

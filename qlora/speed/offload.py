@@ -35,8 +35,16 @@ class _OffloadedLayer(torch.autograd.Function):
             host.copy_(hidden)
             ctx.copied = None
         ctx.host = host
-        with torch.no_grad(), keep:
-            return run(hidden, *rest)
+        if contexts is None:
+            with torch.no_grad():
+                return run(hidden, *rest)
+        # Kept ops (qlora/speed/keep_attention.py) must run here as they will in the recompute: with grad
+        # on and an input that requires it. SDPA's efficient and cuDNN kernels write the log-sum-exp their
+        # backward reads only then, and torch's selective checkpointing matches the recompute's ops to
+        # these. Nothing is saved for a backward of this graph (it has none): it dies with the layer call.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked), keep:
+            out = run(hidden.detach().requires_grad_(True), *rest)
+        return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
 
     @staticmethod
     def backward(ctx, *grads):
@@ -52,6 +60,14 @@ class _OffloadedLayer(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, None, hidden.grad) + (None,) * len(ctx.rest)
+
+
+def _discard(tensor):
+    return None
+
+
+def _never_unpacked(_):
+    raise RuntimeError("the offloaded forward keeps no graph for backward")
 
 
 def rng_state(device: torch.device) -> tuple:
