@@ -251,16 +251,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _vals(text: str, kind):
+def _vals(text: str, kind, key: str):
+    """The comma-separated values of one sweep option, as `kind`; a bad one stops bench.py with one line."""
     out = []
     for v in str(text).split(","):
         v = v.strip()
         if kind is bool:
             if v.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-                raise SystemExit(f"expected on/off, got {v!r}")
+                raise SystemExit(f"error: --{key}: expected on or off (a comma list to sweep), got {v!r}")
             out.append(v.lower() in ("on", "true", "1", "yes"))
         else:
-            out.append(kind(v))
+            try:
+                out.append(kind(v))
+            except ValueError:
+                raise SystemExit(f"error: --{key}: expected {kind.__name__} values (a comma list to sweep), got {v!r}") from None
     return out
 
 
@@ -269,19 +273,19 @@ def settings(args) -> list[dict]:
                 compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha,
                 fp8_exclude=[v for v in args.fp8_exclude.split(",") if v],
                 profile=args.profile)
-    grid = {"data": _vals(args.data, str), "max_seq_len": _vals(args.max_seq_len, int),
-            "micro_batch_size": _vals(args.micro_batch_size, int), "grad_accum": _vals(args.grad_accum, int),
-            "packing": _vals(args.packing, bool), "attn_backend": _vals(args.attn_backend, str), "recompute": _vals(args.recompute, bool),
-            "recompute_layers": _vals(args.recompute_layers, int), "fused_lora": _vals(args.fused_lora, bool),
-            "kernels": _vals(args.kernels, str), "seeded_dropout": _vals(args.seeded_dropout, bool), "cuda_graphs": _vals(args.cuda_graphs, bool),
-            "offload_recompute": _vals(args.offload_recompute, bool),
-            "recompute_attention": _vals(args.recompute_attention, bool),
-            "rebuild_inputs": _vals(args.rebuild_inputs, bool),
-            "group_projections": _vals(args.group_projections, bool), "base_fp8": _vals(args.base_fp8, bool),
-            "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int),
-            "deterministic": _vals(args.deterministic, bool),
-            "lora_r": _vals(args.lora_r, int), "lora_dropout": _vals(args.lora_dropout, float),
-            "optimizer": _vals(args.optimizer, str)}
+    grid = {"data": _vals(args.data, str, "data"), "max_seq_len": _vals(args.max_seq_len, int, "max_seq_len"),
+            "micro_batch_size": _vals(args.micro_batch_size, int, "micro_batch_size"), "grad_accum": _vals(args.grad_accum, int, "grad_accum"),
+            "packing": _vals(args.packing, bool, "packing"), "attn_backend": _vals(args.attn_backend, str, "attn_backend"), "recompute": _vals(args.recompute, bool, "recompute"),
+            "recompute_layers": _vals(args.recompute_layers, int, "recompute_layers"), "fused_lora": _vals(args.fused_lora, bool, "fused_lora"),
+            "kernels": _vals(args.kernels, str, "kernels"), "seeded_dropout": _vals(args.seeded_dropout, bool, "seeded_dropout"), "cuda_graphs": _vals(args.cuda_graphs, bool, "cuda_graphs"),
+            "offload_recompute": _vals(args.offload_recompute, bool, "offload_recompute"),
+            "recompute_attention": _vals(args.recompute_attention, bool, "recompute_attention"),
+            "rebuild_inputs": _vals(args.rebuild_inputs, bool, "rebuild_inputs"),
+            "group_projections": _vals(args.group_projections, bool, "group_projections"), "base_fp8": _vals(args.base_fp8, bool, "base_fp8"),
+            "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int, "mlp_tile_tokens"),
+            "deterministic": _vals(args.deterministic, bool, "deterministic"),
+            "lora_r": _vals(args.lora_r, int, "lora_r"), "lora_dropout": _vals(args.lora_dropout, float, "lora_dropout"),
+            "optimizer": _vals(args.optimizer, str, "optimizer")}
     if args.tiny:
         explicit = {k for k in ("max_seq_len", "micro_batch_size", "grad_accum") if getattr(args, k) != str(DEFAULTS[k])}
         base.update({k: v for k, v in TINY.items() if k not in ("max_seq_len", "micro_batch_size", "grad_accum")

@@ -116,6 +116,13 @@ def test_config_keys_are_taken_and_old_flags_name_the_new_key(tmp_path):
         assert proc.returncode == 2
         assert f"{old} was renamed to {new}" in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "old").exists()
+    # a bad value in a sweep list: one error line naming the option, no traceback, nothing runs
+    for flag, bad, want in (("--recompute_attention", "on,maybe", "expected on or off"),
+                            ("--recompute_layers", "1,x", "expected int values")):
+        proc = _run([flag, bad, "--tiny", "--out", str(tmp_path / "bad")])
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"error: {flag}: {want} (a comma list to sweep), got {bad.split(',')[1]!r}"
+        assert not (tmp_path / "bad" / "bench.jsonl").exists()
 
 
 def test_spider_table_aggregates_seeds_and_tests_parity(tmp_path):

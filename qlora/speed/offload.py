@@ -21,7 +21,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, preserve_rng: bool, contexts, anchor, hidden, *rest):
         ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
-        keep, ctx.recompute_ctx = contexts if contexts is not None else (contextlib.nullcontext(), None)
+        ctx.recompute_ctx = None if contexts is None else contexts[1]
         ctx.rng = rng_state(hidden.device) if preserve_rng else None
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
         if hidden.is_cuda:
@@ -42,7 +42,7 @@ class _OffloadedLayer(torch.autograd.Function):
         # on and an input that requires it. SDPA's efficient and cuDNN kernels write the log-sum-exp their
         # backward reads only then, and torch's selective checkpointing matches the recompute's ops to
         # these. Nothing is saved for a backward of this graph (it has none): it dies with the layer call.
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked), keep:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked), contexts[0]:
             out = run(hidden.detach().requires_grad_(True), *rest)
         return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
 
