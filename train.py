@@ -186,7 +186,11 @@ def restore(run: Run, path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, "
                                   f"this run has {acc.num_processes}: resume with the same number")
         load_adapter_weights(run.model, path)
-        run.optimizer.load_state_dict(optim_state)
+        try:
+            run.optimizer.load_state_dict(optim_state)
+        except (ValueError, KeyError) as e:  # saved by another optimizer
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: its optimizer.pt does not fit optimizer "
+                                  f"'{run.cfg.optimizer}' ({e}): resume with the optimizer it was saved with") from None
         set_rng_state(rng.get(f"rank{acc.process_index}", rng))
     run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
     run.batches.state = DataState(**state["data"])

@@ -219,8 +219,8 @@ def parse_args(argv=None):
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
-    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="paged_adamw_8bit,adamw_8bit,adamw (the seed "
-                   "recipe takes the same names)")
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="paged_adamw_8bit,adamw_8bit,adamw_8bit_flat,adamw "
+                   "(the seed recipe takes the bitsandbytes and torch names)")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
     p.add_argument("--lora_alpha", type=float, default=DEFAULTS["lora_alpha"])
     p.add_argument("--lora_dropout", default=str(DEFAULTS["lora_dropout"]))

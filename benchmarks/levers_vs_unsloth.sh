@@ -4,11 +4,14 @@
 # bitsandbytes and liger-kernel the project's runs use):
 #
 #   OUT=/tmp/levers END_S=540 bash benchmarks/levers_vs_unsloth.sh grp chk fp8 long r32
+#   OUT=/tmp/levers bash benchmarks/levers_vs_unsloth.sh flat
 #
 # Parts, run in the order given while time is left (END_S seconds from the start, default 540):
 #   grp   Llama-3-8B shape, 2 x 4 x 2048, dropout 0, CUDA graphs, rebuilt inputs, no layer recomputed:
 #         group_projections off then on; with it on, torch's fused AdamW; then Unsloth 2 x 1 x 2048 on the same shape (CKPT=true)
 #   grp2  Llama-2-7B shape, the grp setting with group_projections on, 8-bit then fused AdamW; then Unsloth on it
+#   flat  Llama-3-8B then Llama-2-7B, the grp setting with group_projections on: bitsandbytes' paged 8-bit AdamW
+#         then adamw_8bit_flat (the same update over all tensors at once); then Unsloth on each shape
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
 #   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length; LONG_MODEL: another random: shape): every layer recomputed from offloaded inputs, cuDNN attention,
@@ -61,6 +64,10 @@ for part in "$@"; do
     grp)   ours grp 110 --model random:llama3-8b $ROWS --group_projections off,on
            ours grp 110 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw
            unsloth grp /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    flat)  ours flat 110 --model random:llama3-8b $ROWS --group_projections on --optimizer paged_adamw_8bit,adamw_8bit_flat
+           unsloth flat /tmp/l3 2,1,2048 true "${L3[@]}"
+           ours flat2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer paged_adamw_8bit,adamw_8bit_flat
+           unsloth flat2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
              | tee "$OUT/check.txt" ;;

@@ -88,7 +88,7 @@ class Config:
     warmup_steps: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decoupled weight decay on LoRA weights
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
-    optimizer: str = "paged_adamw_8bit"  # "paged_adamw_8bit", "adamw_8bit" (bitsandbytes) or "adamw" (torch)
+    optimizer: str = "paged_adamw_8bit"  # "paged_adamw_8bit", "adamw_8bit" (bitsandbytes), "adamw_8bit_flat" or "adamw" (torch)
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     seed: int = 42  # seeds data order, LoRA init and dropout
     deterministic: bool = False  # bitwise-reproducible GPU runs: fixed-order kernels, slower (qlora/training/determinism.py)
@@ -312,7 +312,7 @@ _CHOICES = {
     "attn_backend": ("auto", "sdpa", "varlen", "cudnn", "flex", "eager"),
     "kernels": ("auto", "liger", "none"),
     "overlong": ("drop", "truncate"),
-    "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw_8bit_flat", "adamw"),
     "tracker": ("auto", "tensorboard", "none"),
 }
 # the allowed range of every numeric field, and what its edge values mean

@@ -24,6 +24,9 @@ VARIANTS = {
     "fp32": ["--quant", "none", "--compute_dtype", "float32", "--optimizer", "adamw"],
     "nf4_paged8bit": ["--quant", "nf4", "--compute_dtype", "float32", "--optimizer", "paged_adamw_8bit",
                       "--recompute", "true"],
+    # rank 64 on hidden 64: most LoRA tensors take 8-bit state, k/v's B (2,048 elements) 32-bit
+    "nf4_flat8bit": ["--quant", "nf4", "--compute_dtype", "float32", "--optimizer", "adamw_8bit_flat",
+                     "--lora_r", "64"],
 }
 
 
@@ -126,6 +129,9 @@ def test_resume_errors_are_clear_and_lose_nothing(tmp_path):
 
     assert "already holds another run" in error_of()
     assert "was made by a different run (lora_r" in error_of("--resume", "auto", "--lora_r", "4")
+    # torch AdamW's state into the flat 8-bit one: one line, the checkpoint untouched (checked below)
+    assert "its optimizer.pt does not fit optimizer 'adamw_8bit_flat'" in error_of(
+        "--resume", "auto", "--optimizer", "adamw_8bit_flat")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text('{"step": 1, "resume_key": {}}')

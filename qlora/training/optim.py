@@ -7,13 +7,15 @@ import warnings
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..distributed.fsdp import local_shard_optimizer
+from ..speed.flat_adam import FlatAdamW8bit
 
 
 def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optimizer:
-    """Paged 8-bit AdamW (bitsandbytes) by default; `adamw_8bit` unpaged; `adamw` torch's (one fused kernel
-    for all tensors on CUDA). Under
+    """Paged 8-bit AdamW (bitsandbytes) by default; `adamw_8bit` unpaged; `adamw_8bit_flat` the same update
+    over all tensors at once (qlora/speed/flat_adam.py); `adamw` torch's (one fused kernel for all tensors on
+    CUDA). Under
     FSDP2 the bitsandbytes ones step each sharded parameter on its local shard (qlora/distributed/fsdp.py)."""
     params = [p for p in params if p.requires_grad]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
@@ -21,6 +23,11 @@ def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optim
         # on CUDA one fused kernel steps every tensor (fp32 state: 8 bytes per trainable parameter)
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params) and not fsdp
         return torch.optim.AdamW(params, eps=1e-8, fused=fused or None, **kw)
+    if cfg.optimizer == "adamw_8bit_flat":
+        if fsdp:
+            raise ConfigError("config key 'optimizer': adamw_8bit_flat steps whole tensors and cannot step FSDP2's "
+                              "shards: use paged_adamw_8bit or adamw")
+        return FlatAdamW8bit(params, eps=1e-8, **kw)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
