@@ -12,6 +12,9 @@
 #   grp2  Llama-2-7B shape, the grp setting with group_projections on, 8-bit then fused AdamW; then Unsloth on it
 #   flat  Llama-3-8B then Llama-2-7B, the grp setting with group_projections on: bitsandbytes' paged 8-bit AdamW
 #         then adamw_8bit_flat (the same update over all tensors at once); then Unsloth on each shape
+#   loop  the loop's own speed: bench.py on guanaco's length distribution, then train.py on the real guanaco rows
+#         (random:llama3-8b:49152 with the SmolLM2 tokenizer from .tok/smollm2, data from .gpudata), the grp
+#         setting with group_projections on and adamw_8bit_flat; the median tokens/s of train.py's steps 3-12
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
 #   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length; LONG_MODEL: another random: shape): every layer recomputed from offloaded inputs, cuDNN attention,
@@ -68,6 +71,15 @@ for part in "$@"; do
            unsloth flat /tmp/l3 2,1,2048 true "${L3[@]}"
            ours flat2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer paged_adamw_8bit,adamw_8bit_flat
            unsloth flat2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
+    loop)  ours loop 110 --model random:llama3-8b:49152 --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat
+           ( export PYTHONPATH=/tmp/ours/site HF_HUB_OFFLINE=1
+             timeout "$(cap 200)" python3 train.py --model random:llama3-8b:49152 --tokenizer .tok/smollm2 \
+               --datasets .gpudata/guanaco-llama2-1k.parquet:guanaco --max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 \
+               --lora_dropout 0 --cuda_graphs true --rebuild_inputs true --recompute_layers 0 --group_projections true \
+               --optimizer adamw_8bit_flat --max_steps 12 --warmup_steps 2 --eval_fraction 0 --save_every 0 \
+               --sample_prompts 0 --tracker none --output_dir "$OUT/loop/train" > "$OUT/loop_train.log" 2>&1
+             tail -2 "$OUT/loop_train.log"
+             python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; t=[x for x in r if x.get('kind')=='train' and x['step']>=3]; print('[loop] train.py median tok/s steps 3-12: %.0f, peak %s' % (statistics.median(x['tokens_per_s'] for x in t), max(x.get('peak_mem_gib', 0) for x in t)))" "$OUT/loop/train/log.jsonl" ) | tee "$OUT/loop.txt" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
              | tee "$OUT/check.txt" ;;
