@@ -15,6 +15,7 @@
 #   loop  the loop's own speed: bench.py on guanaco's length distribution, then train.py on the real guanaco rows
 #         (random:llama3-8b:49152 with the SmolLM2 tokenizer from .tok/smollm2, data from .gpudata), the grp
 #         setting with group_projections on and adamw_8bit_flat; the median tokens/s of train.py's steps 3-12
+#   u3 u2 Unsloth alone on the Llama-3-8B / Llama-2-7B shape, 2 x 1 x 2048 (to pair with a part run in the same call)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
 #   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length; LONG_MODEL: another random: shape): every layer recomputed from offloaded inputs, cuDNN attention,
@@ -80,6 +81,8 @@ for part in "$@"; do
                --sample_prompts 0 --tracker none --output_dir "$OUT/loop/train" > "$OUT/loop_train.log" 2>&1
              tail -2 "$OUT/loop_train.log"
              python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; t=[x for x in r if x.get('kind')=='train' and x['step']>=3]; print('[loop] train.py median tok/s steps 3-12: %.0f, peak %s' % (statistics.median(x['tokens_per_s'] for x in t), max(x.get('peak_mem_gib', 0) for x in t)))" "$OUT/loop/train/log.jsonl" ) | tee "$OUT/loop.txt" ;;
+    u3)    unsloth u3 /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    u2)    unsloth u2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
              | tee "$OUT/check.txt" ;;
