@@ -63,7 +63,7 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(["--config", str(tmp_path / "c.yaml")]) == cfg
 
 
-@pytest.mark.parametrize("name", ["default", "llama2-7b-guanaco", "spider", "spider-linked"])
+@pytest.mark.parametrize("name", ["default", "llama2-7b-guanaco", "spider", "spider-linked", "fast-1gpu"])
 def test_presets_load(name):
     cfg = load_config(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
