@@ -1,7 +1,8 @@
 """bitsandbytes' 8-bit blockwise AdamW, stepped over all LoRA tensors at once (`optimizer: adamw_8bit_flat`).
 
 bitsandbytes steps one tensor at a time: for a 7-8B model with LoRA on all 7 projections that is 448 tensors,
-each with its own Python call and kernel launches, ~40 ms of a ~1.3 s step for ~1 ms of GPU work. This
+each with its own Python call and kernel launches: 39 ms of a 1.3 s step in a profile, for ~1 ms of GPU work
+(stepping them at once saved 28 ms a step on an H100: benchmarks/NOTES.md, section 16). This
 optimizer keeps bitsandbytes' state and arithmetic (each tensor's two moments quantised in blocks of 256 with
 bitsandbytes' signed and unsigned dynamic maps, tensors under `min_8bit_size` elements kept in 32 bits; the
 update formulas of its CPU kernels, weight decay before the step) but lays the tensors end to end in buckets
@@ -15,7 +16,8 @@ they moved, and both stay as close to 32-bit AdamW as each other.
 
 The states live in device memory (bitsandbytes' paged ones live in CUDA managed memory, outside torch's
 allocator): 2 bytes per trainable parameter plus 8 bytes per block of 256, and the step's temporaries are
-bounded by the bucket size. One parameter group; gradients must all be present; not under FSDP.
+bounded by the bucket size. One parameter group; not under FSDP. Every tensor needs a gradient: a step where one
+has none stops with one line before anything changes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..config import ConfigError
 
 BLOCK = 256
 BUCKET = 1 << 22  # elements per bucket: bounds the step's fp32 temporaries to ~16 MiB each
@@ -98,7 +102,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"format": "adamw_8bit_flat", "step": self.step_count, "layout": self._layout,
+        buckets = [b.n for b in self.buckets] if self._layout else None
+        return {"format": "adamw_8bit_flat", "step": self.step_count, "layout": self._layout, "buckets": buckets,
                 "min_8bit_size": self.min_8bit_size, "flat": self.flat if self._layout else [], "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,6 +118,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         self._build()
         if state["layout"] != self._layout or state["min_8bit_size"] != self.min_8bit_size:
             raise ValueError("the checkpoint's adamw_8bit_flat state was saved for other trainable tensors")
+        if state.get("buckets") != [b.n for b in self.buckets] or len(state["flat"]) != len(self.flat) or any(
+                saved[k].shape != t.shape for mine, saved in zip(self.flat, state["flat"]) for k, t in mine.items()):
+            raise ValueError("the checkpoint's adamw_8bit_flat state was laid out in other buckets")
         for mine, saved in zip(self.flat, state["flat"]):
             for k, t in mine.items():
                 t.copy_(saved[k])
@@ -123,18 +131,12 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         if b.padded:
             g.zero_()
             p.zero_()
-        grads = []
-        for t in b.params:
-            if t.grad is None:
-                raise RuntimeError("optimizer adamw_8bit_flat: a trainable tensor got no gradient this step; "
-                                   "use optimizer paged_adamw_8bit, which skips such tensors")
-            grads.append(t.grad.reshape(-1))
-        torch._foreach_copy_(b.views(g), grads)
+        torch._foreach_copy_(b.views(g), [t.grad.reshape(-1) for t in b.params])
         torch._foreach_copy_(b.views(p), [t.detach().reshape(-1) for t in b.params])
         return g, p
 
     def _scatter(self, b: _Bucket, p: torch.Tensor) -> None:
-        torch._foreach_copy_([t.detach().view(-1) for t in b.params], b.views(p))
+        torch._foreach_copy_([t.detach() for t in b.params], [v.view(t.shape) for v, t in zip(b.views(p), b.params)])
 
     @staticmethod
     def _quantize(x: torch.Tensor, bounds: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> None:
@@ -145,9 +147,22 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1)
         q.copy_(torch.bucketize(scaled.view(-1), bounds, out_int32=True))
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        missing = [i for i, t in enumerate(self.param_groups[0]["params"]) if t.grad is None]
+        if missing:  # checked before anything changes: the step is all or nothing
+            t = self.param_groups[0]["params"][missing[0]]
+            raise ConfigError(f"config key 'optimizer': adamw_8bit_flat steps every trainable tensor, and {len(missing)} "
+                              f"got no gradient this step (the first: #{missing[0]}, shape {list(t.shape)}); use "
+                              "optimizer paged_adamw_8bit, which skips such tensors")
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         if self._layout is None:
             self._build()
         group = self.param_groups[0]
@@ -178,4 +193,3 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 p.mul_(1.0 - lr * wd)
             p.add_(m / (v.sqrt() + eps * c2), alpha=-lr * c2 / (1.0 - b1 ** t))
             self._scatter(self.small, p)
-        return loss
