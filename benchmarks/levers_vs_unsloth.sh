@@ -15,6 +15,9 @@
 #   loop  the loop's own speed: bench.py on guanaco's length distribution, then train.py on the real guanaco rows
 #         (random:llama3-8b:49152 with the SmolLM2 tokenizer from .tok/smollm2, data from .gpudata), the grp
 #         setting with group_projections on and adamw_8bit_flat; the median tokens/s of train.py's steps 3-12
+#   gem   Gemma 3 4B text shape: ours (the flat setting, bf16 then base_fp8), then Unsloth on the same shape
+#         (U_PREP_S / U_RUN_S: its prepare and run time limits, default 90 and 150 s; its Gemma 3 run has needed
+#         more than 130 s before printing anything)
 #   u3 u2 Unsloth alone on the Llama-3-8B / Llama-2-7B shape, 2 x 1 x 2048 (to pair with a part run in the same call)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
 #   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
@@ -49,12 +52,14 @@ ours() {  # ours PART TIMEOUT bench-args...
 unsloth() {  # unsloth PART DIR ROWSxMBxLEN CKPT model_type config...
   local part=$1 dir=$2 cfg=$3 ckpt=$4; shift 4
   ( export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
-    timeout "$(cap 90)" python3 .unsloth/anchor.py prepare "$dir" "$@" 2>&1 | tail -1
-    CKPT=$ckpt STEPS=4 WARM=1 timeout "$(cap 150)" python3 .unsloth/anchor.py run "$dir" 0 "$cfg" 2>&1 | tail -1
+    timeout "$(cap "${U_PREP_S:-90}")" python3 .unsloth/anchor.py prepare "$dir" "$@" 2>&1 | tail -1
+    CKPT=$ckpt STEPS=4 WARM=1 timeout "$(cap "${U_RUN_S:-150}")" python3 .unsloth/anchor.py run "$dir" 0 "$cfg" 2>&1 | tail -3
     rm -rf "$dir" ) | tee -a "$OUT/unsloth_$part.txt"
 }
 L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=8
     vocab_size=128256 rope_theta=500000.0 max_position_embeddings=8192)
+G3=(gemma3_text hidden_size=2560 intermediate_size=10240 num_hidden_layers=34 num_attention_heads=8 num_key_value_heads=4
+    head_dim=256 query_pre_attn_scalar=256 sliding_window=1024 rope_theta=1000000.0 vocab_size=262208)
 L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
     vocab_size=32000 max_position_embeddings=4096)
 ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
@@ -81,6 +86,8 @@ for part in "$@"; do
                --sample_prompts 0 --tracker none --output_dir "$OUT/loop/train" > "$OUT/loop_train.log" 2>&1
              tail -2 "$OUT/loop_train.log"
              python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; t=[x for x in r if x.get('kind')=='train' and x['step']>=3]; print('[loop] train.py median tok/s steps 3-12: %.0f, peak %s' % (statistics.median(x['tokens_per_s'] for x in t), max(x.get('peak_mem_gib', 0) for x in t)))" "$OUT/loop/train/log.jsonl" ) | tee "$OUT/loop.txt" ;;
+    gem)   ours gem 110 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --base_fp8 off,on
+           unsloth gem /tmp/g3 2,1,2048 true "${G3[@]}" ;;
     u3)    unsloth u3 /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     u2)    unsloth u2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
