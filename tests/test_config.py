@@ -5,6 +5,7 @@ import math
 import typing
 
 import pytest
+import torch
 import yaml
 
 from qlora.config import _RANGES, Config, ConfigError, load_config, save_config
@@ -208,3 +209,14 @@ def test_a_renamed_key_names_its_new_name(tmp_path, old, new):
         load_config([f"--{old}", "1"])
     # an adapter's saved config from before the rename still loads for inference
     assert getattr(load_config(["--config", str(tmp_path / "old.yaml")], accept_renamed=True), new) in (True, 4)
+
+
+def test_fast_preset_is_a_legal_switch_set_on_one_gpu():
+    """configs/fast-1gpu.yaml: every switch's needs are met on one CUDA process (checked without a GPU: the
+    needs that read the device only ask its type); two processes are refused with one line naming cuda_graphs."""
+    from qlora.speed.switches import Where, check_switches
+
+    cfg = load_config(["--config", str(ROOT / "configs" / "fast-1gpu.yaml")])
+    check_switches(cfg, Where(torch.device("cuda")))
+    with pytest.raises(ConfigError, match="config key 'cuda_graphs' = True needs .*one process"):
+        check_switches(cfg, Where(torch.device("cuda"), processes=2))
