@@ -40,12 +40,17 @@ def dynamic_maps(device) -> tuple[torch.Tensor, torch.Tensor]:
             create_dynamic_map(signed=False).to(device, torch.float32))
 
 
+def _span(n: int) -> int:
+    """Elements a tensor of n takes in an 8-bit bucket: whole blocks, so no block spans two tensors."""
+    return math.ceil(n / BLOCK) * BLOCK
+
+
 class _Bucket:
     """Tensors laid end to end; `offsets[i]` is where tensor i starts, `sizes[i]` its element count."""
 
     def __init__(self, params: list, pad: bool):
         self.params, self.sizes = params, [p.numel() for p in params]
-        spans = [math.ceil(n / BLOCK) * BLOCK if pad else n for n in self.sizes]
+        spans = [_span(n) if pad else n for n in self.sizes]
         self.offsets = [sum(spans[:i]) for i in range(len(spans))]
         self.n = sum(spans)
         self.padded = any(s != n for s, n in zip(spans, self.sizes))
@@ -70,7 +75,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         small = [p for p in params if p.numel() < self.min_8bit_size]
         buckets, cur, size = [], [], 0
         for p in big:
-            span = math.ceil(p.numel() / BLOCK) * BLOCK
+            span = _span(p.numel())
             if cur and size + span > BUCKET:
                 buckets.append(_Bucket(cur, pad=True))
                 cur, size = [], 0
@@ -110,20 +115,19 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         if state.get("format") != "adamw_8bit_flat":
             raise ValueError("the checkpoint's optimizer state is not adamw_8bit_flat's: resume with the optimizer "
                              "it was saved with")
+        if state["layout"] is not None:  # None: saved before its first step (accelerate's prepare round-trips it)
+            self._build()
+            if state["layout"] != self._layout or state["min_8bit_size"] != self.min_8bit_size:
+                raise ValueError("the checkpoint's adamw_8bit_flat state was saved for other trainable tensors")
+            if state.get("buckets") != [b.n for b in self.buckets] or len(state["flat"]) != len(self.flat) or any(
+                    saved[k].shape != t.shape for mine, saved in zip(self.flat, state["flat"]) for k, t in mine.items()):
+                raise ValueError("the checkpoint's adamw_8bit_flat state was laid out in other buckets")
+            for mine, saved in zip(self.flat, state["flat"]):
+                for k, t in mine.items():
+                    t.copy_(saved[k])
         for g, saved in zip(self.param_groups, state["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
         self.step_count = state["step"]
-        if state["layout"] is None:  # saved before its first step (accelerate's prepare round-trips the state)
-            return
-        self._build()
-        if state["layout"] != self._layout or state["min_8bit_size"] != self.min_8bit_size:
-            raise ValueError("the checkpoint's adamw_8bit_flat state was saved for other trainable tensors")
-        if state.get("buckets") != [b.n for b in self.buckets] or len(state["flat"]) != len(self.flat) or any(
-                saved[k].shape != t.shape for mine, saved in zip(self.flat, state["flat"]) for k, t in mine.items()):
-            raise ValueError("the checkpoint's adamw_8bit_flat state was laid out in other buckets")
-        for mine, saved in zip(self.flat, state["flat"]):
-            for k, t in mine.items():
-                t.copy_(saved[k])
 
     # ----------------------------------------------------------------- the step
     def _gather(self, b: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
