@@ -129,7 +129,7 @@ def setup(cfg: Config) -> Run:
     backend = attention.use_packed_attention(model, cfg.attn_backend)
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
-         f"({100 * trainable / total:.3f}%), attention '{backend}', device {device}; {describe_speedups(model)}")
+         f"({100 * trainable / total:.3f}%), attention {attention.describe(backend)}, device {device}; {describe_speedups(model)}")
     layerwise = getattr(model, "qlora_layerwise", None)  # qlora/model/layerwise.py built or read it
     if accelerator.is_fsdp2 and layerwise:
         talk("model: read one decoder layer at a time" + ("" if not layerwise["parked_on"] else

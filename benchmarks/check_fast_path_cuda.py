@@ -19,6 +19,7 @@ chunked lm_head + CE, all layers checkpointed):
   +graphs         forward+backward replayed as a CUDA graph (qlora/speed/cuda_graphs.py), twice
   +rebuild        projection inputs rebuilt in backward in the layers that keep activations (qlora/speed/rebuild.py)
   +grouped        q/k/v and gate/up as one autograd node each (qlora/speed/grouped.py)
+  cudnn           attn_backend cudnn (with cuDNN's frontend installed: its kernel on the packed rows, and in a graph)
   fp8             the frozen base GEMMs in float8 (qlora/speed/fp8.py): reported with its own, looser bounds
   noise           the plain path with attention sdpa instead of varlen: an accepted-equivalent change,
                   the yardstick for what bf16 rounding alone moves
@@ -279,6 +280,9 @@ def main():
                      ("+attn kept cudnn", True, "liger", -1, "cudnn", {"keep_attn": True}),
                      ("+attn kept+offload", True, "liger", -1, auto, {"keep_attn": True, "offload": True}),
                      ("+attn kept cudnn+offload", True, "liger", -1, "cudnn", {"keep_attn": True, "offload": True}),
+                     ("cudnn: fused+liger", True, "liger", -1, "cudnn", {}),
+                     ("cudnn: +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
+                      {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]

@@ -13,13 +13,21 @@
 #   flat  Llama-3-8B then Llama-2-7B, the grp setting with group_projections on: bitsandbytes' paged 8-bit AdamW
 #         then adamw_8bit_flat (the same update over all tensors at once); then Unsloth on each shape
 #   loop  the loop's own speed: bench.py on guanaco's length distribution, then train.py on the real guanaco rows
+#         (LOOP_ATTN: attn_backend, default auto)
 #         (random:llama3-8b:49152 with the SmolLM2 tokenizer from .tok/smollm2, data from .gpudata), the grp
 #         setting with group_projections on and adamw_8bit_flat; the median tokens/s of train.py's steps 3-12
 #   gem   Gemma 3 4B text shape: ours (the flat setting, bf16 then base_fp8), then Unsloth on the same shape
 #         (U_PREP_S / U_RUN_S: its prepare and run time limits, default 90 and 150 s; its Gemma 3 run has needed
 #         more than 130 s before printing anything)
 #   u3 u2 Unsloth alone on the Llama-3-8B / Llama-2-7B shape, 2 x 1 x 2048 (to pair with a part run in the same call)
-#   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path)
+#   cud   Llama-3-8B, the flat setting with adamw_8bit_flat: attn_backend varlen then cudnn (cuDNN's frontend, also
+#         in the graph), each in bf16 and base_fp8; then Unsloth on the shape
+#   cud2  Llama-2-7B, the same in bf16; then Unsloth on the shape
+#   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels)
+#   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
+#         (its wheel, nvidia-cudnn-frontend, in .whl/)
+#   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path;
+#         CHK_ONLY: other variant name fragments)
 #   fp8   the grp setting with base_fp8 and group_projections on (FP8_OPT: --optimizer, default adamw_8bit)
 #   long  one 262,144-token Llama-3-8B row (LONG_TOKENS: another length; LONG_MODEL: another random: shape): every layer recomputed from offloaded inputs, cuDNN attention,
 #         MLPs in tiles of 32,768 tokens (mlp_tile_tokens), 1 step after 1 warm-up
@@ -41,6 +49,9 @@ mkdir -p /tmp/ours/site
 for d in bitsandbytes bitsandbytes-0.50.2.dist-info liger_kernel liger_kernel-0.8.5.dist-info; do
   ln -sfn /tmp/site/$d /tmp/ours/site/$d
 done
+# cuDNN's frontend (attn_backend cudnn on packed rows and in CUDA graphs), when its wheel was carried in .whl/
+ls .whl/nvidia_cudnn_frontend-*.whl >/dev/null 2>&1 && \
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ours/site .whl/nvidia_cudnn_frontend-*.whl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 
 ours() {  # ours PART TIMEOUT bench-args...
@@ -77,12 +88,13 @@ for part in "$@"; do
            unsloth flat /tmp/l3 2,1,2048 true "${L3[@]}"
            ours flat2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer paged_adamw_8bit,adamw_8bit_flat
            unsloth flat2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
-    loop)  ours loop 110 --model random:llama3-8b:49152 --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat
+    loop)  ours loop 110 --model random:llama3-8b:49152 --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${LOOP_ATTN:-auto}"
            ( export PYTHONPATH=/tmp/ours/site HF_HUB_OFFLINE=1
              timeout "$(cap 200)" python3 train.py --model random:llama3-8b:49152 --tokenizer .tok/smollm2 \
                --datasets .gpudata/guanaco-llama2-1k.parquet:guanaco --max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 \
                --lora_dropout 0 --cuda_graphs true --rebuild_inputs true --recompute_layers 0 --group_projections true \
-               --optimizer adamw_8bit_flat --max_steps 12 --warmup_steps 2 --eval_fraction 0 --save_every 0 \
+               --optimizer adamw_8bit_flat --attn_backend "${LOOP_ATTN:-auto}" --max_steps 12 --warmup_steps 2 --eval_fraction 0 --save_every 0 \
                --sample_prompts 0 --tracker none --output_dir "$OUT/loop/train" > "$OUT/loop_train.log" 2>&1
              tail -2 "$OUT/loop_train.log"
              python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; t=[x for x in r if x.get('kind')=='train' and x['step']>=3]; print('[loop] train.py median tok/s steps 3-12: %.0f, peak %s' % (statistics.median(x['tokens_per_s'] for x in t), max(x.get('peak_mem_gib', 0) for x in t)))" "$OUT/loop/train/log.jsonl" ) | tee "$OUT/loop.txt" ;;
@@ -91,7 +103,7 @@ for part in "$@"; do
     u3)    unsloth u3 /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     u2)    unsloth u2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     chk)   ( export PYTHONPATH=/tmp/ours/site
-             timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "grouped,attn kept" 2>&1 | grep -v Warn | tail -14 ) \
+             timeout "$(cap 200)" python3 benchmarks/check_fast_path_cuda.py --only "${CHK_ONLY:-grouped,attn kept}" 2>&1 | grep -v Warn | tail -30 ) \
              | tee "$OUT/check.txt" ;;
     fp8)   ours fp8 110 --model random:llama3-8b $ROWS --group_projections on --base_fp8 on --optimizer "${FP8_OPT:-adamw_8bit}" ;;
     grp2)  ours grp2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit,adamw
@@ -102,6 +114,17 @@ for part in "$@"; do
              --warmup 1 --steps 3 --lora_dropout 0 --base_fp8 "${R32_FP8:-on}" --recompute_layers="${R32_LAYERS:-22}" \
              --recompute_attention "${R32_ATTN:-on}" --rebuild_inputs on --offload_recompute on --attn_backend cudnn
            [ "$part" = r32o ] || unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
+    cud)   ours cud 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend varlen,cudnn --base_fp8 off,on
+           unsloth cud /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    cud2)  ours cud2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend varlen,cudnn
+           unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
+    prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off --profile ;;
+    fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
+             export PYTHONPATH=/tmp/cfe:/tmp/ours/site
+             timeout "$(cap 240)" python3 benchmarks/cudnn_fe_probe.py --out "$OUT/fe_probe.jsonl" ${FE_ARGS:-} 2>&1 | grep -v Warn | tail -12 ) \
+             | tee "$OUT/fe.txt" ;;
     *)     echo "unknown part $part" ;;
   esac
 done

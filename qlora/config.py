@@ -76,7 +76,8 @@ class Config:
     max_seq_len: int = 1024  # tokens per row
     packing: bool = True  # pack several examples per row (attention kept per example)
     attn_backend: str = "auto"  # packed attention: "auto", "sdpa" (any device), or on CUDA "varlen" (flash), "flex",
-    # "cudnn" (cuDNN's kernel for rows that hold one example each, e.g. long documents; flash for packed rows)
+    # "cudnn" (cuDNN's fused kernel; packed rows and CUDA graphs need `pip install --no-deps nvidia-cudnn-frontend`,
+    # without it rows of one example use torch's cuDNN kernel and packed rows flash)
     overlong: str = "drop"  # examples longer than max_seq_len: "drop" or "truncate" (cut the response's end)
     system_prompt: str = ""  # system message added to every example ("" = the template's default)
     # --- optimisation ---

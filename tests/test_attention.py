@@ -304,6 +304,7 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
         return fake_varlen_213(*args, **kwargs)
 
     varlen.__signature__ = inspect.signature(fake_varlen_213)
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: None)  # without cuDNN's frontend installed
     monkeypatch.setattr(qa, "_dense_cudnn", dense)
     monkeypatch.setattr(qa, "_varlen_call", lambda: qa._adapt_varlen(varlen))
     monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
@@ -345,6 +346,115 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
             alone = model(input_ids=ids[r:r + 1, :n], position_ids=tail_pos[r:r + 1, :n], use_cache=False).logits
             assert (out[r, :n] - alone[0]).abs().max() < 1e-5, r
     assert calls and {c[0] for c in calls} == {"dense"}
+
+
+# ----------------------------------------------------------------------------- cuDNN frontend via a stand-in
+class FakeFrontend:
+    """`cudnn.sdpa_torch`'s contract (nvidia-cudnn-frontend 1.32, cudnn/sdpa/fwd/torch_op.py) computed on the CPU:
+    dense [B, H, S, D] tensors, or packed [N, H, D] tokens split by `cu_seqlens_*` (prefix sums; trailing empty
+    sequences allowed, as a captured graph pads them); fewer K/V heads serve groups of query heads; causal
+    from the top left; `window_left` >= 0 keeps only the keys less than that many positions back (the band's
+    left bound; measured on the real kernel by benchmarks/cudnn_fe_probe.py, where window_size's meaning,
+    at most that many back, failed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _attend(q, k, v, scale, window_left):  # [H, S, D]
+        i = torch.arange(q.shape[1])
+        mask = i[:, None] >= i[None, :]
+        if window_left >= 0:
+            mask &= (i[:, None] - i[None, :]) < window_left
+        rep = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def __call__(self, q, k, v, *, scale=None, is_causal=False, window_left=-1, cu_seqlens_q=None,
+                 cu_seqlens_kv=None, max_seqlen_q=0, max_seqlen_kv=0, return_lse=False):
+        assert is_causal and return_lse  # the autograd path needs the forward's statistics
+        if cu_seqlens_q is None:
+            assert q.dim() == 4
+            self.calls.append(("dense", q.shape[1] != k.shape[1], window_left))
+            o = torch.stack([self._attend(q[b], k[b], v[b], scale, window_left) for b in range(q.shape[0])])
+            return o, torch.zeros(q.shape[:3])
+        assert q.dim() == 3 and cu_seqlens_kv is cu_seqlens_q and cu_seqlens_q.dtype == torch.int32
+        cu = cu_seqlens_q.tolist()
+        assert cu[-1] == q.shape[0] and max_seqlen_q == max_seqlen_kv >= max(b - a for a, b in zip(cu, cu[1:]))
+        self.calls.append(("packed", len(cu) - 1, window_left))
+        parts = [self._attend(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, window_left).transpose(0, 1)
+                 for a, b in zip(cu, cu[1:]) if b > a]
+        return torch.cat(parts), torch.zeros(q.shape[:2])
+
+
+def test_cudnn_frontend_runs_packed_and_whole_rows(monkeypatch):
+    """With cuDNN's frontend installed, `cudnn` sends packed rows to its packed (THD) path and rows of one
+    example to its dense path: the same logits, losses and LoRA gradients as unpacked stock attention."""
+    fe = FakeFrontend()
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: fe)
+    monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
+    assert_close(errors(make_model(), "cudnn"), 1e-5)
+    assert fe.calls and set(fe.calls) == {("packed", 7, -1)}  # every layer, forward; 7 sequences over 2 rows
+
+    fe.calls.clear()
+    model = make_model()
+    ids = torch.randint(0, 128, (2, T), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(T).repeat(2, 1)
+    use_default_attention(model)
+    ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    use_packed_attention(model, "cudnn")
+    out = model(input_ids=ids, position_ids=pos, **packing_kwargs(pos, "cudnn")).logits
+    assert set(fe.calls) == {("dense", True, -1)}  # 2 K/V heads for 4 query heads
+    assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("whole", [False, True])
+def test_cudnn_frontend_call_matches_sdpa_with_padded_cu_and_windows(monkeypatch, window, whole):
+    """The attention function itself against the sdpa reference with the same block-diagonal mask: the
+    layouts both ways, cumulative lengths padded with empty sequences and a fixed max length (as the CUDA
+    graph passes them), and a sliding window (transformers' meaning: keys less than `window` back)."""
+    fe = FakeFrontend()
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: fe)
+    g = torch.Generator().manual_seed(3)
+    B, H, HKV, D = 2, 4, 2, 8
+    pos = torch.arange(T).repeat(2, 1) if whole else position_ids(LENS, T)
+    q0, k0, v0 = (torch.randn(B, h, T, D, generator=g) for h in (H, HKV, HKV))
+    go = torch.randn(B, T, H, D, generator=g)
+    got = {}
+    for name in ("sdpa", "cudnn"):
+        kw = packing_kwargs(pos, "varlen" if name == "cudnn" else "sdpa")
+        kw.pop("use_cache")
+        if name == "cudnn":
+            if whole:
+                kw["whole_rows"] = True
+            else:  # the captured graph's inputs: 16 sequences, the tail empty, max length the row length
+                cu = torch.full((17,), B * T, dtype=torch.int32)
+                cu[: kw["cu_seq_lens_q"].numel()] = kw["cu_seq_lens_q"]
+                kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=T, max_length_k=T)
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out, _ = qa._FUNCTIONS[name](None, q, k, v, kw.pop("attention_mask", None), scaling=0.3,
+                                     sliding_window=window, **kw)
+        assert out.shape == (B, T, H, D)
+        out.backward(go)
+        got[name] = (out.detach(), q.grad, k.grad, v.grad)
+    assert fe.calls == [("dense" if whole else "packed", True if whole else 16, window or -1)]
+    for a, b in zip(got["cudnn"], got["sdpa"]):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_cuda_graphs_take_cudnn_only_with_the_frontend(monkeypatch):
+    from qlora.config import load_config
+    from qlora.speed import switches
+
+    need = next(n for s in switches.SWITCHES if s.key == "cuda_graphs" for n in s.needs if "cudnn" in n.what)
+    where = switches.Where(torch.device("cuda"))
+    cfg = load_config([], attn_backend="cudnn", cuda_graphs=True)
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: None)
+    assert need.met(cfg, where) is False and "nvidia-cudnn-frontend" in need.what
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: FakeFrontend())
+    assert need.met(cfg, where) is True
+    assert need.met(load_config([], attn_backend="flex", cuda_graphs=True), where) is False
 
 
 def test_collate_flags_rows_that_hold_one_example():

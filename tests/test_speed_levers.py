@@ -175,18 +175,25 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
             assert (p.grad - g_want[n]).norm() <= 1e-5 * g_want[n].norm(), n
     cu = padded_inputs(batch, "varlen", 640, 2, 0)["cu"]
     assert cu[0] == 0 and cu[-1] == 1280 and (cu[1:] >= cu[:-1]).all()
+    # cudnn: the same packed inputs, and whether every row holds one example (then the graph runs dense rows)
+    host = padded_inputs(batch, "cudnn", 640, 2, 0)
+    assert torch.equal(host["cu"], cu) and host["whole_rows"] is False
+    one_each = collate([[sql_examples[0]], [sql_examples[1]]], 0)
+    assert padded_inputs(one_each, "cudnn", 640, 2, 0)["whole_rows"] is True
+    assert padded_inputs(one_each, "varlen", 640, 2, 0)["whole_rows"] is False
 
 
 @pytest.mark.parametrize("change,why", [({"attn_backend": "flex"}, "flex builds its block mask"),
                                         ({"attn_backend": "cudnn"}, "fails inside a capture"),
                                         ({"offload_recompute": True}, "host copies cannot be captured"),
                                         ({"fused_lora": False}, "seeded dropout lives in the fused node")])
-def test_cuda_graphs_refuses_what_cannot_be_captured(change, why):
+def test_cuda_graphs_refuses_what_cannot_be_captured(change, why, monkeypatch):
     """The refusals that need a CUDA device to be reached (the switch table's validator, told it runs on
-    one GPU)."""
+    one GPU; cudnn as without cuDNN's frontend installed)."""
     from qlora.config import ConfigError, load_config
     from qlora.speed.switches import Where, check_switches
 
+    monkeypatch.setattr(attention, "cudnn_frontend", lambda: None)
     gpu = Where(torch.device("cuda"))
     check_switches(load_config([], cuda_graphs=True, seeded_dropout=True), gpu)  # the plain case passes
     with pytest.raises(ConfigError, match=f"'cuda_graphs' = True needs .*{why}"):

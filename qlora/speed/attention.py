@@ -21,9 +21,12 @@ checkpointing, which binds them with ``functools.partial``). Kwarg names are tra
   ``create_causal_mask`` hands a 4D mask through untouched.
 * ``varlen``: ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``
   (``FlashAttentionKwargs``) over the flattened B*T tokens.
-* ``cudnn``: the same, plus ``whole_rows`` (every row one example, e.g. one long document): then cuDNN's
-  fused attention on the dense [B, H, T, D] tensors (1.7x faster than flash on Hopper), else ``varlen``.
-  Packed rows stay on flash: torch 2.11's ragged cuDNN path gives wrong gradients (benchmarks/NOTES.md, 10).
+* ``cudnn``: the same, plus ``whole_rows`` (every row one example, e.g. one long document). With cuDNN's
+  frontend installed (``pip install --no-deps nvidia-cudnn-frontend``; its torch op ``cudnn.sdpa_torch``),
+  every micro-batch runs cuDNN's fused attention: dense [B, H, T, D] for whole rows, the packed tokens with
+  cumulative lengths (THD) otherwise, and inside a CUDA graph capture too. Without it: torch's own cuDNN
+  kernel for whole rows (1.7x faster than flash on Hopper, but not capturable) and ``varlen`` for packed
+  rows, since torch 2.11's ragged cuDNN path gives wrong gradients (benchmarks/NOTES.md, 10).
 
 Usage::
 
@@ -242,9 +245,49 @@ def _dense_cudnn(query, key, value, scale=None):
                                               enable_gqa=query.shape[1] != key.shape[1])
 
 
+@lru_cache(maxsize=None)
+def cudnn_frontend():
+    """cuDNN frontend's differentiable torch attention op (`cudnn.sdpa_torch`), or None when the package is
+    not installed or finds no cuDNN library (e.g. a CPU-only torch)."""
+    try:
+        import cudnn
+
+        fn = cudnn.sdpa_torch
+        cudnn.backend_version()  # loads the cuDNN library torch ships; raises without one
+    except Exception:  # noqa: BLE001 -- any failure means: not usable here
+        return None
+    return fn
+
+
+def _frontend_forward(fe, query, key, value, scaling, kwargs):
+    """Causal attention through cuDNN's frontend: dense rows when each holds one example, else the
+    flattened tokens split by the cumulative lengths (empty padding sequences allowed, as captured).
+    A sliding-window layer sees the keys less than `sliding_window` back, as transformers' mask does."""
+    B, Hq, T, D = query.shape
+    window = kwargs.get("sliding_window")
+    band = {"window_left": window} if window else {}  # cuDNN's left bound: keys less than this far back
+    q, k, v = _half(query, key, value)
+    if kwargs.get("whole_rows"):
+        out, _ = fe(q, k, v, scale=scaling, is_causal=True, return_lse=True, **band)
+        return out.transpose(1, 2).to(query.dtype)  # the output takes q's [B, T, H, D] memory order
+    if any(kwargs.get(k) is None for k in _VARLEN_KEYS):
+        raise _missing("cudnn", "`" + "`, `".join(_VARLEN_KEYS) + "`")
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))
+    out, _ = fe(q, k, v, scale=scaling, is_causal=True, cu_seqlens_q=kwargs["cu_seq_lens_q"],
+                cu_seqlens_kv=kwargs["cu_seq_lens_k"], max_seqlen_q=kwargs["max_length_q"],
+                max_seqlen_kv=kwargs["max_length_k"], return_lse=True, **band)
+    return out.view(B, T, Hq, D).to(query.dtype)
+
+
 def _cudnn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """cuDNN attention when every row holds one example (`whole_rows`; a padding tail after it is
-    harmless: causal attention never lets a real token see it, and it has no targets), else varlen."""
+    """cuDNN's frontend when installed (any rows); else torch's cuDNN kernel when every row holds one
+    example (`whole_rows`; a padding tail after it is harmless: causal attention never lets a real token
+    see it, and it has no targets), and varlen for packed rows."""
+    fe = cudnn_frontend()
+    if fe is not None:
+        _check(query, key, dropout)
+        _no_extras("cudnn", kwargs.get("softcap"))
+        return _frontend_forward(fe, query, key, value, scaling, kwargs), None
     if not kwargs.get("whole_rows") or kwargs.get("sliding_window"):  # cuDNN's dense kernel: plain causal only
         return _varlen_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check(query, key, dropout)
@@ -305,6 +348,18 @@ def use_packed_attention(model, backend: str) -> str:
         AttentionInterface.register(_IMPL[name], fn)
     base.set_attn_implementation(_IMPL[resolved])
     return resolved
+
+
+def describe(backend: str) -> str:
+    """The resolved backend and, for cudnn, which kernels serve which rows (for the start-up line)."""
+    if backend != "cudnn":
+        return backend
+    if cudnn_frontend() is not None:
+        import cudnn
+
+        return f"cudnn (cuDNN frontend {cudnn.__version__}: whole and packed rows)"
+    return ("cudnn (torch's cuDNN kernel for rows of one example, flash for packed rows; "
+            "pip install --no-deps nvidia-cudnn-frontend for cuDNN on packed rows and in CUDA graphs)")
 
 
 def use_default_attention(model, implementation: str = "sdpa") -> None:

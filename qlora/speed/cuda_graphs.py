@@ -8,7 +8,9 @@ What makes the step capturable:
 - inputs are copied into fixed buffers: rows padded to `max_seq_len` (the extra tail is a padding
   pseudo-example of its own), the supervised-position index padded with a position whose target is
   -100 (the last of the last row), varlen's `cu_seqlens` padded with empty sequences and a fixed
-  `max_seqlen`; the 1/tokens scale is a device tensor;
+  `max_seqlen`; the 1/tokens scale is a device tensor; with `attn_backend: cudnn` (cuDNN's frontend) the
+  graph takes dense rows while every micro-batch holds one example per row, and is captured once more,
+  for packed rows from then on, at the first micro-batch that packs several;
 - the captured function is train.py's `micro_batch_loss` (passed in as `loss_fn`), so a loss term added
   there is captured too; a term that cannot be captured (a host sync such as `.item()`, a
   data-dependent shape) stops the run with one line at the first capture;
@@ -47,14 +49,15 @@ def padded_inputs(batch: dict, backend: str, T: int, rows: int, pad_id: int) -> 
     full_sup = torch.full((B * T,), B * T - 1, dtype=torch.long)  # the last position's target is -100
     full_sup[: sup.numel()] = sup
     out = {"input_ids": ids, "position_ids": pos, "targets": tgt, "sup_index": full_sup}
-    if backend == "varlen":
+    if backend in attention.RAGGED:  # cudnn: the frontend's packed path (switches.py checks it is installed)
         cu = attention.packing_kwargs(pos, "varlen")["cu_seq_lens_q"]  # CPU: no device sync
         out["n_seqs"] = cu.numel() - 1
         out["cu"] = cu
+        out["whole_rows"] = backend == "cudnn" and bool(batch.get("whole_rows"))
     elif backend == "sdpa":
         out["mask"] = attention.packing_kwargs(pos, "sdpa")["attention_mask"]
     else:
-        raise ValueError(f"cuda_graphs needs attn_backend varlen or sdpa, not {backend!r}")
+        raise ValueError(f"cuda_graphs needs attn_backend varlen, cudnn or sdpa, not {backend!r}")
     return out
 
 
@@ -66,6 +69,7 @@ class GraphedForwardBackward:
         self.params, self.T, self.B, self.pad_id, self.dtype, self.say = params, seq_len, rows, pad_id, dtype, say
         self.loss_fn = loss_fn
         self.graph, self.cap, self.grads = None, 0, None
+        self.dense = None  # cudnn: whether the captured graph takes rows of one example each (dense attention)
 
     # ----------------------------------------------------------------- static inputs
     def _host_inputs(self, batch: dict, backend: str) -> dict:
@@ -75,11 +79,11 @@ class GraphedForwardBackward:
         self.static = {k: torch.empty_like(host[k], device=device)
                        for k in ("input_ids", "position_ids", "targets", "sup_index")}
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        if backend == "varlen":
+        if backend in attention.RAGGED:
             self.cap = max(16, 1 << (2 * host["n_seqs"] - 1).bit_length())  # room to grow before a recapture
             self.cu = torch.full((self.cap + 1,), self.B * self.T, dtype=torch.int32, device=device)
             self.attn = {"use_cache": False, "cu_seq_lens_q": self.cu, "cu_seq_lens_k": self.cu,
-                         "max_length_q": self.T, "max_length_k": self.T}
+                         "max_length_q": self.T, "max_length_k": self.T, "whole_rows": bool(self.dense)}
         else:
             self.mask = torch.empty_like(host["mask"], device=device)
             self.attn = {"use_cache": False, "attention_mask": self.mask}
@@ -140,11 +144,16 @@ class GraphedForwardBackward:
     def __call__(self, accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor) -> torch.Tensor:
         token_loss = accelerator.unwrap_model(loss_model)
         host = self._host_inputs(batch, backend)
-        if self.graph is None or host.get("n_seqs", 0) > self.cap:
+        whole = host.get("whole_rows", False)
+        packed_now = self.dense and not whole  # dense rows captured, packed rows arrive
+        if self.graph is None or host.get("n_seqs", 0) > self.cap or packed_now:
             if self.graph is not None:
-                self.say(f"cuda_graphs: {host['n_seqs']} sequences in a micro-batch > {self.cap}: capturing again")
+                self.say(f"cuda_graphs: {host['n_seqs']} sequences in a micro-batch > {self.cap}: capturing again"
+                         if not packed_now else "cuda_graphs: a micro-batch packs several examples in a row: "
+                         "capturing again for packed rows")
                 self.graph = None
                 torch.cuda.empty_cache()
+            self.dense = whole if self.dense is None else self.dense and whole
             self._allocate(host, backend, accelerator.device)
             self._load(host, scale)
             self._capture(token_loss)

@@ -10,8 +10,8 @@ backward runs on the recomputed q, k, v with the kept output. The numbers are th
 It uses torch's selective activation checkpointing: a dispatch-level policy that marks the attention ops
 "must save". With torch's checkpoint (non-reentrant) the policy goes in as `context_fn`; the offloaded
 checkpoint (qlora/speed/offload.py) enters the same two contexts around its forward and its recompute.
-What is kept is what the attention kernel in use returns: SDPA's flash / efficient / cuDNN kernels and
-torch's varlen kernel; attention that the model computes unfused (logit soft-capping, SDPA's math path)
+What is kept is what the attention kernel in use returns: SDPA's flash / efficient / cuDNN kernels,
+torch's varlen kernel and cuDNN frontend's op; attention that the model computes unfused (logit soft-capping, SDPA's math path)
 has no such op and is recomputed.
 """
 
@@ -30,6 +30,7 @@ ATTENTION_OPS = frozenset({
     "aten._efficient_attention_forward",
     "aten._cudnn_attention_forward",
     "torch_attn._varlen_attn",
+    "cudnn.sdpa_fwd",  # cuDNN frontend's op (attn_backend cudnn with nvidia-cudnn-frontend installed)
 })
 
 _DECISIONS: dict = {}  # op -> policy, so each op's name is read once

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import fp8
+from . import attention, fp8
 from ..config import Config, ConfigError
 from .kernels import liger_available
 
@@ -103,8 +103,10 @@ SWITCHES: tuple[Switch, ...] = (
            (CUDA, Need("one process (DDP/FSDP all-reduce gradients inside backward)", lambda c, w: w.processes == 1),
             Need("fused_lora true when lora_dropout > 0 (the seeded dropout lives in the fused node)",
                  lambda c, w: c.fused_lora or c.lora_dropout == 0),
-            Need("attn_backend varlen, sdpa or auto (flex builds its block mask per micro-batch; cuDNN's attention "
-                 "fails inside a capture)", lambda c, w: c.attn_backend not in ("flex", "cudnn")),
+            Need("attn_backend varlen, sdpa or auto, or cudnn with cuDNN's frontend installed (flex builds its block "
+                 "mask per micro-batch; torch's own cuDNN attention fails inside a capture: pip install --no-deps "
+                 "nvidia-cudnn-frontend)", lambda c, w: c.attn_backend != "flex" and
+                 (c.attn_backend != "cudnn" or attention.cudnn_frontend() is not None)),
             Need("offload_recompute false (host copies cannot be captured)", lambda c, w: not c.offload_recompute))),
     Switch("offload_recompute", lambda c: c.offload_recompute, "false",
            "recomputed layers keep their inputs in pinned host memory (very long rows)", "qlora/speed/offload.py",
@@ -139,7 +141,8 @@ SWITCHES: tuple[Switch, ...] = (
            (Need("no attn_backend 'cudnn' (torch has no deterministic cuDNN attention backward; --attn_backend auto "
                  "runs flash, deterministic in this mode)", lambda c, w: c.attn_backend != "cudnn"),)),
     Switch("attn_backend", lambda c: c.attn_backend in ("varlen", "flex", "cudnn"), "auto",
-           "packed attention: sdpa (any device); varlen (flash), flex, cudnn on CUDA", "qlora/speed/attention.py",
+           "packed attention: sdpa (any device); varlen (flash), flex, cudnn on CUDA (cudnn: packed rows and CUDA "
+           "graphs need cuDNN's frontend, `nvidia-cudnn-frontend`)", "qlora/speed/attention.py",
            (CUDA, Need("torch built with cuDNN", lambda c, w: c.attn_backend != "cudnn" or
                        torch.backends.cudnn.is_available()))),
     Switch("quant_storage", lambda c: c.quant != "none", "{compute_dtype}",
