@@ -443,6 +443,27 @@ def test_cudnn_frontend_call_matches_sdpa_with_padded_cu_and_windows(monkeypatch
         assert (a - b).abs().max() < 1e-5
 
 
+def test_auto_takes_the_frontend_on_hopper_outside_deterministic_mode(monkeypatch):
+    cuda = torch.device("cuda")
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    monkeypatch.setattr(qa, "_varlen_available", lambda: True)
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: None)
+    assert qa._resolve("auto", cuda) == "varlen"  # not installed
+    monkeypatch.setattr(qa, "cudnn_frontend", lambda: FakeFrontend())
+    assert qa._resolve("auto", cuda) == "cudnn"
+    assert qa._resolve("auto", torch.device("cpu")) == "sdpa"
+    cap[0] = (8, 0)  # not measured off Hopper
+    assert qa._resolve("auto", cuda) == "varlen"
+    cap[0] = (9, 0)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert qa._resolve("auto", cuda) == "varlen"
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
 def test_cuda_graphs_take_cudnn_only_with_the_frontend(monkeypatch):
     from qlora.config import load_config
     from qlora.speed import switches
