@@ -22,7 +22,8 @@
 #   u3 u2 Unsloth alone on the Llama-3-8B / Llama-2-7B shape, 2 x 1 x 2048 (to pair with a part run in the same call)
 #   cud   Llama-3-8B, the flat setting with adamw_8bit_flat: attn_backend varlen then cudnn (cuDNN's frontend, also
 #         in the graph), each in bf16 and base_fp8; then Unsloth on the shape
-#   cud2  Llama-2-7B, the same in bf16; then Unsloth on the shape
+#   cud2  Llama-2-7B, the same in bf16 (CUD2_FP8=off,on: also base_fp8); then Unsloth on the shape
+#         (CUD_ATTN: the attn_backend list of both, default varlen,cudnn)
 #   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels)
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
@@ -115,10 +116,10 @@ for part in "$@"; do
              --recompute_attention "${R32_ATTN:-on}" --rebuild_inputs on --offload_recompute on --attn_backend cudnn
            [ "$part" = r32o ] || unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
     cud)   ours cud 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
-             --attn_backend varlen,cudnn --base_fp8 off,on
+             --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 off,on
            unsloth cud /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     cud2)  ours cud2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
-             --attn_backend varlen,cudnn
+             --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 "${CUD2_FP8:-off}"
            unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off --profile ;;
     fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
