@@ -24,7 +24,8 @@
 #         in the graph), each in bf16 and base_fp8; then Unsloth on the shape
 #   cud2  Llama-2-7B, the same in bf16 (CUD2_FP8=off,on: also base_fp8); then Unsloth on the shape
 #         (CUD_ATTN: the attn_backend list of both, default varlen,cudnn)
-#   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels)
+#   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels,
+#         printed; PROF_ATTN: attn_backend, default auto)
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path;
@@ -121,7 +122,10 @@ for part in "$@"; do
     cud2)  ours cud2 110 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 "${CUD2_FP8:-off}"
            unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
-    prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off --profile ;;
+    prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off \
+             --attn_backend "${PROF_ATTN:-auto}" --profile
+           python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); print(json.dumps(r)); [print(k) for k in t]" \
+             "$OUT/prof/bench.jsonl" | tee "$OUT/prof.txt" ;;
     fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
              export PYTHONPATH=/tmp/cfe:/tmp/ours/site
              timeout "$(cap 240)" python3 benchmarks/cudnn_fe_probe.py --out "$OUT/fe_probe.jsonl" ${FE_ARGS:-} 2>&1 | grep -v Warn | tail -12 ) \
