@@ -456,6 +456,13 @@ def test_auto_takes_the_frontend_on_hopper_outside_deterministic_mode(monkeypatc
     cap[0] = (8, 0)  # not measured off Hopper
     assert qa._resolve("auto", cuda) == "varlen"
     cap[0] = (9, 0)
+    # the model's heads: 128 (the size measured on the GPU) takes it, others keep varlen unless asked by name
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    for hidden, want in ((512, "cudnn"), (256, "varlen")):  # 4 heads of 128, of 64
+        config = LlamaConfig(hidden_size=hidden, num_attention_heads=4)
+        assert qa.resolve_for_model("auto", cuda, config) == want
+        assert qa.resolve_for_model("cudnn", cuda, config) == "cudnn"
+    assert qa._head_dim(LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=256)) == 256
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -333,6 +333,21 @@ def _frontend_by_default(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
+def resolve_for_model(backend: str, device: torch.device, config) -> str:
+    """`_resolve`, where `auto` keeps cuDNN's frontend to heads of 128, the size measured on the GPU."""
+    resolved = _resolve(backend, device)
+    if backend == "auto" and resolved == "cudnn" and _head_dim(config) != 128:
+        resolved = _resolve("varlen", device)
+    return resolved
+
+
+def _head_dim(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dim = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    return dim or (config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
+
+
 def _varlen_available() -> bool:
     try:
         _varlen_call()
@@ -345,12 +360,13 @@ def use_packed_attention(model, backend: str) -> str:
     """Register the packed attention functions and switch ``model`` (peft-wrapped or not) to one.
 
     Returns the resolved backend name ("auto" -> "cudnn" on Hopper with cuDNN's frontend installed outside
-    deterministic mode, else "varlen" on CUDA if available, else "sdpa"); pass
-    it to :func:`packing_kwargs`. Raises ValueError for unknown names or unusable backends.
+    deterministic mode, for heads of 128 (the size measured; others take it when asked for by name), else
+    "varlen" on CUDA if available, else "sdpa"); pass it to :func:`packing_kwargs`. Raises ValueError for
+    unknown names or unusable backends.
     """
     base = _unwrap(model)
     device = next(base.parameters()).device
-    resolved = _resolve(backend, device)
+    resolved = resolve_for_model(backend, device, base.config)
     if getattr(base.config, "attention_dropout", 0.0):
         raise ConfigError("packed attention needs the model's config.attention_dropout == 0 (this model has "
                           f"{base.config.attention_dropout}): set it to 0 in its config.json")
