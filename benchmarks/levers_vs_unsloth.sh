@@ -40,6 +40,8 @@
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
+# Unsloth's timed steps and warm-up steps: U_STEPS (default 4) and U_WARM (default 1); its tokens/s moved by 6.6%
+# between two runs of 4 steps on one H100, so a ratio wants more steps or repeated runs.
 # Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
 set -u
 OUT=${OUT:-/tmp/levers}; END=${END_S:-540}; mkdir -p "$OUT"
@@ -66,7 +68,7 @@ unsloth() {  # unsloth PART DIR ROWSxMBxLEN CKPT model_type config...
   local part=$1 dir=$2 cfg=$3 ckpt=$4; shift 4
   ( export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
     timeout "$(cap "${U_PREP_S:-90}")" python3 .unsloth/anchor.py prepare "$dir" "$@" 2>&1 | tail -1
-    CKPT=$ckpt STEPS=4 WARM=1 timeout "$(cap "${U_RUN_S:-150}")" python3 .unsloth/anchor.py run "$dir" 0 "$cfg" 2>&1 | tail -3
+    CKPT=$ckpt STEPS=${U_STEPS:-4} WARM=${U_WARM:-1} timeout "$(cap "${U_RUN_S:-150}")" python3 .unsloth/anchor.py run "$dir" 0 "$cfg" 2>&1 | tail -3
     rm -rf "$dir" ) | tee -a "$OUT/unsloth_$part.txt"
 }
 L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=8
