@@ -126,7 +126,7 @@ def setup(cfg: Config) -> Run:
 
     # --- model and optimizer
     model = load_model(cfg, device, fsdp=accelerator.is_fsdp2)
-    backend = attention.use_packed_attention(model, cfg.attn_backend)
+    backend = attention.use_packed_attention(model, cfg.attn_backend, graphs=cfg.cuda_graphs)
     trainable, total = count_parameters(model)
     talk(f"model: {cfg.model} ({cfg.quant}) trainable {trainable:,} / {total:,} params "
          f"({100 * trainable / total:.3f}%), attention {attention.describe(backend)}, device {device}; {describe_speedups(model)}")

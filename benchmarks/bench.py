@@ -111,7 +111,7 @@ def run_ours(spec: dict, rec: dict) -> None:
     model = prepare_for_training(base, cfg, device)
     rec["speedups"] = describe_speedups(model)
     log(f"  ours: {rec['speedups']}")
-    backend = attention.use_packed_attention(model, cfg.attn_backend)
+    backend = attention.use_packed_attention(model, cfg.attn_backend, graphs=cfg.cuda_graphs)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     loss_model, optimizer, params, fwd_bwd = prepare_objective(cfg, accelerator, model, optimizer, PAD_ID, log)
     trainable, total = count_parameters(model)

@@ -253,6 +253,7 @@ def check_cost(args, results: list) -> None:
     cmd = [sys.executable, "benchmarks/bench.py", "--out", str(out), "--model", args.bench_model,
            "--max_seq_len", "2048", "--micro_batch_size", "2", "--grad_accum", "4", "--recompute_layers=4",
            "--cuda_graphs", "on", "--lora_dropout", "0", "--base_fp8", args.bench_fp8, "--deterministic", "off,on", "--warmup", "2",
+           "--attn_backend", "varlen",  # both sides on flash (auto would take cuDNN's frontend off, flash on)
            "--steps", "3", "--no_plot", "--timeout", str(args.bench_timeout)]
     say("cost: " + " ".join(cmd[1:]))
     try:

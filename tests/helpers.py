@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.nn.functional as F
 
 from qlora.speed import attention
 from qlora.data.examples import IGNORE
@@ -111,3 +112,41 @@ def small_tokenizer(tok, n: int = 1024):
                                     chat_template=tok.chat_template)
     small.padding_side = "right"
     return small
+
+
+class FakeFrontend:
+    """`cudnn.sdpa_torch`'s contract (nvidia-cudnn-frontend 1.32, cudnn/sdpa/fwd/torch_op.py) computed on the CPU:
+    dense [B, H, S, D] tensors, or packed [N, H, D] tokens split by `cu_seqlens_*` (prefix sums; trailing empty
+    sequences allowed, as a captured graph pads them); fewer K/V heads serve groups of query heads; causal
+    from the top left; `window_left` >= 0 keeps only the keys less than that many positions back (the band's
+    left bound; measured on the real kernel by benchmarks/cudnn_fe_probe.py, where window_size's meaning,
+    at most that many back, failed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _attend(q, k, v, scale, window_left):  # [H, S, D]
+        i = torch.arange(q.shape[1])
+        mask = i[:, None] >= i[None, :]
+        if window_left >= 0:
+            mask &= (i[:, None] - i[None, :]) < window_left
+        rep = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def __call__(self, q, k, v, *, scale=None, is_causal=False, window_left=-1, cu_seqlens_q=None,
+                 cu_seqlens_kv=None, max_seqlen_q=0, max_seqlen_kv=0, return_lse=False):
+        assert is_causal and return_lse  # the autograd path needs the forward's statistics
+        if cu_seqlens_q is None:
+            assert q.dim() == 4
+            self.calls.append(("dense", q.shape[1] != k.shape[1], window_left))
+            o = torch.stack([self._attend(q[b], k[b], v[b], scale, window_left) for b in range(q.shape[0])])
+            return o, torch.zeros(q.shape[:3])
+        assert q.dim() == 3 and cu_seqlens_kv is cu_seqlens_q and cu_seqlens_q.dtype == torch.int32
+        cu = cu_seqlens_q.tolist()
+        assert cu[-1] == q.shape[0] and max_seqlen_q == max_seqlen_kv >= max(b - a for a, b in zip(cu, cu[1:]))
+        self.calls.append(("packed", len(cu) - 1, window_left))
+        parts = [self._attend(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, window_left).transpose(0, 1)
+                 for a, b in zip(cu, cu[1:]) if b > a]
+        return torch.cat(parts), torch.zeros(q.shape[:2])

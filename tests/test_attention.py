@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qlora.speed.attention as qa  # noqa: E402
+from helpers import FakeFrontend  # noqa: E402
 from qlora.speed.attention import (  # noqa: E402
           mask_cross_example_labels,
           packing_kwargs,
@@ -349,44 +350,6 @@ def test_cudnn_backend_runs_whole_rows_dense_and_packed_rows_through_varlen(monk
 
 
 # ----------------------------------------------------------------------------- cuDNN frontend via a stand-in
-class FakeFrontend:
-    """`cudnn.sdpa_torch`'s contract (nvidia-cudnn-frontend 1.32, cudnn/sdpa/fwd/torch_op.py) computed on the CPU:
-    dense [B, H, S, D] tensors, or packed [N, H, D] tokens split by `cu_seqlens_*` (prefix sums; trailing empty
-    sequences allowed, as a captured graph pads them); fewer K/V heads serve groups of query heads; causal
-    from the top left; `window_left` >= 0 keeps only the keys less than that many positions back (the band's
-    left bound; measured on the real kernel by benchmarks/cudnn_fe_probe.py, where window_size's meaning,
-    at most that many back, failed)."""
-
-    def __init__(self):
-        self.calls = []
-
-    @staticmethod
-    def _attend(q, k, v, scale, window_left):  # [H, S, D]
-        i = torch.arange(q.shape[1])
-        mask = i[:, None] >= i[None, :]
-        if window_left >= 0:
-            mask &= (i[:, None] - i[None, :]) < window_left
-        rep = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-    def __call__(self, q, k, v, *, scale=None, is_causal=False, window_left=-1, cu_seqlens_q=None,
-                 cu_seqlens_kv=None, max_seqlen_q=0, max_seqlen_kv=0, return_lse=False):
-        assert is_causal and return_lse  # the autograd path needs the forward's statistics
-        if cu_seqlens_q is None:
-            assert q.dim() == 4
-            self.calls.append(("dense", q.shape[1] != k.shape[1], window_left))
-            o = torch.stack([self._attend(q[b], k[b], v[b], scale, window_left) for b in range(q.shape[0])])
-            return o, torch.zeros(q.shape[:3])
-        assert q.dim() == 3 and cu_seqlens_kv is cu_seqlens_q and cu_seqlens_q.dtype == torch.int32
-        cu = cu_seqlens_q.tolist()
-        assert cu[-1] == q.shape[0] and max_seqlen_q == max_seqlen_kv >= max(b - a for a, b in zip(cu, cu[1:]))
-        self.calls.append(("packed", len(cu) - 1, window_left))
-        parts = [self._attend(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, window_left).transpose(0, 1)
-                 for a, b in zip(cu, cu[1:]) if b > a]
-        return torch.cat(parts), torch.zeros(q.shape[:2])
-
-
 def test_cudnn_frontend_runs_packed_and_whole_rows(monkeypatch):
     """With cuDNN's frontend installed, `cudnn` sends packed rows to its packed (THD) path and rows of one
     example to its dense path: the same logits, losses and LoRA gradients as unpacked stock attention."""
@@ -394,7 +357,10 @@ def test_cudnn_frontend_runs_packed_and_whole_rows(monkeypatch):
     monkeypatch.setattr(qa, "cudnn_frontend", lambda: fe)
     monkeypatch.setattr(qa, "_resolve", lambda backend, device: backend)  # skip the CUDA-only check
     assert_close(errors(make_model(), "cudnn"), 1e-5)
-    assert fe.calls and set(fe.calls) == {("packed", 7, -1)}  # every layer, forward; 7 sequences over 2 rows
+    # every layer, forward; 7 sequences over 2 rows, padded with empty ones to 16 (few shapes for its plan cache)
+    assert fe.calls and set(fe.calls) == {("packed", 16, -1)}
+    kw = packing_kwargs(position_ids(LENS, T), "cudnn")
+    assert kw["cu_seq_lens_q"].tolist() == [0, 7, 20, 24, 25, 35, 40, 48] + [48] * 9 and kw["max_length_q"] == T
 
     fe.calls.clear()
     model = make_model()
@@ -409,18 +375,23 @@ def test_cudnn_frontend_runs_packed_and_whole_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("whole", [False, True, "tail"])
 def test_cudnn_frontend_call_matches_sdpa_with_padded_cu_and_windows(monkeypatch, window, whole):
     """The attention function itself against the sdpa reference with the same block-diagonal mask: the
     layouts both ways, cumulative lengths padded with empty sequences and a fixed max length (as the CUDA
-    graph passes them), and a sliding window (transformers' meaning: keys less than `window` back)."""
+    graph passes them), a sliding window (transformers' meaning: keys less than `window` back), and rows of
+    one example followed by a padding tail on the dense path (compared on the real tokens, whose outputs alone
+    carry a gradient, as the tail has no targets)."""
     fe = FakeFrontend()
     monkeypatch.setattr(qa, "cudnn_frontend", lambda: fe)
     g = torch.Generator().manual_seed(3)
     B, H, HKV, D = 2, 4, 2, 8
-    pos = torch.arange(T).repeat(2, 1) if whole else position_ids(LENS, T)
+    pos = {False: position_ids(LENS, T), True: torch.arange(T).repeat(2, 1), "tail": position_ids([[20], [13]], T)}[whole]
+    real = pos.new_ones(B, T, dtype=torch.bool)
+    if whole == "tail":
+        real[0, 20:], real[1, 13:] = False, False
     q0, k0, v0 = (torch.randn(B, h, T, D, generator=g) for h in (H, HKV, HKV))
-    go = torch.randn(B, T, H, D, generator=g)
+    go = torch.randn(B, T, H, D, generator=g) * real[:, :, None, None]
     got = {}
     for name in ("sdpa", "cudnn"):
         kw = packing_kwargs(pos, "varlen" if name == "cudnn" else "sdpa")
@@ -437,10 +408,10 @@ def test_cudnn_frontend_call_matches_sdpa_with_padded_cu_and_windows(monkeypatch
                                      sliding_window=window, **kw)
         assert out.shape == (B, T, H, D)
         out.backward(go)
-        got[name] = (out.detach(), q.grad, k.grad, v.grad)
+        got[name] = (out.detach()[real], *(x.grad.transpose(1, 2)[real] for x in (q, k, v)))
     assert fe.calls == [("dense" if whole else "packed", True if whole else 16, window or -1)]
     for a, b in zip(got["cudnn"], got["sdpa"]):
-        assert (a - b).abs().max() < 1e-5
+        assert a.shape[0] == real.sum() and (a - b).abs().max() < 1e-5
 
 
 def test_auto_takes_the_frontend_on_hopper_outside_deterministic_mode(monkeypatch):
@@ -460,8 +431,12 @@ def test_auto_takes_the_frontend_on_hopper_outside_deterministic_mode(monkeypatc
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     for hidden, want in ((512, "cudnn"), (256, "varlen")):  # 4 heads of 128, of 64
         config = LlamaConfig(hidden_size=hidden, num_attention_heads=4)
-        assert qa.resolve_for_model("auto", cuda, config) == want
+        assert qa.resolve_for_model("auto", cuda, config, graphs=True) == want
+        assert qa.resolve_for_model("auto", cuda, config, graphs=False) == "varlen"  # eager: not measured
         assert qa.resolve_for_model("cudnn", cuda, config) == "cudnn"
+    monkeypatch.setattr(qa, "_varlen_available", lambda: False)  # no usable varlen: auto falls back to sdpa
+    assert qa.resolve_for_model("auto", cuda, LlamaConfig(hidden_size=256, num_attention_heads=4), graphs=True) == "sdpa"
+    monkeypatch.setattr(qa, "_varlen_available", lambda: True)
     assert qa._head_dim(LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=256)) == 256
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qlora.speed import attention, seeded_dropout
 from qlora.training.loss import LinearCrossEntropy, TokenLoss
 from qlora.model.trainable import load_model
-from qlora.training.packing import collate
+from qlora.training.packing import collate, model_inputs
 
 from conftest import tiny_cfg
 from helpers import grads_of, randomise_lora_
@@ -181,6 +181,95 @@ def test_graph_inputs_pad_to_static_shapes_without_changing_the_loss(sql_example
     one_each = collate([[sql_examples[0]], [sql_examples[1]]], 0)
     assert padded_inputs(one_each, "cudnn", 640, 2, 0)["whole_rows"] is True
     assert padded_inputs(one_each, "varlen", 640, 2, 0)["whole_rows"] is False
+
+
+class _FakeGraph:
+    """A CUDA graph stand-in on the CPU: the capture records the step instead of running it; each replay runs it
+    and writes its loss into the captured output tensor, as a real replay refreshes it."""
+    capturing = None
+
+    def __init__(self):
+        self.step, self.replays = None, 0
+
+    def replay(self):
+        self.replays += 1
+        out, fresh = self.step()
+        out.copy_(fresh)
+
+
+def test_graph_recapture_keeps_the_window_and_goes_dense_to_packed_once(monkeypatch, sql_examples):
+    """`GraphedForwardBackward`'s state machine with attn_backend cudnn (cuDNN's frontend, a CPU stand-in), the
+    CUDA graph faked: a window of whole-row, whole-row, packed, whole-row micro-batches captures dense rows, then
+    captures once more for packed rows (mid-window) and stays packed; the window's accumulated gradients equal
+    the eager step's, i.e. the recapture loses none of the earlier micro-batches."""
+    import contextlib
+
+    import train
+    from helpers import FakeFrontend
+    from qlora.speed import cuda_graphs
+
+    fe = FakeFrontend()
+    monkeypatch.setattr(attention, "cudnn_frontend", lambda: fe)
+    monkeypatch.setattr(attention, "_resolve", lambda backend, device: backend)
+    graphs = []
+
+    @contextlib.contextmanager
+    def capture(g):
+        graphs.append(g)
+        _FakeGraph.capturing = g
+        try:
+            yield
+        finally:
+            _FakeGraph.capturing = None
+
+    real_run = cuda_graphs.GraphedForwardBackward._run
+
+    def run(self, token_loss):
+        g = _FakeGraph.capturing
+        if g is None:
+            return real_run(self, token_loss)
+        out = torch.zeros(())
+        g.step = lambda: (out, real_run(self, token_loss))
+        return out
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {"CUDAGraph": _FakeGraph, "graph": capture, "Stream": Stream, "current_stream": Stream,
+                        "stream": lambda s: contextlib.nullcontext(), "synchronize": lambda: None,
+                        "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
+    monkeypatch.setattr(cuda_graphs.GraphedForwardBackward, "_run", run)
+
+    ex = sql_examples
+    window = [collate([[ex[0]], [ex[1]]], 0), collate([[ex[2]], [ex[3]]], 0),
+              collate([[ex[4], ex[5]], [ex[6]]], 0), collate([[ex[7]], [ex[8]]], 0)]
+    assert [b["whole_rows"] for b in window] == [True, True, False, True]
+    model = load_model(tiny_cfg(quant="nf4"), torch.device("cpu"))
+    randomise_lora_(model)
+    backend = attention.use_packed_attention(model, "cudnn")
+    lm = TokenLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    scale = torch.tensor(1.0 / sum(b["n_supervised"] for b in window))
+    for b in window:  # the eager window
+        (train.micro_batch_loss(lm, {k: v for k, v in model_inputs(b, backend, torch.device("cpu")).items()}) * scale).backward()
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    acc = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
+    fb = cuda_graphs.GraphedForwardBackward(params, 640, 2, 0, torch.float32, train.micro_batch_loss, say=lambda m: None)
+    modes = []
+    for b in window:
+        fb(acc, lm, b, backend, scale)
+        modes.append((len(graphs), fb.dense, fb.attn["whole_rows"]))
+    assert modes == [(1, True, True), (1, True, True), (2, False, False), (2, False, False)]
+    assert [g.replays for g in graphs] == [2, 2]
+    assert {c[0] for c in fe.calls} == {"dense", "packed"}
+    for p, w in zip(params, want):
+        assert (p.grad - w).abs().max() <= 1e-5 * w.abs().max(), "a recapture lost gradients of the window"
 
 
 @pytest.mark.parametrize("change,why", [({"attn_backend": "flex"}, "flex builds its block mask"),

@@ -253,6 +253,8 @@ def cudnn_frontend():
         import cudnn
 
         fn = cudnn.sdpa_torch
+        if tuple(int(x) for x in cudnn.__version__.split(".")[:2]) < (1, 32):  # the version measured
+            return None
         cudnn.backend_version()  # loads the cuDNN library torch ships; raises without one
     except Exception:  # noqa: BLE001 -- any failure means: not usable here
         return None
@@ -333,11 +335,12 @@ def _frontend_by_default(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
-def resolve_for_model(backend: str, device: torch.device, config) -> str:
-    """`_resolve`, where `auto` keeps cuDNN's frontend to heads of 128, the size measured on the GPU."""
+def resolve_for_model(backend: str, device: torch.device, config, graphs: bool = False) -> str:
+    """`_resolve`, where `auto` keeps cuDNN's frontend to what was measured faster: heads of 128, inside CUDA
+    graphs (`graphs`: the step runs as one; eager, the frontend's Python wrapper costs ~0.6 ms a call)."""
     resolved = _resolve(backend, device)
-    if backend == "auto" and resolved == "cudnn" and _head_dim(config) != 128:
-        resolved = _resolve("varlen", device)
+    if backend == "auto" and resolved == "cudnn" and (_head_dim(config) != 128 or not graphs):
+        resolved = "varlen" if _varlen_available() else "sdpa"
     return resolved
 
 
@@ -356,17 +359,17 @@ def _varlen_available() -> bool:
         return False
 
 
-def use_packed_attention(model, backend: str) -> str:
+def use_packed_attention(model, backend: str, graphs: bool = False) -> str:
     """Register the packed attention functions and switch ``model`` (peft-wrapped or not) to one.
 
     Returns the resolved backend name ("auto" -> "cudnn" on Hopper with cuDNN's frontend installed outside
-    deterministic mode, for heads of 128 (the size measured; others take it when asked for by name), else
-    "varlen" on CUDA if available, else "sdpa"); pass it to :func:`packing_kwargs`. Raises ValueError for
-    unknown names or unusable backends.
+    deterministic mode, for heads of 128 when the step runs as CUDA graphs (`graphs`), the setting measured;
+    asked for by name, it runs everywhere; else "varlen" on CUDA if available, else "sdpa"); pass it to
+    :func:`packing_kwargs`. Raises ValueError for unknown names or unusable backends.
     """
     base = _unwrap(model)
     device = next(base.parameters()).device
-    resolved = resolve_for_model(backend, device, base.config)
+    resolved = resolve_for_model(backend, device, base.config, graphs)
     if getattr(base.config, "attention_dropout", 0.0):
         raise ConfigError("packed attention needs the model's config.attention_dropout == 0 (this model has "
                           f"{base.config.attention_dropout}): set it to 0 in its config.json")
@@ -424,6 +427,10 @@ def packing_kwargs(position_ids: torch.LongTensor, backend: str, *, device=None,
         max_len = int((cu[1:] - cu[:-1]).max())  # the one host sync (none if position_ids are on CPU)
         if backend == "cudnn":  # one example per row: no packing mask needed
             kwargs["whole_rows"] = bool(whole_rows) if whole_rows is not None else cu.numel() == B + 1
+            if cudnn_frontend() is not None:  # few shapes for its plan cache: sequences padded to a power of two
+                n = cu.numel() - 1
+                cu = torch.cat([cu, cu.new_full((max(16, 1 << (n - 1).bit_length()) - n,), B * T)])
+                max_len = T
         cu = cu.to(device)
         return {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
     doc = (starts.cumsum(-1) - 1).to(device)  # example index of each token within its row

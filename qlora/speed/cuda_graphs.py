@@ -83,7 +83,9 @@ class GraphedForwardBackward:
             self.cap = max(16, 1 << (2 * host["n_seqs"] - 1).bit_length())  # room to grow before a recapture
             self.cu = torch.full((self.cap + 1,), self.B * self.T, dtype=torch.int32, device=device)
             self.attn = {"use_cache": False, "cu_seq_lens_q": self.cu, "cu_seq_lens_k": self.cu,
-                         "max_length_q": self.T, "max_length_k": self.T, "whole_rows": bool(self.dense)}
+                         "max_length_q": self.T, "max_length_k": self.T}
+            if backend == "cudnn":
+                self.attn["whole_rows"] = bool(self.dense)
         else:
             self.mask = torch.empty_like(host["mask"], device=device)
             self.attn = {"use_cache": False, "attention_mask": self.mask}
@@ -113,6 +115,9 @@ class GraphedForwardBackward:
         return loss.detach()
 
     def _capture(self, token_loss) -> None:
+        # a capture in the middle of an accumulation window (a recapture): the earlier micro-batches' gradients
+        # live in .grad, which the warm-up adds to and the capture zeroes; they are put back after it
+        earlier = [p.grad.detach().clone() if p.grad is not None else None for p in self.params]
         seed = token_loss.dropout_seed
         seed_before = seed.clone() if seed is not None else None
         # the warm-up runs on a side stream on purpose (as torch's capture recipe does): autograd's warning
@@ -139,6 +144,10 @@ class GraphedForwardBackward:
         except RuntimeError as e:
             raise ConfigError(capture_error(e)) from None
         self.grads = [p.grad for p in self.params]
+        with torch.no_grad():
+            for g, e in zip(self.grads, earlier):
+                if e is not None:
+                    g.add_(e)  # add, not copy: the capture itself leaves them zero (kernels are recorded, not run)
         torch.cuda.synchronize()
 
     def __call__(self, accelerator, loss_model, batch: dict, backend: str, scale: torch.Tensor) -> torch.Tensor:

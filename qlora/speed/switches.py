@@ -138,8 +138,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("deterministic", lambda c: c.deterministic, "false",
            "bitwise-reproducible GPU runs: deterministic kernels only (what it changes and costs: qlora/training/determinism.py)",
            "qlora/training/determinism.py",
-           (Need("no attn_backend 'cudnn' (torch has no deterministic cuDNN attention backward; --attn_backend auto "
-                 "runs flash, deterministic in this mode)", lambda c, w: c.attn_backend != "cudnn"),)),
+           (Need("no attn_backend 'cudnn' (torch has no deterministic cuDNN attention backward, and the frontend's is "
+                 "not verified here; --attn_backend auto runs flash, deterministic in this mode)",
+                 lambda c, w: c.attn_backend != "cudnn"),)),
     Switch("attn_backend", lambda c: c.attn_backend in ("varlen", "flex", "cudnn"), "auto",
            "packed attention: sdpa (any device); varlen (flash), flex, cudnn on CUDA (cudnn: packed rows and CUDA "
            "graphs need cuDNN's frontend, `nvidia-cudnn-frontend`)", "qlora/speed/attention.py",
