@@ -129,12 +129,12 @@ def case(B, T, H, HKV, D, packed, docs, cap, graph):
     return rec
 
 
-def glue(H, HKV, window, whole):
+def glue(H, HKV, window, whole, D=128):
     """qlora's cudnn attention function (the frontend behind it) against its sdpa function with the same
     block-diagonal causal mask (and sliding window): output and input gradients."""
     from qlora.speed import attention as att
 
-    dev, B, T, D = torch.device("cuda"), 2, 2048, 128
+    dev, B, T = torch.device("cuda"), 2, 2048
     gen = torch.Generator().manual_seed(1)
     if whole:
         pos = torch.arange(T).repeat(B, 1)
@@ -153,7 +153,7 @@ def glue(H, HKV, window, whole):
         o, _ = att._FUNCTIONS[name](None, q, k, v, kw.pop("attention_mask", None), scaling=D ** -0.5, **kw)
         o.backward(go)
         outs[name] = (o.detach(), q.grad, k.grad, v.grad)
-    return {"glue": {"H": H, "HKV": HKV, "window": window, "whole_rows": whole},
+    return {"glue": {"H": H, "HKV": HKV, "D": D, "window": window, "whole_rows": whole},
             "err": ["%.1e" % err(a, b) for a, b in zip(outs["cudnn"], outs["sdpa"])]}
 
 
@@ -179,7 +179,9 @@ def main():
     ]
     with open(a.out, "w") as f:
         f.write(json.dumps(head) + "\n")
-        for g in [(32, 8, None, False), (32, 8, 4, False), (32, 8, 4, True), (32, 8, None, True), (8, 4, 1024, False)]:
+        # heads of 128 (Llama, Mistral, Qwen 7-8B), 256 (Gemma 3, sliding window 1,024) and 64 (SmolLM2: 9 / 3)
+        for g in [(32, 8, None, False), (32, 8, 4, False), (32, 8, 4, True), (32, 8, None, True), (8, 4, 1024, False),
+                  (8, 4, 1024, False, 256), (8, 4, None, True, 256), (9, 3, None, False, 64)]:
             try:
                 rec = glue(*g)
             except Exception as e:  # noqa: BLE001
