@@ -179,24 +179,22 @@ def main():
     ]
     with open(a.out, "w") as f:
         f.write(json.dumps(head) + "\n")
-        # heads of 128 (Llama, Mistral, Qwen 7-8B), 256 (Gemma 3, sliding window 1,024) and 64 (SmolLM2: 9 / 3)
-        for g in [(32, 8, None, False), (32, 8, 4, False), (32, 8, 4, True), (32, 8, None, True), (8, 4, 1024, False),
-                  (8, 4, 1024, False, 256), (8, 4, None, True, 256), (9, 3, None, False, 64)]:
+
+        def record(fn, args, key):  # one JSON line per case, its error recorded instead of stopping the probe
             try:
-                rec = glue(*g)
+                rec = fn(*args)
             except Exception as e:  # noqa: BLE001
-                rec = {"glue": g, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(json.dumps(rec), flush=True)
-            f.write(json.dumps(rec) + "\n")
-        for c in [] if a.glue_only else cases:
-            try:
-                rec = case(*c)
-            except Exception as e:  # noqa: BLE001
-                rec = {"case": c, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                rec = {key: args, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(rec), flush=True)
             f.write(json.dumps(rec) + "\n")
             torch.cuda.empty_cache()
 
+        # heads of 128 (Llama, Mistral, Qwen 7-8B), 256 (Gemma 3, sliding window 1,024) and 64 (SmolLM2: 9 / 3)
+        for g in [(32, 8, None, False), (32, 8, 4, False), (32, 8, 4, True), (32, 8, None, True), (8, 4, 1024, False),
+                  (8, 4, 1024, False, 256), (8, 4, None, True, 256), (9, 3, None, False, 64)]:
+            record(glue, g, "glue")
+        for c in [] if a.glue_only else cases:
+            record(case, c, "case")
 
 if __name__ == "__main__":
     main()
