@@ -152,7 +152,7 @@ def run_ours(spec: dict, rec: dict) -> None:
         if profiling:
             peak, reserved = probe.peaks()  # before the profiler's own allocations
             t_prof = time.perf_counter()
-        with common.profiler(profiling, device) as prof:
+        with common.profiler(profiling, device, sites=spec["profile_sites"]) as prof:
             micro = [batches.next() for _ in range(cfg.grad_accum)]
             res = train_step(accelerator, loss_model, optimizer, params, micro, lr_at(step, cfg), cfg.max_grad_norm,
                              backend, fwd_bwd)
@@ -162,6 +162,11 @@ def run_ours(spec: dict, rec: dict) -> None:
             probe.sync()
         if profiling:
             rec["profile"] = common.profile_summary(prof, time.perf_counter() - t_prof)
+            if spec["profile_sites"]:
+                try:
+                    rec["profile"]["op_sites"] = common.op_sites(prof)
+                except Exception as e:  # noqa: BLE001 - the profile's other figures still count
+                    rec["profile"]["op_sites"] = [f"failed: {type(e).__name__}: {e}"]
             log("  profile: " + json.dumps(rec["profile"]))
             break
         probe.sync()
@@ -219,6 +224,8 @@ def parse_args(argv=None):
                    "(comma-separated; '' = none)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step after the timed ones (ours): GPU time per op class, GPU busy vs wall")
+    p.add_argument("--profile_sites", action="store_true",
+                   help="with --profile: also the non-GEMM ops by GPU time with their shapes and call sites (slower host)")
     p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="paged_adamw_8bit,adamw_8bit,adamw_8bit_flat,adamw "
                    "(the seed recipe takes the bitsandbytes and torch names)")
     p.add_argument("--lora_r", default=str(DEFAULTS["lora_r"]))
@@ -272,7 +279,7 @@ def settings(args) -> list[dict]:
     base = dict(DEFAULTS, model=args.model, warmup=args.warmup, steps=args.steps, quant=args.quant,
                 compute_dtype=args.compute_dtype, seed=args.seed, lora_alpha=args.lora_alpha,
                 fp8_exclude=[v for v in args.fp8_exclude.split(",") if v],
-                profile=args.profile)
+                profile=args.profile or args.profile_sites, profile_sites=args.profile_sites)
     grid = {"data": _vals(args.data, str, "data"), "max_seq_len": _vals(args.max_seq_len, int, "max_seq_len"),
             "micro_batch_size": _vals(args.micro_batch_size, int, "micro_batch_size"), "grad_accum": _vals(args.grad_accum, int, "grad_accum"),
             "packing": _vals(args.packing, bool, "packing"), "attn_backend": _vals(args.attn_backend, str, "attn_backend"), "recompute": _vals(args.recompute, bool, "recompute"),

@@ -57,7 +57,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 
 DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch_size=2, grad_accum=2, packing=True,
                 attn_backend="auto", recompute=True, recompute_layers=-1, fused_lora=True, kernels="auto", seeded_dropout=False, cuda_graphs=False,
-                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False,
+                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False, profile_sites=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
@@ -345,8 +345,8 @@ def op_class(name: str) -> str:
 class profiler:
     """Context manager: torch.profiler over the block when `on` (CPU + CUDA activity), else nothing."""
 
-    def __init__(self, on: bool, device):
-        self.on, self.prof = on, None
+    def __init__(self, on: bool, device, sites: bool = False):
+        self.on, self.prof, self.sites = on, None, sites
         self.cuda = getattr(device, "type", str(device)) == "cuda"
 
     def __enter__(self):
@@ -355,7 +355,8 @@ class profiler:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        self.prof = profile(activities=acts)
+        # `sites`: shapes and Python stacks too, for `op_sites` (slower on the host: busy share is then lower)
+        self.prof = profile(activities=acts, record_shapes=self.sites, with_stack=self.sites)
         return self.prof.__enter__()
 
     def __exit__(self, *exc):
@@ -386,6 +387,33 @@ def profile_summary(prof, wall_s: float) -> dict:
             "kernel_share": {k: round(v / total, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
             "top_kernels": [[k, c, round(us / 1e3, 2), op_class(k)]  # name, launches, ms, class
                             for k, (c, us) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]]}
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_scaled_mm", "aten::bmm", "aten::matmul", "aten::linear")
+OWN_CODE = ("qlora/", "transformers/", "liger_kernel/", "peft/", "train.py", "bench.py", "cudnn/")
+
+
+def op_sites(prof, top: int = 30) -> list:
+    """The non-GEMM ops by GPU time of the kernels they launch themselves, grouped by op, input shapes and the
+    nearest frames of model or project code (from the profiler's event tree): [op, calls, ms, shapes, frames].
+    Ops of autograd's own backward have no Python frames; their shapes say which tensors they touch."""
+    sites = {}
+    for e in prof.events():
+        if not str(getattr(e, "device_type", "CPU")).endswith("CPU") or e.name in GEMM_OPS:
+            continue
+        us = getattr(e, "self_device_time_total", 0)
+        if us <= 0:
+            continue
+        frames, q = [], e.cpu_parent
+        while q is not None and len(frames) < 3:
+            if any(k in q.name for k in OWN_CODE):
+                frames.append(q.name.split("site-packages/")[-1])
+            q = q.cpu_parent
+        key = (e.name.split("site-packages/")[-1], str(e.input_shapes)[:140], tuple(frames))
+        n = sites.setdefault(key, [0, 0.0])
+        n[0], n[1] = n[0] + 1, n[1] + us
+    rows = [[k[0], c, round(us / 1e3, 2), k[1], list(k[2])] for k, (c, us) in sites.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top]
 
 
 # --------------------------------------------------------------------------- worker protocol

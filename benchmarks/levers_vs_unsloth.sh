@@ -26,6 +26,11 @@
 #         (CUD_ATTN: the attn_backend list of both, default varlen,cudnn)
 #   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels,
 #         printed; PROF_ATTN: attn_backend, default auto)
+#         (PROF_SITES=1: also the non-GEMM ops by GPU time with their shapes and call sites)
+#   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
+#         (PK_ATTN: the list)
+#   fam   Mistral-7B then Qwen2.5-7B: the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
+#         then Unsloth on each shape
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path;
@@ -75,6 +80,10 @@ L3=(llama hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_atte
     vocab_size=128256 rope_theta=500000.0 max_position_embeddings=8192)
 G3=(gemma3_text hidden_size=2560 intermediate_size=10240 num_hidden_layers=34 num_attention_heads=8 num_key_value_heads=4
     head_dim=256 query_pre_attn_scalar=256 sliding_window=1024 rope_theta=1000000.0 vocab_size=262208)
+MIS=(mistral hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=8
+     vocab_size=32768 rope_theta=1000000.0 max_position_embeddings=8192)
+QWN=(qwen2 hidden_size=3584 intermediate_size=18944 num_hidden_layers=28 num_attention_heads=28 num_key_value_heads=4
+     vocab_size=152064 rope_theta=1000000.0 rms_norm_eps=1e-06 max_position_embeddings=8192)
 L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
     vocab_size=32000 max_position_embeddings=4096)
 ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
@@ -125,9 +134,17 @@ for part in "$@"; do
              --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 "${CUD2_FP8:-off}"
            unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off \
-             --attn_backend "${PROF_ATTN:-auto}" --profile
-           python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); print(json.dumps(r)); [print(k) for k in t]" \
+             --attn_backend "${PROF_ATTN:-auto}" --profile ${PROF_SITES:+--profile_sites}
+           python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); s=r.pop('op_sites', []); print(json.dumps(r)); [print(k) for k in t]; [print(k) for k in s]" \
              "$OUT/prof/bench.jsonl" | tee "$OUT/prof.txt" ;;
+    pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
+    fam)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
+           unsloth mis /tmp/mis 2,1,2048 true "${MIS[@]}"
+           ours qwn 150 --model random:qwen2.5-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
+           unsloth qwn /tmp/qwn 2,1,2048 true "${QWN[@]}" ;;
     fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
              export PYTHONPATH=/tmp/cfe:/tmp/ours/site
              timeout "$(cap 240)" python3 benchmarks/cudnn_fe_probe.py --out "$OUT/fe_probe.jsonl" ${FE_ARGS:-} 2>&1 | grep -v Warn | tail -12 ) \
