@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402,F401  (offline env defaults)
 import helpers  # noqa: E402  (tests/helpers.py)
-from qlora.speed import attention, fp8, lora_fused, seeded_dropout  # noqa: E402
+from qlora.speed import attention, ce_rows, fp8, lora_fused, seeded_dropout  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data.examples import IGNORE, Example  # noqa: E402
 from helpers import FixedMaskDropout  # noqa: E402
@@ -250,6 +250,29 @@ def check_triton_fp8() -> int:
     return failed
 
 
+def check_triton_ce() -> int:
+    """The fused head's per-row cross-entropy kernel against its torch reference (qlora/speed/ce_rows.py) at real
+    vocabulary sizes: losses within fp32 rounding, gradients at most one bf16 step apart."""
+    if not ce_rows.available(torch.empty(1, device="cuda")):
+        print("ce rows: no Triton here, kernel not checked")
+        return 0
+    failed = 0
+    for v in (128256, 262208, 32000):
+        for cap in (0.0, 30.0):
+            logits = (torch.randn(512, v, device="cuda") * 3).to(torch.bfloat16)
+            y = torch.randint(0, v, (512,), device="cuda")
+            y[::7] = ce_rows.IGNORE
+            got, want = logits.clone(), logits.clone()
+            lg, lw = ce_rows.loss_and_grad_(got, y, cap), ce_rows.reference_(want, y, cap)
+            d = (got.float() - want.float()).abs()
+            loss_err = ((lg - lw).abs().max() / lw.abs().max()).item()
+            ok = loss_err <= 1e-5 and bool((d <= 2**-7 * want.float().abs() + 1e-7).all())
+            failed += not ok
+            print(f"ce rows kernel (512, {v}) cap {cap:g}: {'PASS' if ok else 'FAIL'}, loss rel err {loss_err:.1e}, "
+                  f"largest grad diff {d.max().item():.1e}", flush=True)
+    return failed
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -259,7 +282,7 @@ def main():
     args = p.parse_args()
     cuda = args.device == "cuda"
     lora_fused.dropout = helpers.fixed_mask_dropout  # torch-dropout variants: the fused path draws the fixed mask
-    failed = check_triton_dropout() + check_triton_fp8() if cuda else 0
+    failed = check_triton_dropout() + check_triton_fp8() + check_triton_ce() if cuda else 0
     auto = "varlen" if cuda else "sdpa"
     # (name, fused, kernels, ckpt_layers, attn, options); seeded variants compare with a seeded plain side
     variants = [("fused", True, "none", -1, auto, {})]

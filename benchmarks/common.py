@@ -57,7 +57,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 
 DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch_size=2, grad_accum=2, packing=True,
                 attn_backend="auto", recompute=True, recompute_layers=-1, fused_lora=True, kernels="auto", seeded_dropout=False, cuda_graphs=False,
-                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False, profile_sites=False,
+                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, ce_kernel=True, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False, profile_sites=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
@@ -81,6 +81,8 @@ def setting_label(s: dict) -> str:
                                        ("deterministic", "deterministic")) if s.get(key)]
     if not s.get("recompute_attention", True):
         parts.append("attn_kept")
+    if not s.get("ce_kernel", True):
+        parts.append("ce_torch")
     if s.get("mlp_tile_tokens"):
         parts.append(f"mlp_tiles{s['mlp_tile_tokens']}")
     if s.get("base_fp8"):

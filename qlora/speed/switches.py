@@ -88,6 +88,9 @@ SWITCHES: tuple[Switch, ...] = (
            "liger-kernel RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy (`auto`: on CUDA when installed)",
            "qlora/speed/kernels.py", (CUDA, Need("liger-kernel and triton: pip install -e '.[gpu]'",
                                            lambda c, w: liger_available()))),
+    Switch("ce_kernel", lambda c: c.ce_kernel, "false",
+           "the fused loss head's softmax, loss and logits gradient in one Triton kernel per chunk of positions (CUDA "
+           "with Triton; elsewhere the same arithmetic in torch ops, named at start-up)", "qlora/speed/ce_rows.py"),
     Switch("seeded_dropout", lambda c: c.seeded_dropout and c.lora_dropout > 0, "false",
            "LoRA dropout mask recomputed from a seed: no stored mask, no RNG state", "qlora/speed/seeded_dropout.py",
            (FUSED,)),

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..speed import ce_rows
+
 CE_CHUNK = 8192  # at most this many supervised positions per lm_head + cross-entropy chunk
 CE_CHUNK_ELEMENTS = 2**26  # and at most this many fp32 logits per chunk (256 MiB: 512 positions of a 128k vocab)
 CE_KINDS = ("plain", "fused", "liger")
@@ -28,7 +30,8 @@ class TokenLoss(nn.Module):
     """Wraps a (peft) causal LM: hidden states -> lm_head on supervised positions only -> summed CE.
 
     `ce` picks how the vocab projection and cross-entropy run when they are trained through (train.py
-    passes "fused", or "liger" where liger's kernels are on and no CUDA graph is captured):
+    passes "fused", or "liger" where liger's kernels are on and no CUDA graph is captured; `ce_kernel`:
+    fused's softmax and gradient in Triton on CUDA, else torch ops):
       fused  `LinearCrossEntropy`: the gradient of the hidden states is made chunk by chunk in forward,
              so no (positions x vocab) logits are kept, soft-capped logits included; no host sync, so a
              CUDA graph can capture it
@@ -40,11 +43,11 @@ class TokenLoss(nn.Module):
     `dropout_seed` (qlora.speed.seeded_dropout): advanced once per training micro-batch, on the device.
     """
 
-    def __init__(self, model, ce: str = "plain", dropout_seed: torch.Tensor | None = None):
+    def __init__(self, model, ce: str = "plain", dropout_seed: torch.Tensor | None = None, ce_kernel: bool = True):
         super().__init__()
         if ce not in CE_KINDS:
             raise ValueError(f"ce must be one of {CE_KINDS}, got {ce!r}")
-        self.model, self.ce, self.dropout_seed = model, ce, dropout_seed
+        self.model, self.ce, self.dropout_seed, self.ce_kernel = model, ce, dropout_seed, ce_kernel
 
     def _parts(self):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -72,7 +75,7 @@ class TokenLoss(nn.Module):
             return LigerFusedLinearCrossEntropyFunction.apply(h, lm_head.weight, y, None, None, -100, 0.0, 0.0,
                                                               "sum")[0].float()
         if self.ce != "plain" and frozen_head and torch.is_grad_enabled():
-            return LinearCrossEntropy.apply(h, lm_head.weight, y, softcap or 0.0)
+            return LinearCrossEntropy.apply(h, lm_head.weight, y, softcap or 0.0, self.ce_kernel)
         total = hidden.new_zeros((), dtype=torch.float32)
         step = chunk_rows(lm_head.weight.shape[0], buffers=2)  # the logits and cross_entropy's log-softmax
         for s in range(0, h.shape[0], step):
@@ -104,47 +107,34 @@ class LinearCrossEntropy(torch.autograd.Function):
     The gradient w.r.t. h is computed in forward, one chunk of positions at a time ((softmax(z) minus
     one-hot) times dz/dlogits = 1 - (z/c)^2 under a cap, times W), and is the only thing kept for
     backward: 2 bytes x hidden size per position instead of fp32 logits (4 bytes x vocab; 8 GiB for
-    Gemma's 262k vocabulary at 8k positions, more again for the cap's tanh). The softmax is made in place
-    of the chunk's logits (no log-sum-exp temporary), and chunks hold at most CE_CHUNK_ELEMENTS fp32
-    logits, so the peak is about one chunk (two under a cap). No `.item()`, so it runs inside a CUDA graph."""
+    Gemma's 262k vocabulary at 8k positions, more again for the cap's tanh). Per chunk, the loss and the
+    logits' gradient come from `qlora.speed.ce_rows`: on CUDA one Triton kernel reads the bf16 logits twice and
+    writes the gradient over them; elsewhere torch ops in place on one fp32 copy. Chunks hold at most
+    CE_CHUNK_ELEMENTS logits, so the peak is about one chunk. No `.item()`, so it runs inside a CUDA graph."""
 
     CHUNK = 4096
 
     @staticmethod
-    def forward(ctx, h, weight, y, softcap: float = 0.0):
+    def forward(ctx, h, weight, y, softcap: float = 0.0, kernel: bool = True):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         step = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK, buffers=2 if softcap else 1)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(h.dtype)
             for s in range(0, h.shape[0], step):
-                hc, yc = h[s:s + step], y[s:s + step]
-                logits, probs, slope = (hc @ w.t()).float(), None, None
-                if softcap:
-                    logits.div_(softcap).tanh_()  # t = tanh(logits / c); z = c t
-                    slope = logits.square().neg_().add_(1) if grad_h is not None else None  # 1 - t^2
-                    logits.mul_(softcap)
-                valid = yc != -100
-                safe_y = yc.clamp(min=0)[:, None]
-                top = logits.amax(-1, keepdim=True)
-                target = logits.gather(1, safe_y) - top
-                norm = logits.sub_(top).exp_().sum(-1, keepdim=True)  # exp(z - max), in place of the logits
-                total += ((norm.log() - target)[:, 0] * valid).sum()  # log-sum-exp(z) - z_y
+                logits = h[s:s + step] @ w.t()
+                # per-position loss; the logits' gradient written over them (qlora/speed/ce_rows.py)
+                total += ce_rows.loss_and_grad_(logits, y[s:s + step], softcap, grad_h is not None, kernel).sum()
                 if grad_h is not None:
-                    probs = logits.div_(norm)  # softmax(z)
-                    probs.scatter_add_(1, safe_y, -valid[:, None].float())
-                    probs.mul_(valid[:, None])
-                    if softcap:
-                        probs.mul_(slope)
-                    grad_h[s:s + step] = probs.to(h.dtype) @ w
-                del logits, probs, slope  # freed before the next chunk's logits are made, not after
+                    torch.mm(logits, w, out=grad_h[s:s + step])
+                del logits  # freed before the next chunk's logits are made, not after
         ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
 
 
 @torch.no_grad()
