@@ -27,6 +27,9 @@
 #   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels,
 #         printed; PROF_ATTN: attn_backend, default auto)
 #         (PROF_SITES=1: also the non-GEMM ops by GPU time with their shapes and call sites)
+#   ce    Llama-3-8B, the flat setting: the loss head's softmax and gradient in torch ops then in the Triton kernel
+#         (ce_kernel off,on; CE_ATTN: attn_backend, default auto)
+#   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
 #   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B: the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
@@ -137,6 +140,9 @@ for part in "$@"; do
              --attn_backend "${PROF_ATTN:-auto}" --profile ${PROF_SITES:+--profile_sites}
            python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); s=r.pop('op_sites', []); print(json.dumps(r)); [print(k) for k in t]; [print(k) for k in s]" \
              "$OUT/prof/bench.jsonl" | tee "$OUT/prof.txt" ;;
+    ce)    ours ce 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${CE_ATTN:-auto}" --ce_kernel off,on ;;
+    ceg)   ours ceg 150 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --ce_kernel off,on ;;
     pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
     fam)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
