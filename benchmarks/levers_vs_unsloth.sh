@@ -32,7 +32,7 @@
 #   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
 #   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
 #         (PK_ATTN: the list)
-#   fam   Mistral-7B then Qwen2.5-7B: the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
+#   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
 #         then Unsloth on each shape
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
@@ -93,6 +93,7 @@ ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --
 LONG="--model random:${LONG_MODEL:-llama3-8b} --max_seq_len ${LONG_TOKENS:-262144} --micro_batch_size 1 --grad_accum 1 --warmup ${LONG_WARM:-1} --steps 1 --lora_dropout 0
       --attn_backend cudnn --recompute_layers=-1 --offload_recompute on"
 
+set -- $(echo "$@" | sed 's/\bfam\b/mis qwn/g')  # fam: both families
 for part in "$@"; do
   [ "$(left)" -gt 30 ] || { echo "no time left for $part"; break; }
   echo "== $part at $(( $(date +%s) - t0 )) s"
@@ -145,10 +146,10 @@ for part in "$@"; do
     ceg)   ours ceg 150 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --ce_kernel off,on ;;
     pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
-    fam)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+    mis)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
-           unsloth mis /tmp/mis 2,1,2048 true "${MIS[@]}"
-           ours qwn 150 --model random:qwen2.5-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+           unsloth mis /tmp/mis 2,1,2048 true "${MIS[@]}" ;;
+    qwn)   ours qwn 150 --model random:qwen2.5-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
            unsloth qwn /tmp/qwn 2,1,2048 true "${QWN[@]}" ;;
     fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
