@@ -16,7 +16,8 @@
 #         (LOOP_ATTN: attn_backend, default auto)
 #         (random:llama3-8b:49152 with the SmolLM2 tokenizer from .tok/smollm2, data from .gpudata), the grp
 #         setting with group_projections on and adamw_8bit_flat; the median tokens/s of train.py's steps 3-12
-#   gem   Gemma 3 4B text shape: ours (the flat setting, bf16 then base_fp8), then Unsloth on the same shape
+#   gem   Gemma 3 4B text shape: ours (the flat setting, bf16 then base_fp8; GEM_ATTN / GEM_FP8: the attn_backend and
+#         base_fp8 lists), then Unsloth on the same shape
 #         (U_PREP_S / U_RUN_S: its prepare and run time limits, default 90 and 150 s; its Gemma 3 run has needed
 #         more than 130 s before printing anything)
 #   u3 u2 Unsloth alone on the Llama-3-8B / Llama-2-7B shape, 2 x 1 x 2048 (to pair with a part run in the same call)
@@ -115,7 +116,8 @@ for part in "$@"; do
                --sample_prompts 0 --tracker none --output_dir "$OUT/loop/train" > "$OUT/loop_train.log" 2>&1
              tail -2 "$OUT/loop_train.log"
              python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; t=[x for x in r if x.get('kind')=='train' and x['step']>=3]; print('[loop] train.py median tok/s steps 3-12: %.0f, peak %s' % (statistics.median(x['tokens_per_s'] for x in t), max(x.get('peak_mem_gib', 0) for x in t)))" "$OUT/loop/train/log.jsonl" ) | tee "$OUT/loop.txt" ;;
-    gem)   ours gem 110 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --base_fp8 off,on
+    gem)   ours gem 200 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${GEM_ATTN:-auto}" --base_fp8 "${GEM_FP8:-off,on}"
            unsloth gem /tmp/g3 2,1,2048 true "${G3[@]}" ;;
     u3)    unsloth u3 /tmp/l3 2,1,2048 true "${L3[@]}" ;;
     u2)    unsloth u2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
