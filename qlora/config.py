@@ -78,7 +78,7 @@ class Config:
     max_seq_len: int = 1024  # tokens per row
     packing: bool = True  # pack several examples per row (attention kept per example)
     attn_backend: str = "auto"  # packed attention: "auto" (cudnn on Hopper under cuda_graphs with nvidia-cudnn-frontend,
-    # heads of 128; else varlen on CUDA, sdpa elsewhere), "sdpa" (any device), or on CUDA "varlen" (flash), "flex",
+    # heads of 128 or 256; else varlen on CUDA, sdpa elsewhere), "sdpa" (any device), or on CUDA "varlen" (flash), "flex",
     # "cudnn" (cuDNN's fused kernel; packed rows and CUDA graphs need `pip install --no-deps nvidia-cudnn-frontend`,
     # without it rows of one example use torch's cuDNN kernel and packed rows flash)
     overlong: str = "drop"  # examples longer than max_seq_len: "drop" or "truncate" (cut the response's end)

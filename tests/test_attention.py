@@ -427,9 +427,9 @@ def test_auto_takes_the_frontend_on_hopper_outside_deterministic_mode(monkeypatc
     cap[0] = (8, 0)  # not measured off Hopper
     assert qa._resolve("auto", cuda) == "varlen"
     cap[0] = (9, 0)
-    # the model's heads: 128 (the size measured on the GPU) takes it, others keep varlen unless asked by name
+    # the model's heads: 128 and 256 (the sizes timed on the GPU) take it, others keep varlen unless asked by name
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    for hidden, want in ((512, "cudnn"), (256, "varlen")):  # 4 heads of 128, of 64
+    for hidden, want in ((512, "cudnn"), (1024, "cudnn"), (256, "varlen")):  # 4 heads of 128, 256, 64
         config = LlamaConfig(hidden_size=hidden, num_attention_heads=4)
         assert qa.resolve_for_model("auto", cuda, config, graphs=True) == want
         assert qa.resolve_for_model("auto", cuda, config, graphs=False) == "varlen"  # eager: not measured

@@ -335,11 +335,15 @@ def _frontend_by_default(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
+MEASURED_HEADS = (128, 256)  # head sizes whose step ran faster on the frontend (Llama/Mistral/Qwen; Gemma 3)
+
+
 def resolve_for_model(backend: str, device: torch.device, config, graphs: bool = False) -> str:
-    """`_resolve`, where `auto` keeps cuDNN's frontend to what was measured faster: heads of 128, inside CUDA
-    graphs (`graphs`: the step runs as one; eager, the frontend's Python wrapper costs ~0.6 ms a call)."""
+    """`_resolve`, where `auto` keeps cuDNN's frontend to what was measured faster: heads of 128 (+5% per step)
+    and 256 (Gemma 3, +5%), inside CUDA graphs (`graphs`: the step runs as one; eager, the frontend's Python
+    wrapper costs ~0.6 ms a call). Heads of 64 pass the correctness probe but were not timed: varlen."""
     resolved = _resolve(backend, device)
-    if backend == "auto" and resolved == "cudnn" and (_head_dim(config) != 128 or not graphs):
+    if backend == "auto" and resolved == "cudnn" and (_head_dim(config) not in MEASURED_HEADS or not graphs):
         resolved = "varlen" if _varlen_available() else "sdpa"
     return resolved
 
@@ -363,7 +367,7 @@ def use_packed_attention(model, backend: str, graphs: bool = False) -> str:
     """Register the packed attention functions and switch ``model`` (peft-wrapped or not) to one.
 
     Returns the resolved backend name ("auto" -> "cudnn" on Hopper with cuDNN's frontend installed outside
-    deterministic mode, for heads of 128 when the step runs as CUDA graphs (`graphs`), the setting measured;
+    deterministic mode, for heads of 128 or 256 when the step runs as CUDA graphs (`graphs`), the setting measured;
     asked for by name, it runs everywhere; else "varlen" on CUDA if available, else "sdpa"); pass it to
     :func:`packing_kwargs`. Raises ValueError for unknown names or unusable backends.
     """
