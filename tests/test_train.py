@@ -136,6 +136,8 @@ def test_train_py_end_to_end_then_generate(tmp_path):
              "--output_dir", str(out), "--tracker", "tensorboard", "--sample_prompts", "1", "--max_new_tokens", "5"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step     4 | loss" in r.stderr and "eval      4 | eval loss" in r.stderr and "--- sample" in r.stderr
+    # ce_kernel is on by default; on the CPU the start-up line says the loss head runs torch ops
+    assert "loss head: fused linear + cross-entropy in chunks, softmax and logits gradient by torch ops" in r.stderr
     final = out / "final"
     assert (final / "adapter_model.safetensors").is_file() and (final / "config.yaml").is_file()
     assert (out / "config.yaml").is_file()
