@@ -34,7 +34,7 @@ from qlora.model.base import ModelLoadError, load_tokenizer, model_vocab_size
 from qlora.model.quant import resolve_compute_dtype
 from qlora.model.trainable import count_parameters, describe_speedups, load_model, untrained_adapters
 from qlora.signals import StopRequest
-from qlora.speed import attention, ce_rows
+from qlora.speed import attention
 from qlora.speed.cuda_graphs import GraphedForwardBackward
 from qlora.speed.kernels import resolve_kernels
 from qlora.speed.lora_fused import dropout_seed
@@ -147,10 +147,9 @@ def prepare_objective(cfg: Config, accelerator, model, optimizer, pad_id: int, t
     benchmarks/bench.py uses it too."""
     kernels = resolve_kernels(cfg.kernels, accelerator.device, accelerator.is_fsdp2)
     ce = "liger" if kernels == "liger" and not cfg.cuda_graphs else "fused"  # no logits kept: TokenLoss
-    rows = cfg.ce_kernel and ce_rows.available(torch.empty(0, device=accelerator.device))
-    talk("loss head: " + ("liger's fused linear + cross-entropy" if ce == "liger" else "fused linear + cross-entropy in "
-                          f"chunks, softmax and logits gradient by {'one Triton kernel' if rows else 'torch ops'}"))
-    loss_model, optimizer = accelerator.prepare(TokenLoss(model, ce, dropout_seed(model), cfg.ce_kernel), optimizer)
+    token_loss = TokenLoss(model, ce, dropout_seed(model), cfg.ce_kernel)
+    talk("loss head: " + token_loss.head_path(accelerator.device))
+    loss_model, optimizer = accelerator.prepare(token_loss, optimizer)
     # FSDP2 swaps every parameter for a sharded DTensor: clip (and gather) the prepared ones
     params = [p for p in loss_model.parameters() if p.requires_grad]
     fwd_bwd = forward_backward

@@ -95,3 +95,25 @@ def test_triton_kernel_matches_autograd_in_interpreter():
             assert r["grad_err"] <= 2e-6, r
         else:  # rounded once to bf16 from fp32 values that differ by ~1e-7: at most one bf16 step apart
             assert r["within_bf16_step"], r
+
+
+def test_the_start_up_line_names_the_path_the_head_takes():
+    from types import SimpleNamespace
+
+    from qlora.training.loss import TokenLoss
+
+    class Causal(torch.nn.Module):
+        def __init__(self, softcap=None):
+            super().__init__()
+            self.model, self.lm_head = torch.nn.Identity(), torch.nn.Linear(8, 16, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+            self.config = SimpleNamespace(final_logit_softcapping=softcap)
+
+    cpu = torch.device("cpu")
+    assert TokenLoss(Causal(), "fused").head_path(cpu).endswith("by torch ops")  # no CUDA: the torch path
+    assert TokenLoss(Causal(), "fused", ce_kernel=False).head_path(cpu).endswith("by torch ops")
+    assert TokenLoss(Causal(), "liger").head_path(cpu).endswith("by torch ops")  # liger's head is CUDA-only
+    assert TokenLoss(Causal(), "plain").head_path(cpu).startswith("lm_head + cross-entropy per chunk")
+    trained = Causal()
+    trained.lm_head.weight.requires_grad_(True)  # a trained head takes the plain loop whatever `ce` says
+    assert TokenLoss(trained, "fused").head_path(cpu).startswith("lm_head + cross-entropy per chunk")

@@ -58,6 +58,20 @@ class TokenLoss(nn.Module):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(base.config, "final_logit_softcapping", None)
 
+    @staticmethod
+    def _frozen_head(lm_head) -> bool:
+        return type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+
+    def head_path(self, device: torch.device) -> str:
+        """How the head trains, for the start-up line."""
+        lm_head = self._parts()[1]
+        if not self._frozen_head(lm_head) or self.ce == "plain":
+            return "lm_head + cross-entropy per chunk of positions (fp32 logits kept for backward)"
+        if self.ce == "liger" and not self._softcap() and device.type == "cuda":
+            return "liger's fused linear + cross-entropy"
+        rows = self.ce_kernel and ce_rows.available(torch.empty(0, device=device))
+        return f"fused linear + cross-entropy in chunks, softmax and logits gradient by {'one Triton kernel' if rows else 'torch ops'}"
+
     def forward(self, input_ids, position_ids, targets, sup_index, **attn_kwargs):
         if self.training and self.dropout_seed is not None:
             self.dropout_seed.add_(1)  # a new dropout mask for every micro-batch (not for recomputes)
@@ -68,7 +82,7 @@ class TokenLoss(nn.Module):
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
         self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
-        frozen_head = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+        frozen_head = self._frozen_head(lm_head)
         if self.ce == "liger" and frozen_head and not softcap and h.is_cuda and torch.is_grad_enabled():
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -118,7 +132,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, y, softcap: float = 0.0, kernel: bool = True):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
-        step = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK, buffers=2 if softcap else 1)
+        fp32_copy = not (kernel and ce_rows.available(h))  # the torch path's fp32 logits (and a cap's slope)
+        step = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK, buffers=2 if softcap and fp32_copy else 1)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(h.dtype)
             for s in range(0, h.shape[0], step):
