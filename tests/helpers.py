@@ -150,3 +150,25 @@ class FakeFrontend:
         parts = [self._attend(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, window_left).transpose(0, 1)
                  for a, b in zip(cu, cu[1:]) if b > a]
         return torch.cat(parts), torch.zeros(q.shape[:2])
+
+
+def run_interpreted(script: str) -> list:
+    """Run `script` (Python that prints one JSON line last) in a fresh interpreter with TRITON_INTERPRET=1, so the
+    project's Triton kernels run on the CPU in Triton's interpreter (it is chosen when a kernel is defined, hence
+    the fresh process); the repository root and tests/ are on its path. Returns the parsed last line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
