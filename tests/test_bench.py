@@ -177,3 +177,15 @@ def test_loss_memory_benchmark_measures_both_kinds(tmp_path, capsys):
     capsys.readouterr()
     assert loss_memory.main(["--kinds", "liger"]) == 2
     assert capsys.readouterr().err.startswith("error: --kinds liger runs on CUDA only")
+
+
+def test_nf4_dequant_probe_kernel_matches_bitsandbytes_in_the_interpreter():
+    """benchmarks/nf4_dequant_probe.py's Triton kernel, run by Triton's interpreter on the CPU, gives
+    bitsandbytes' dequantised weight (within one bf16 step: the interpreter casts by truncation), also when it
+    writes rows with a larger stride."""
+    pytest.importorskip("triton")
+    import os
+
+    r = subprocess.run([sys.executable, "benchmarks/nf4_dequant_probe.py", "--check_only", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("all PASS"), r.stdout[-2000:] + r.stderr[-2000:]
