@@ -32,7 +32,8 @@
 #         (ce_kernel off,on; CE_ATTN: attn_backend, default auto)
 #   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
 #   nf4   benchmarks/nf4_dequant_probe.py: bitsandbytes' NF4 -> bf16 kernel against a tiled Triton one (also writing
-#         rows with a larger stride), equality and timings on the Llama / Qwen weight shapes
+#         rows with a larger stride), equality and timings on the Llama / Qwen weight shapes; then
+#         benchmarks/lora_concat_probe.py: the LoRA B product inside the base GEMM against after it
 #   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
@@ -149,7 +150,8 @@ for part in "$@"; do
              --attn_backend "${CE_ATTN:-auto}" --ce_kernel off,on ;;
     ceg)   ours ceg 150 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --ce_kernel off,on ;;
     nf4)   ( export PYTHONPATH=/tmp/ours/site
-             timeout "$(cap 120)" python3 benchmarks/nf4_dequant_probe.py 2>&1 | grep -v Warn | tail -8 ) | tee "$OUT/nf4.txt" ;;
+             timeout "$(cap 120)" python3 benchmarks/nf4_dequant_probe.py 2>&1 | grep -v Warn | tail -8
+             timeout "$(cap 120)" python3 benchmarks/lora_concat_probe.py 2>&1 | grep -v Warn | tail -5 ) | tee "$OUT/nf4.txt" ;;
     pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
     mis)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \

@@ -179,13 +179,16 @@ def test_loss_memory_benchmark_measures_both_kinds(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --kinds liger runs on CUDA only")
 
 
-def test_nf4_dequant_probe_kernel_matches_bitsandbytes_in_the_interpreter():
-    """benchmarks/nf4_dequant_probe.py's Triton kernel, run by Triton's interpreter on the CPU, gives
-    bitsandbytes' dequantised weight (within one bf16 step: the interpreter casts by truncation), also when it
-    writes rows with a larger stride."""
+@pytest.mark.parametrize("probe", [["nf4_dequant_probe.py", "--check_only", "--device", "cpu"],
+                                   ["lora_concat_probe.py", "--small", "--device", "cpu"]])
+def test_kernel_probes_hold_on_the_cpu_interpreter(probe):
+    """The GPU probes' kernels, run by Triton's interpreter on the CPU: nf4_dequant_probe.py's Triton kernel gives
+    bitsandbytes' dequantised weight (within one bf16 step: the interpreter casts by truncation), also writing rows
+    with a larger stride; lora_concat_probe.py's [x | x A^T] [W | s B]^T equals x W^T + s (x A^T) B^T up to bf16
+    rounding (the LoRA term dominates those random outputs, so a wrong scale or column would show)."""
     pytest.importorskip("triton")
     import os
 
-    r = subprocess.run([sys.executable, "benchmarks/nf4_dequant_probe.py", "--check_only", "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    r = subprocess.run([sys.executable, f"benchmarks/{probe[0]}", *probe[1:]], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip().endswith("all PASS"), r.stdout[-2000:] + r.stderr[-2000:]
