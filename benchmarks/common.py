@@ -230,6 +230,23 @@ class Probe:
         return (total - free) / GIB
 
 
+def gpu_time_ms(fn, iters: int = 20, warm: int = 3) -> float:
+    """Mean milliseconds of `fn()` on the current CUDA stream over `iters` calls after `warm` untimed ones
+    (CUDA events; for the kernel probes)."""
+    import torch
+
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def tensor_gib(tensors) -> float:
     seen, total = set(), 0
     for t in tensors:

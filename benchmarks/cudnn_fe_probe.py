@@ -21,24 +21,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora.speed import attention  # noqa: E402
+from common import gpu_time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def err(a, b):
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def timed(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
 
 
 def lengths(total, n_docs, gen):
@@ -102,8 +90,8 @@ def case(B, T, H, HKV, D, packed, docs, cap, graph):
         rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return rec
     rec["err"] = ["%.1e" % err(a, b) for a, b in zip(c, r)]
-    rec["flash_ms"] = round(timed(lambda: run(ref)), 3)
-    rec["cudnn_fe_ms"] = round(timed(lambda: run(ours)), 3)
+    rec["flash_ms"] = round(gpu_time_ms(lambda: run(ref)), 3)
+    rec["cudnn_fe_ms"] = round(gpu_time_ms(lambda: run(ours)), 3)
     if graph:
         q, k, v = (x.detach().clone().requires_grad_() for x in (q0, k0, v0))
         side = torch.cuda.Stream()
@@ -123,7 +111,7 @@ def case(B, T, H, HKV, D, packed, docs, cap, graph):
             g.replay()
             torch.cuda.synchronize()
             rec["graph_err"] = ["%.1e" % err(a, b) for a, b in zip((o, q.grad, k.grad, v.grad), c)]
-            rec["graph_ms"] = round(timed(g.replay), 3)
+            rec["graph_ms"] = round(gpu_time_ms(g.replay), 3)
         except Exception as e:  # noqa: BLE001 -- recorded
             rec["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return rec

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from qlora.speed import lora_fused  # noqa: E402
+from common import gpu_time_ms  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -73,17 +74,8 @@ def dequant_triton(weight, absmax: torch.Tensor, ld_extra: int = 0, tile=(64, 12
     return out
 
 
-def time_us(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+def time_us(fn) -> float:
+    return gpu_time_ms(fn, iters=50) * 1e3
 
 
 def main(argv=None) -> int:

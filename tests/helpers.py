@@ -152,10 +152,11 @@ class FakeFrontend:
         return torch.cat(parts), torch.zeros(q.shape[:2])
 
 
-def run_interpreted(script: str) -> list:
-    """Run `script` (Python that prints one JSON line last) in a fresh interpreter with TRITON_INTERPRET=1, so the
-    project's Triton kernels run on the CPU in Triton's interpreter (it is chosen when a kernel is defined, hence
-    the fresh process); the repository root and tests/ are on its path. Returns the parsed last line."""
+def run_interpreted(*args: str) -> str:
+    """Run `python ARGS...` (e.g. "-c", SCRIPT, or a benchmarks/ script and its options) from the repository root in
+    a fresh interpreter with TRITON_INTERPRET=1, so the project's Triton kernels run on the CPU in Triton's
+    interpreter (it is chosen when a kernel is defined, hence the fresh process); the root and tests/ are on its
+    path. Asserts it succeeded; returns its stdout."""
     import os
     import subprocess
     import sys
@@ -167,8 +168,11 @@ def run_interpreted(script: str) -> list:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=root)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
 
+
+def interpreted_json(script: str) -> list:
+    """`run_interpreted("-c", script)`'s last printed line, parsed as JSON."""
+    return json.loads(run_interpreted("-c", script).strip().splitlines()[-1])

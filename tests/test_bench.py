@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_interpreted
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -186,9 +188,5 @@ def test_kernel_probes_hold_on_the_cpu_interpreter(probe):
     bitsandbytes' dequantised weight (within one bf16 step: the interpreter casts by truncation), also writing rows
     with a larger stride; lora_concat_probe.py's [x | x A^T] [W | s B]^T equals x W^T + s (x A^T) B^T up to bf16
     rounding (the LoRA term dominates those random outputs, so a wrong scale or column would show)."""
-    pytest.importorskip("triton")
-    import os
-
-    r = subprocess.run([sys.executable, f"benchmarks/{probe[0]}", *probe[1:]], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert r.returncode == 0 and r.stdout.strip().endswith("all PASS"), r.stdout[-2000:] + r.stderr[-2000:]
+    out = run_interpreted(f"benchmarks/{probe[0]}", *probe[1:])
+    assert out.strip().endswith("all PASS"), out[-2000:]

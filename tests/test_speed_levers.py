@@ -14,7 +14,7 @@ from qlora.model.trainable import load_model
 from qlora.training.packing import collate, model_inputs
 
 from conftest import tiny_cfg
-from helpers import grads_of, randomise_lora_, run_interpreted
+from helpers import grads_of, interpreted_json, randomise_lora_
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_seeded_dropout_triton_kernel_drops_the_torch_mask():
     bit-identical; in bf16 within one bf16 step, because the interpreter casts fp32 to bf16 by truncation
     (measured: -1.4583 -> -1.4531 where round-to-nearest gives -1.4609). On the GPU the kernel is bit-identical
     in bf16 too (benchmarks/check_fast_path_cuda.py)."""
-    fp32, bf16 = run_interpreted(DROPOUT_KERNEL)
+    fp32, bf16 = interpreted_json(DROPOUT_KERNEL)
     assert fp32["same_mask"] and fp32["same"], fp32
     assert bf16["same_mask"] and bf16["within_step"], bf16
 

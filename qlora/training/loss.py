@@ -58,16 +58,20 @@ class TokenLoss(nn.Module):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(base.config, "final_logit_softcapping", None)
 
-    @staticmethod
-    def _frozen_head(lm_head) -> bool:
-        return type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+    def _head(self, lm_head, softcap, cuda: bool) -> str:
+        """Which head trains ("liger", "fused" or "plain"): liger's and ours need a frozen bias-free `nn.Linear`,
+        liger's also CUDA and no soft-cap."""
+        frozen = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+        if not frozen or self.ce == "plain":
+            return "plain"
+        return "liger" if self.ce == "liger" and not softcap and cuda else "fused"
 
     def head_path(self, device: torch.device) -> str:
         """How the head trains, for the start-up line."""
-        lm_head = self._parts()[1]
-        if not self._frozen_head(lm_head) or self.ce == "plain":
+        kind = self._head(self._parts()[1], self._softcap(), device.type == "cuda")
+        if kind == "plain":
             return "lm_head + cross-entropy per chunk of positions (fp32 logits kept for backward)"
-        if self.ce == "liger" and not self._softcap() and device.type == "cuda":
+        if kind == "liger":
             return "liger's fused linear + cross-entropy"
         rows = self.ce_kernel and ce_rows.available(torch.empty(0, device=device))
         return f"fused linear + cross-entropy in chunks, softmax and logits gradient by {'one Triton kernel' if rows else 'torch ops'}"
@@ -82,13 +86,13 @@ class TokenLoss(nn.Module):
         h = hidden.flatten(0, 1).index_select(0, sup_index)
         y = targets.flatten().index_select(0, sup_index)
         self.last_supervised = (h, y)  # for a loss term on the logits: `supervised_logits`
-        frozen_head = self._frozen_head(lm_head)
-        if self.ce == "liger" and frozen_head and not softcap and h.is_cuda and torch.is_grad_enabled():
+        kind = self._head(lm_head, softcap, h.is_cuda) if torch.is_grad_enabled() else "plain"
+        if kind == "liger":
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
             return LigerFusedLinearCrossEntropyFunction.apply(h, lm_head.weight, y, None, None, -100, 0.0, 0.0,
                                                               "sum")[0].float()
-        if self.ce != "plain" and frozen_head and torch.is_grad_enabled():
+        if kind == "fused":
             return LinearCrossEntropy.apply(h, lm_head.weight, y, softcap or 0.0, self.ce_kernel)
         total = hidden.new_zeros((), dtype=torch.float32)
         step = chunk_rows(lm_head.weight.shape[0], buffers=2)  # the logits and cross_entropy's log-softmax
