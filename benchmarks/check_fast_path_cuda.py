@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402,F401  (offline env defaults)
 import helpers  # noqa: E402  (tests/helpers.py)
-from qlora.speed import attention, ce_rows, fp8, lora_fused, seeded_dropout  # noqa: E402
+from qlora.speed import attention, ce_rows, fp8, lora_fused, nf4_kernel, seeded_dropout  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data.examples import IGNORE, Example  # noqa: E402
 from helpers import FixedMaskDropout  # noqa: E402
@@ -78,7 +78,7 @@ class SeededMaskDropout(torch.nn.Module):
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
-        fp8=False, seam=None, rebuild=False, grouped=False, keep_attn=False):
+        fp8=False, seam=None, rebuild=False, grouped=False, keep_attn=False, nf4k=False, in_gemm=False):
     seam = seam or train.micro_batch_loss
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
@@ -86,7 +86,8 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
                       lora_dropout=dropout, fused_lora=fused, kernels=kernels, recompute_layers=ckpt_layers,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
                       seeded_dropout=seeded and fused, offload_recompute=offload, base_fp8=fp8,
-                      rebuild_inputs=rebuild, group_projections=grouped, recompute_attention=not keep_attn)
+                      rebuild_inputs=rebuild, group_projections=grouped, recompute_attention=not keep_attn,
+                      nf4_kernel=nf4k, lora_in_gemm=in_gemm)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -273,6 +274,27 @@ def check_triton_ce() -> int:
     return failed
 
 
+def check_triton_nf4() -> int:
+    """The tiled NF4 kernel (qlora/speed/nf4_kernel.py) against bitsandbytes' kernel at the real weight shapes:
+    the same bf16 values bit for bit, also written into rows of a wider buffer (lora_in_gemm's layout)."""
+    if not nf4_kernel.runs_on(torch.empty(1, device="cuda")):
+        print("nf4 kernel: no Triton here, kernel not checked")
+        return 0
+    failed = 0
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (18944, 3584), (192, 576)):
+        weight = helpers.nf4_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        want = lora_fused.dequantize(weight, True)
+        got = lora_fused.dequantize(weight, True, kernel=True)
+        wide = torch.full((n, k + 24), 5.0, device="cuda", dtype=torch.bfloat16)
+        lora_fused.dequantize(weight, True, out=wide)
+        ok = (got.data_ptr() != want.data_ptr() and torch.equal(got, want) and torch.equal(wide[:, :k], want)
+              and bool((wide[:, k:] == 5.0).all()))
+        failed += not ok
+        print(f"nf4 kernel ({n}, {k}), also into rows of {k + 24}: "
+              f"{'bit-identical' if ok else 'DIFFERS from bitsandbytes'}", flush=True)
+    return failed
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -282,7 +304,7 @@ def main():
     args = p.parse_args()
     cuda = args.device == "cuda"
     lora_fused.dropout = helpers.fixed_mask_dropout  # torch-dropout variants: the fused path draws the fixed mask
-    failed = check_triton_dropout() + check_triton_fp8() + check_triton_ce() if cuda else 0
+    failed = check_triton_dropout() + check_triton_fp8() + check_triton_ce() + check_triton_nf4() if cuda else 0
     auto = "varlen" if cuda else "sdpa"
     # (name, fused, kernels, ckpt_layers, attn, options); seeded variants compare with a seeded plain side
     variants = [("fused", True, "none", -1, auto, {})]
@@ -306,6 +328,10 @@ def main():
                      ("cudnn: fused+liger", True, "liger", -1, "cudnn", {}),
                      ("cudnn: +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
                       {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True}),
+                     ("nf4 kernel+lora in gemm", True, "liger", -1, auto, {"nf4k": True, "in_gemm": True}),
+                     ("nf4 kernel+in gemm: cudnn +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
+                      {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True, "nf4k": True,
+                       "in_gemm": True}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
@@ -315,6 +341,7 @@ def main():
                      ("fused+grouped", True, "none", -1, auto, {"grouped": True}),
                      ("fused+offload", True, "none", -1, auto, {"offload": True}),
                      ("fused+attn kept", True, "none", -1, auto, {"keep_attn": True}),
+                     ("fused+grouped+lora in gemm", True, "none", -1, auto, {"grouped": True, "in_gemm": True}),
                      ("fp8: fused", True, "none", -1, auto, {"fp8": True})]
     if args.only:
         variants = [v for v in variants if any(f in v[0] for f in args.only.split(","))]

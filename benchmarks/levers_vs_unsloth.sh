@@ -31,9 +31,10 @@
 #   ce    Llama-3-8B, the flat setting: the loss head's softmax and gradient in torch ops then in the Triton kernel
 #         (ce_kernel off,on; CE_ATTN: attn_backend, default auto)
 #   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
-#   nf4   benchmarks/nf4_dequant_probe.py: bitsandbytes' NF4 -> bf16 kernel against a tiled Triton one (also writing
-#         rows with a larger stride), equality and timings on the Llama / Qwen weight shapes; then
-#         benchmarks/lora_concat_probe.py: the LoRA B product inside the base GEMM against after it
+#   nf4   benchmarks/nf4_dequant_probe.py: bitsandbytes' NF4 -> bf16 kernel against nf4_kernel's tiles (also writing
+#         rows with a larger stride), equality and timings on the Llama / Qwen weight shapes
+#   lig   Llama-3-8B, the flat setting on cuDNN's attention: nf4_kernel off,on x lora_in_gemm off,on; then Unsloth on the shape
+#   lig2  the same on Llama-2-7B
 #   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
@@ -150,8 +151,13 @@ for part in "$@"; do
              --attn_backend "${CE_ATTN:-auto}" --ce_kernel off,on ;;
     ceg)   ours ceg 150 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --ce_kernel off,on ;;
     nf4)   ( export PYTHONPATH=/tmp/ours/site
-             timeout "$(cap 120)" python3 benchmarks/nf4_dequant_probe.py 2>&1 | grep -v Warn | tail -8
-             timeout "$(cap 120)" python3 benchmarks/lora_concat_probe.py 2>&1 | grep -v Warn | tail -5 ) | tee "$OUT/nf4.txt" ;;
+             timeout "$(cap 120)" python3 benchmarks/nf4_dequant_probe.py 2>&1 | grep -v Warn | tail -8 ) | tee "$OUT/nf4.txt" ;;
+    lig)   ours lig 200 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${LIG_ATTN:-cudnn}" --nf4_kernel off,on --lora_in_gemm off,on
+           unsloth lig /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    lig2)  ours lig2 200 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${LIG_ATTN:-cudnn}" --nf4_kernel off,on --lora_in_gemm off,on
+           unsloth lig2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
     mis)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \

@@ -2,8 +2,8 @@
 
 Why: the exact-bf16 step dequantises every 4-bit weight twice per micro-batch (forward, and backward's input
 gradient); on Llama-3-8B that is 68 ms of a ~1,130 ms step, bitsandbytes' kernel running at ~2.1 TB/s
-(benchmarks/NOTES.md, 18). The tiled kernel is the one `base_fp8` uses for e4m3 (qlora/speed/fp8.py: a tile of
-packed bytes loaded at once, each scale block's absmax loaded once), writing bf16 instead. It can also write
+(benchmarks/NOTES.md, 18). The tiled kernel is `nf4_kernel`'s (qlora/speed/nf4_kernel.py: a tile of packed bytes loaded
+at once, each scale block's absmax loaded once); this times its tiles. It can also write
 with a row stride larger than K (`--ld_extra`), which a GEMM over [x | x A^T] and [W | s B] would need: the LoRA B
 product then rides in the base GEMM instead of a read and a write of the output afterwards.
 
@@ -26,52 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from qlora.speed import lora_fused  # noqa: E402
+from qlora.speed import lora_fused, nf4_kernel  # noqa: E402
 from common import gpu_time_ms  # noqa: E402
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-
-@triton.jit
-def _nf4_bf16_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, N, K, LD, BS: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, WIDE: tl.constexpr):
-    # a BN x BK tile of W from BN x BK/2 packed bytes (two codes per byte, the first in the high half); the tile
-    # spans whole scale blocks (BK % BS == 0), so each block's absmax is loaded once; rows written LD apart
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
-    if WIDE:
-        n = n.to(tl.int64)
-    inside = (n[:, None] < N) & (kb[None, :] < K // 2)
-    byte = tl.load(q_ptr + n[:, None] * (K // 2) + kb[None, :], mask=inside, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4))
-    lo = tl.load(code_ptr + (byte & 15))
-    blk = tl.program_id(1) * (BK // BS) + tl.arange(0, BK // BS)
-    am = tl.load(absmax_ptr + n[:, None] * (K // BS) + blk[None, :],
-                 mask=(n[:, None] < N) & (blk[None, :] < K // BS), other=0.0)[:, :, None]
-    hi = tl.reshape(tl.reshape(hi, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
-    lo = tl.reshape(tl.reshape(lo, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
-    w = tl.reshape(tl.join(hi, lo), (BN, BK)).to(out_ptr.dtype.element_ty)
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    if WIDE:
-        k = k.to(tl.int64)
-    tl.store(out_ptr + n[:, None] * LD + k[None, :], w, mask=(n[:, None] < N) & (k[None, :] < K))
-
-
-def dequant_triton(weight, absmax: torch.Tensor, ld_extra: int = 0, tile=(64, 128, 4), out=None) -> torch.Tensor:
-    """The 4-bit weight in bf16, [N, K + ld_extra] with the first K columns filled (rows whole 64-blocks)."""
-    qs = weight.quant_state
-    n, k = qs.shape
-    if k % qs.blocksize or tile[1] % qs.blocksize:
-        raise ValueError("rows must be whole scale blocks and the tile whole blocks")
-    code = qs.code.to(weight.device, torch.float32)
-    q = weight.data.view(torch.uint8).reshape(-1)
-    ld = k + ld_extra
-    out = torch.empty((n, ld), dtype=torch.bfloat16, device=weight.device) if out is None else out
-    bn, bk, warps = tile
-    _nf4_bf16_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, absmax, code, out, n, k, ld, BS=qs.blocksize,
-                                                              BN=bn, BK=bk, WIDE=n * ld >= 2 ** 31, num_warps=warps)
-    return out
+def dequant_triton(weight, absmax: torch.Tensor, ld_extra: int = 0, tile=None, out=None) -> torch.Tensor:
+    """The 4-bit weight in bf16 by qlora/speed/nf4_kernel.py's kernel, [N, K + ld_extra] with the first K columns
+    filled."""
+    n, k = weight.quant_state.shape
+    out = torch.empty((n, k + ld_extra), dtype=torch.bfloat16, device=weight.device) if out is None else out
+    return nf4_kernel.dequantize(weight, absmax, out, tile=tile)
 
 
 def time_us(fn) -> float:

@@ -152,11 +152,11 @@ class FakeFrontend:
         return torch.cat(parts), torch.zeros(q.shape[:2])
 
 
-def run_interpreted(*args: str) -> str:
+def run_interpreted(*args: str, with_stderr: bool = False) -> str:
     """Run `python ARGS...` (e.g. "-c", SCRIPT, or a benchmarks/ script and its options) from the repository root in
     a fresh interpreter with TRITON_INTERPRET=1, so the project's Triton kernels run on the CPU in Triton's
     interpreter (it is chosen when a kernel is defined, hence the fresh process); the root and tests/ are on its
-    path. Asserts it succeeded; returns its stdout."""
+    path. Asserts it succeeded; returns its stdout (followed by its stderr `with_stderr`)."""
     import os
     import subprocess
     import sys
@@ -170,7 +170,7 @@ def run_interpreted(*args: str) -> str:
            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    return run.stdout
+    return run.stdout + (run.stderr if with_stderr else "")
 
 
 def interpreted_json(script: str) -> list:

@@ -13,7 +13,8 @@ from ..config import Config
 from ..distributed.fsdp import fuse_on_gathered_weights
 from ..speed.kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
-from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, dropout_seed, fuse_lora
+from ..speed import nf4_kernel
+from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, IN_GEMM_ATTR, KERNEL_ATTR, dropout_seed, fuse_lora
 from ..speed.keep_attention import keep_attention_contexts
 from ..speed.offload import offloaded_checkpoint
 from ..speed.grouped import count as grouped_count, group_projections
@@ -120,6 +121,9 @@ def describe_speedups(model) -> str:
     norms, mlps = rebuilt_count(model)
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "") + \
+        (f", 4-bit weights dequantised by the Triton kernel in {nk}" if (nk := nf4_kernel_count(model)) else "") + \
+        (f", LoRA B products inside the base GEMM in {ig}" if (ig := sum(
+            bool(getattr(m, IN_GEMM_ATTR, False) and not getattr(m, FP8_ATTR, False)) for m in model.modules())) else "") + \
         (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "") + \
         (f", {grouped} projections grouped by shared input" if (grouped := grouped_count(model)) else "") + \
         (f", MLPs in tiles of {tiled[0]} tokens" if (tiled := [m._qlora_tile for m in model.modules()
@@ -132,6 +136,16 @@ def describe_speedups(model) -> str:
     kept_note = f" (attention output kept in {kept})" if kept else ""
     return (f"checkpointing {ckpt}/{len(blocks)} layers{kept_note}, fused NF4+LoRA linears {fused}{extras}, "
             f"liger kernels {f'on ({liger} modules)' if liger else off}")
+
+
+def nf4_kernel_count(model) -> int:
+    """How many fused linears dequantise by qlora/speed/nf4_kernel.py's kernel (it covers their weight here)."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, KERNEL_ATTR, False):
+            w = m.get_base_layer().weight
+            n += getattr(w, "quant_state", None) is not None and nf4_kernel.covers(w, w.quant_state.dtype)
+    return n
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -168,7 +182,7 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
                              offload=cfg.offload_recompute, keep_attention=not cfg.recompute_attention)
     if fused:
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
-                  cfg.fp8_exclude)
+                  cfg.fp8_exclude, cfg.nf4_kernel, cfg.lora_in_gemm)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             fuse_on_gathered_weights(model)
         elif cfg.group_projections and not group_projections(model):

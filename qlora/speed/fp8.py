@@ -28,6 +28,8 @@ import weakref
 
 import torch
 
+from . import nf4_kernel
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 INV_MAX = 1.0 / E4M3_MAX  # scales are amax * this, in torch and in Triton alike (bit-identical)
@@ -252,10 +254,7 @@ TILE, TILE_T = (64, 64, 4), (32, 256, 4)
 def _weight_triton(weight, absmax: torch.Tensor, scale: torch.Tensor, transpose: bool, tile=None) -> torch.Tensor:
     qs = weight.quant_state
     n, k = qs.shape
-    code = getattr(qs, "_qlora_code_f32", None)
-    if code is None or code.device != weight.device:
-        code = qs.code.to(weight.device, torch.float32)
-        qs._qlora_code_f32 = code
+    code = nf4_kernel.code_f32(weight)
     q = weight.data.view(torch.uint8).reshape(-1)  # FSDP keeps the packed bytes in a float dtype
     out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=weight.device)
     bn, bk, warps = tile or (TILE_T if transpose else TILE)

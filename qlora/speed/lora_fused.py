@@ -8,7 +8,8 @@ backward a dropped copy of the input per projection. Here the same maths is one 
   backward  W = dequant(W4);  g_h = s * g B;  dB = s * g^T h;  dA = g_h^T (x * m)
             dx = g W + (g_h A) * m
 
-It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
+With `lora_in_gemm` the rank-r product rides in the base GEMM instead: y = [x | h] [W | s B]^T (`base_with_lora`),
+which saves a read and a write of y per projection. It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
 one-byte mask only when dropout is on (torch's native dropout: mask and output in one kernel). Fewer nodes means less host time per step, which is what limits
 small micro-batches on a fast GPU. The result equals peft's path up to rounding (tests/test_lora_fused.py);
 A frozen base bias (Qwen2's q/k/v) is added in the same node; modules it does not cover (several adapters,
@@ -22,6 +23,7 @@ import types
 import torch
 
 from . import fp8 as fp8_gemm
+from . import nf4_kernel
 from . import rebuild as rebuilt
 from . import seeded_dropout
 
@@ -30,6 +32,8 @@ ABSMAX_ATTR = "_qlora_cache_absmax"
 FP8_ATTR = "_qlora_base_fp8"
 SEED_ATTR = "_qlora_dropout_seed"
 SALT_ATTR = "_qlora_dropout_salt"
+KERNEL_ATTR = "_qlora_nf4_kernel"
+IN_GEMM_ATTR = "_qlora_lora_in_gemm"
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +63,45 @@ def block_absmax(weight, cache_absmax: bool) -> torch.Tensor:
     return absmax
 
 
-def dequantize(weight, cache_absmax: bool) -> torch.Tensor:
-    """The 4-bit weight in its compute dtype."""
+def dequantize(weight, cache_absmax: bool, kernel: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The 4-bit weight in the dtype it was quantised from: bitsandbytes' kernel, or with `kernel` the tiled
+    Triton one (qlora/speed/nf4_kernel.py) where it covers the weight. With `out` ([N, ld], rows ld >= K apart)
+    it fills out's first K columns (in out's dtype) and returns `out`: the Triton kernel writes them directly,
+    elsewhere bitsandbytes' result is copied in."""
     qs = weight.quant_state
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, block_absmax(weight, cache_absmax),
-                                                          qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
+    absmax = block_absmax(weight, cache_absmax)
+    if (kernel or out is not None) and nf4_kernel.covers(weight, qs.dtype if out is None else out.dtype):
+        return nf4_kernel.dequantize(weight, absmax, out)
+    w = torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape,
+                                                       qs.dtype)
+    if out is None:
+        return w
+    out[:, :w.shape[1]].copy_(w)
+    return out
+
+
+def base_with_lora(x2: torch.Tensor, weights, cache_absmax: bool, h: torch.Tensor, bs, scales) -> list[torch.Tensor]:
+    """y_i = x W_i^T + s_i h_i B_i^T for projections that read one input x, with each rank-r product inside the
+    base GEMM's sum (`lora_in_gemm`): y_i = [x | h] [W_i | s_i B_i in member i's columns, 0 in the others]^T.
+    `h` holds the members' h_i side by side ([T, sum of ranks]); `bs[i]` is B_i in the compute dtype. The sum
+    is rounded once, where x W^T + s h B^T rounds y and then y + s h B^T: the same maths, one rounding fewer.
+    The input is copied once into [T, K + ranks] (rows padded to 8 elements: 16-byte aligned for cuBLAS); each
+    weight is dequantised into the first K columns of its own [N, K + ranks] buffer."""
+    t, k = x2.shape
+    width = k + h.shape[1]
+    ld = -(-width // 8) * 8
+    xc = x2.new_empty(t, ld)
+    xc[:, :k].copy_(x2)
+    xc[:, k:width].copy_(h)
+    xc[:, width:].zero_()
+    ys, col = [], k
+    for weight, b, s in zip(weights, bs, scales):
+        wc = dequantize(weight, cache_absmax, True, x2.new_empty(b.shape[0], ld))
+        wc[:, k:].zero_()
+        wc[:, col:col + b.shape[1]].copy_(b * s)
+        ys.append(xc @ wc.t())
+        col += b.shape[1]
+    return ys
 
 
 class NF4LoRAFunction(torch.autograd.Function):
@@ -76,17 +114,12 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
-                salt: int = 0, fp8: bool = False, bias=None, recipe=None):
+                salt: int = 0, fp8: bool = False, bias=None, recipe=None, kernel: bool = False,
+                in_gemm: bool = False):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         seeded = p > 0 and seed is not None
         with torch.autocast(x.device.type, enabled=False):
-            if fp8:
-                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
-            else:
-                y = x2 @ dequantize(weight, cache_absmax).to(dtype).t()
-            if bias is not None:  # frozen (Qwen2's q/k/v): no gradient
-                y.add_(bias.to(dtype))
             if seeded:
                 xd, keep = seeded_dropout.apply(x2, seed, salt, p), None
             else:
@@ -94,7 +127,16 @@ class NF4LoRAFunction(torch.autograd.Function):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             h = xd @ a.t()
             del xd
-            y.addmm_(h, b.t(), alpha=scale)
+            if fp8:
+                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
+            elif in_gemm:
+                y = base_with_lora(x2, (weight,), cache_absmax, h, (b,), (scale,))[0]
+            else:
+                y = x2 @ dequantize(weight, cache_absmax, kernel).to(dtype).t()
+            if bias is not None:  # frozen (Qwen2's q/k/v): no gradient
+                y.add_(bias.to(dtype))
+            if fp8 or not in_gemm:
+                y.addmm_(h, b.t(), alpha=scale)
         # the seed is saved (not copied): TokenLoss advances it only at the next micro-batch's forward,
         # after this backward; autograd's version check would catch any other order
         mask = keep if keep is not None else seed
@@ -103,8 +145,8 @@ class NF4LoRAFunction(torch.autograd.Function):
         else:  # x is rebuilt in backward from tensors its maker keeps anyway
             ctx.save_for_backward(None, h, mask, *recipe[1])
         ctx.recipe = None if recipe is None else (recipe[0], recipe[2])
-        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt, ctx.fp8 = \
-            weight, scale, p, cache_absmax, seeded, salt, fp8
+        ctx.weight, ctx.scale, ctx.p, ctx.cache_absmax, ctx.seeded, ctx.salt, ctx.fp8, ctx.kernel = \
+            weight, scale, p, cache_absmax, seeded, salt, fp8, kernel
         ctx.ab = (a, b)  # the compute-dtype copies (r x (in + out), small): no second cast in backward
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -136,10 +178,10 @@ class NF4LoRAFunction(torch.autograd.Function):
                     dx = fp8_gemm.grad_input(g, ctx.weight, block_absmax(ctx.weight, ctx.cache_absmax))
                     dx = dx.to(dtype).add_(lora_dx)
                 else:
-                    dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax).to(dtype))
+                    dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax, ctx.kernel).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None, None, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -171,17 +213,20 @@ def _fused_forward(self, x, *args, **kwargs):
     y = NF4LoRAFunction.apply(xin, base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
                               float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
                               getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0),
-                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias, recipe)
+                              getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias, recipe,
+                              getattr(self, KERNEL_ATTR, False), getattr(self, IN_GEMM_ATTR, False))
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
 def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None,
-              base_fp8: bool = False, fp8_exclude=()) -> int:
+              base_fp8: bool = False, fp8_exclude=(), nf4_kernel: bool = False, lora_in_gemm: bool = False) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
     forward, so the module tree, state dict and saved adapters are untouched). With `dropout_seed`
     (`qlora.speed.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt;
     with `base_fp8` the frozen weight's GEMMs run in float8 (qlora/speed/fp8.py), except in modules whose
-    name ends in one of `fp8_exclude`. Returns how many."""
+    name ends in one of `fp8_exclude`; with `nf4_kernel` the weights are dequantised by
+    qlora/speed/nf4_kernel.py's Triton kernel; with `lora_in_gemm` the LoRA B product rides in the base GEMM
+    (`base_with_lora`) of every module whose base is not FP8. Returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes: nothing 4-bit to fuse
@@ -194,6 +239,8 @@ def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | No
             setattr(module, ABSMAX_ATTR, cache_absmax)
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
+            setattr(module, KERNEL_ATTR, nf4_kernel)
+            setattr(module, IN_GEMM_ATTR, lora_in_gemm)
             weight = module.get_base_layer().weight  # no quant_state yet under FSDP: checked per call then
             setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude
                     and (getattr(weight, "quant_state", None) is None or fp8_gemm.usable(weight)))
