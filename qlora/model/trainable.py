@@ -139,12 +139,14 @@ def describe_speedups(model) -> str:
 
 
 def nf4_kernel_count(model) -> int:
-    """How many fused linears dequantise by qlora/speed/nf4_kernel.py's kernel (it covers their weight here)."""
+    """How many fused linears dequantise by qlora/speed/nf4_kernel.py's kernel (it covers their weight here; under
+    FSDP2 the quant_state waits on the module)."""
     n = 0
     for m in model.modules():
         if getattr(m, KERNEL_ATTR, False):
-            w = m.get_base_layer().weight
-            n += getattr(w, "quant_state", None) is not None and nf4_kernel.covers(w, w.quant_state.dtype)
+            base = m.get_base_layer()
+            qs = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+            n += qs is not None and nf4_kernel.covers(base.weight, qs.dtype, qs)
     return n
 
 

@@ -35,10 +35,11 @@ def runs_on(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def covers(weight, dtype: torch.dtype) -> bool:
-    """Whether the kernel gives bitsandbytes' result for this 4-bit weight written as `dtype`: rows of whole
-    scale blocks, and the dtype the weight was quantised from (bitsandbytes rounds to that one)."""
-    qs = weight.quant_state
+def covers(weight, dtype: torch.dtype, qs=None) -> bool:
+    """Whether the kernel gives bitsandbytes' result for this 4-bit weight (its quant_state: `qs`, or the weight's)
+    written as `dtype`: rows of whole scale blocks, and the dtype the weight was quantised from (bitsandbytes
+    rounds to that one)."""
+    qs = qs or weight.quant_state
     n, k = qs.shape
     return runs_on(weight.data) and k % qs.blocksize == 0 and qs.dtype == dtype and qs.quant_type in ("nf4", "fp4")
 
