@@ -27,7 +27,8 @@
 #         (CUD_ATTN: the attn_backend list of both, default varlen,cudnn)
 #   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels,
 #         printed; PROF_ATTN: attn_backend, default auto)
-#         (PROF_SITES=1: also the non-GEMM ops by GPU time with their shapes and call sites)
+#         (PROF_SITES=1: also the non-GEMM ops by GPU time with their shapes and call sites; PROF_FP8=on: base_fp8;
+#         PROF_NF4=on: nf4_kernel and lora_in_gemm)
 #   ce    Llama-3-8B, the flat setting: the loss head's softmax and gradient in torch ops then in the Triton kernel
 #         (ce_kernel off,on; CE_ATTN: attn_backend, default auto)
 #   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
@@ -144,7 +145,8 @@ for part in "$@"; do
              --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 "${CUD2_FP8:-off}"
            unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off \
-             --attn_backend "${PROF_ATTN:-auto}" --profile ${PROF_SITES:+--profile_sites}
+             --attn_backend "${PROF_ATTN:-auto}" --base_fp8 "${PROF_FP8:-off}" --nf4_kernel "${PROF_NF4:-off}" \
+             --lora_in_gemm "${PROF_NF4:-off}" --profile ${PROF_SITES:+--profile_sites}
            python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); s=r.pop('op_sites', []); print(json.dumps(r)); [print(k) for k in t]; [print(k) for k in s]" \
              "$OUT/prof/bench.jsonl" | tee "$OUT/prof.txt" ;;
     ce)    ours ce 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
