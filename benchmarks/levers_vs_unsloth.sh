@@ -54,6 +54,7 @@
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
+# OURS_EXTRA: bench.py options appended to every run of ours (e.g. "--nf4_kernel on --lora_in_gemm on").
 # Unsloth's timed steps and warm-up steps: U_STEPS (default 4) and U_WARM (default 1); its tokens/s moved by 6.6%
 # between two runs of 4 steps on one H100, so a ratio wants more steps or repeated runs.
 # Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
@@ -75,7 +76,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.
 ours() {  # ours PART TIMEOUT bench-args...
   local part=$1 t=$2; shift 2
   ( export PYTHONPATH=/tmp/ours/site HF_HUB_OFFLINE=1
-    timeout "$(cap "$t")" python3 benchmarks/bench.py --no_plot --warmup 2 --steps 4 --out "$OUT/$part" "$@" 2>&1 \
+    timeout "$(cap "$t")" python3 benchmarks/bench.py --no_plot --warmup 2 --steps 4 --out "$OUT/$part" "$@" ${OURS_EXTRA:-} 2>&1 \
       | tee -a "$OUT/$part.log" | grep "\[bench\] ours\|rror" )
 }
 unsloth() {  # unsloth PART DIR ROWSxMBxLEN CKPT model_type config...
