@@ -57,7 +57,7 @@ from common import DEFAULTS, PAD_ID, log, setting_label  # noqa: E402
 GRID_KEYS = ("max_seq_len", "micro_batch_size", "grad_accum", "packing", "attn_backend", "recompute", "recompute_layers",
              "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8",
              "recompute_attention", "deterministic", "lora_r", "lora_dropout", "mlp_tile_tokens", "optimizer", "ce_kernel",
-             "nf4_kernel", "lora_in_gemm")
+             "nf4_kernel")
 CONFIG_KEYS = GRID_KEYS + ("model", "quant", "compute_dtype", "lora_alpha", "fp8_exclude", "lr", "seed")
 # bench.py's own spellings of these keys before it took Config's: one line naming the new flag
 OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "attn_backend", "ckpt": "recompute",
@@ -66,12 +66,12 @@ OLD_FLAGS = {"micro_batch": "micro_batch_size", "accum": "grad_accum", "attn": "
 # the seed recipe has none of these
 OURS_ONLY = ("packing", "attn_backend", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs",
              "offload_recompute", "rebuild_inputs", "group_projections", "base_fp8", "deterministic", "mlp_tile_tokens",
-             "recompute_attention", "ce_kernel", "nf4_kernel", "lora_in_gemm")
+             "recompute_attention", "ce_kernel", "nf4_kernel")
 TINY = dict(model="random:tiny", quant="nf4", compute_dtype="float32", max_seq_len=64, micro_batch_size=2, grad_accum=2,
             warmup=2, steps=1)
 CSV_FIELDS = ["timestamp", "tag", "impl", "status", "label", "data", "max_seq_len", "micro_batch_size", "grad_accum", "packing",
               "attn_backend", "recompute", "recompute_layers", "fused_lora", "kernels", "seeded_dropout", "cuda_graphs", "offload_recompute", "rebuild_inputs",
-              "recompute_attention", "group_projections", "mlp_tile_tokens", "base_fp8", "deterministic", "ce_kernel", "nf4_kernel", "lora_in_gemm", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
+              "recompute_attention", "group_projections", "mlp_tile_tokens", "base_fp8", "deterministic", "ce_kernel", "nf4_kernel", "lora_r", "lora_dropout", "warmup", "timed_steps", "tokens_per_s",
               "supervised_tokens_per_s", "response_tokens_per_s", "step_time_s", "tokens_per_step",
               "padding_fraction", "peak_allocated_gib", "peak_reserved_gib", "base_weights_gib",
               "lora_optimizer_gib", "activations_gib", "device_used_end_gib", "mfu", "mfu_measured", "hfu",
@@ -220,9 +220,8 @@ def parse_args(argv=None):
                    "(ours only)")
     p.add_argument("--ce_kernel", default="on", help="the loss head's softmax and gradient in one Triton kernel per "
                    "chunk on,off (ours only)")
-    p.add_argument("--nf4_kernel", default="off", help="4-bit weights dequantised by the tiled Triton kernel on,off "
+    p.add_argument("--nf4_kernel", default="on", help="4-bit weights dequantised by the tiled Triton kernel on,off "
                    "(ours only)")
-    p.add_argument("--lora_in_gemm", default="off", help="each LoRA B product inside its base GEMM on,off (ours only)")
     p.add_argument("--base_fp8", default="off", help="FP8 GEMMs for the frozen base on,off (ours only; Ada/Hopper)")
     p.add_argument("--deterministic", default="off", help="deterministic kernels on,off (ours only; "
                    "qlora/training/determinism.py)")
@@ -295,7 +294,7 @@ def settings(args) -> list[dict]:
             "recompute_attention": _vals(args.recompute_attention, bool, "recompute_attention"),
             "rebuild_inputs": _vals(args.rebuild_inputs, bool, "rebuild_inputs"),
             "group_projections": _vals(args.group_projections, bool, "group_projections"), "base_fp8": _vals(args.base_fp8, bool, "base_fp8"), "ce_kernel": _vals(args.ce_kernel, bool, "ce_kernel"),
-            "nf4_kernel": _vals(args.nf4_kernel, bool, "nf4_kernel"), "lora_in_gemm": _vals(args.lora_in_gemm, bool, "lora_in_gemm"),
+            "nf4_kernel": _vals(args.nf4_kernel, bool, "nf4_kernel"),
             "mlp_tile_tokens": _vals(args.mlp_tile_tokens, int, "mlp_tile_tokens"),
             "deterministic": _vals(args.deterministic, bool, "deterministic"),
             "lora_r": _vals(args.lora_r, int, "lora_r"), "lora_dropout": _vals(args.lora_dropout, float, "lora_dropout"),

@@ -78,7 +78,7 @@ class SeededMaskDropout(torch.nn.Module):
 
 
 def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None, offload=False, graphs=False,
-        fp8=False, seam=None, rebuild=False, grouped=False, keep_attn=False, nf4k=False, in_gemm=False):
+        fp8=False, seam=None, rebuild=False, grouped=False, keep_attn=False, nf4k=True):
     seam = seam or train.micro_batch_loss
     device = torch.device(args.device)
     cfg = load_config([], model=f"random:{args.shape}", quant="nf4",
@@ -87,7 +87,7 @@ def run(args, dropout, fused, kernels, ckpt_layers, attn, seeded=False, ce=None,
                       max_seq_len=args.seq, micro_batch_size=2, seed=0, attn_backend=attn,
                       seeded_dropout=seeded and fused, offload_recompute=offload, base_fp8=fp8,
                       rebuild_inputs=rebuild, group_projections=grouped, recompute_attention=not keep_attn,
-                      nf4_kernel=nf4k, lora_in_gemm=in_gemm)
+                      nf4_kernel=nf4k)
     model = load_model(cfg, device)
     backend = attention.use_packed_attention(model, attn)
     g = torch.Generator().manual_seed(1)
@@ -276,7 +276,7 @@ def check_triton_ce() -> int:
 
 def check_triton_nf4() -> int:
     """The tiled NF4 kernel (qlora/speed/nf4_kernel.py) against bitsandbytes' kernel at the real weight shapes:
-    the same bf16 values bit for bit, also written into rows of a wider buffer (lora_in_gemm's layout)."""
+    the same bf16 values bit for bit, also written into rows of a wider buffer."""
     if not nf4_kernel.runs_on(torch.empty(1, device="cuda")):
         print("nf4 kernel: no Triton here, kernel not checked")
         return 0
@@ -286,7 +286,7 @@ def check_triton_nf4() -> int:
         want = lora_fused.dequantize(weight, True)
         got = lora_fused.dequantize(weight, True, kernel=True)
         wide = torch.full((n, k + 24), 5.0, device="cuda", dtype=torch.bfloat16)
-        lora_fused.dequantize(weight, True, out=wide)
+        nf4_kernel.dequantize(weight, lora_fused.block_absmax(weight, True), wide)
         ok = (got.data_ptr() != want.data_ptr() and torch.equal(got, want) and torch.equal(wide[:, :k], want)
               and bool((wide[:, k:] == 5.0).all()))
         failed += not ok
@@ -328,10 +328,8 @@ def main():
                      ("cudnn: fused+liger", True, "liger", -1, "cudnn", {}),
                      ("cudnn: +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
                       {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True}),
-                     ("nf4 kernel+lora in gemm", True, "liger", -1, auto, {"nf4k": True, "in_gemm": True}),
-                     ("nf4 kernel+in gemm: cudnn +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
-                      {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True, "nf4k": True,
-                       "in_gemm": True}),
+                     ("bitsandbytes dequant: cudnn +graphs ckpt 1+grouped", True, "liger", 1, "cudnn",
+                      {"seeded": True, "graphs": True, "ce": "fused", "grouped": True, "rebuild": True, "nf4k": False}),
                      ("fp8: fused+liger", True, "liger", -1, auto, {"fp8": True}),
                      ("fp8: +seeded+graphs ckpt 1", True, "liger", 1, auto,
                       {"seeded": True, "graphs": True, "ce": "fused", "fp8": True})]
@@ -341,7 +339,6 @@ def main():
                      ("fused+grouped", True, "none", -1, auto, {"grouped": True}),
                      ("fused+offload", True, "none", -1, auto, {"offload": True}),
                      ("fused+attn kept", True, "none", -1, auto, {"keep_attn": True}),
-                     ("fused+grouped+lora in gemm", True, "none", -1, auto, {"grouped": True, "in_gemm": True}),
                      ("fp8: fused", True, "none", -1, auto, {"fp8": True})]
     if args.only:
         variants = [v for v in variants if any(f in v[0] for f in args.only.split(","))]

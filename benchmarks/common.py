@@ -57,7 +57,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFOR
 
 DEFAULTS = dict(model="random:llama2-7b", data="random", max_seq_len=512, micro_batch_size=2, grad_accum=2, packing=True,
                 attn_backend="auto", recompute=True, recompute_layers=-1, fused_lora=True, kernels="auto", seeded_dropout=False, cuda_graphs=False,
-                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, ce_kernel=True, nf4_kernel=False, lora_in_gemm=False, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False, profile_sites=False,
+                offload_recompute=False, rebuild_inputs=False, group_projections=False, mlp_tile_tokens=0, base_fp8=False, deterministic=False, ce_kernel=True, nf4_kernel=True, fp8_exclude=["down_proj"], lora_r=8, lora_alpha=64.0, lora_dropout=0.05, warmup=3, steps=5, profile=False, profile_sites=False,
                 quant="nf4", compute_dtype="auto", optimizer="paged_adamw_8bit", lr=1e-4, seed=0)
 
 
@@ -78,12 +78,13 @@ def setting_label(s: dict) -> str:
         parts.append(f"k-{s['kernels']}")
     parts += [short for key, short in (("seeded_dropout", "seeded_dropout"), ("cuda_graphs", "cuda_graphs"),
                                        ("offload_recompute", "offload_recompute"), ("rebuild_inputs", "rebuild_inputs"), ("group_projections", "grouped"),
-                                       ("nf4_kernel", "nf4_kernel"), ("lora_in_gemm", "lora_in_gemm"),
                                        ("deterministic", "deterministic")) if s.get(key)]
     if not s.get("recompute_attention", True):
         parts.append("attn_kept")
     if not s.get("ce_kernel", True):
         parts.append("ce_torch")
+    if not s.get("nf4_kernel", True):
+        parts.append("nf4_bnb")
     if s.get("mlp_tile_tokens"):
         parts.append(f"mlp_tiles{s['mlp_tile_tokens']}")
     if s.get("base_fp8"):

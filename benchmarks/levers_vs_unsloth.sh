@@ -28,14 +28,14 @@
 #   prof  the flat setting on Llama-3-8B without CUDA graphs, one profiled step (GPU time per op class, top kernels,
 #         printed; PROF_ATTN: attn_backend, default auto)
 #         (PROF_SITES=1: also the non-GEMM ops by GPU time with their shapes and call sites; PROF_FP8=on: base_fp8;
-#         PROF_NF4=on: nf4_kernel and lora_in_gemm)
+#         PROF_NF4=off: bitsandbytes' NF4 kernel instead of nf4_kernel's)
 #   ce    Llama-3-8B, the flat setting: the loss head's softmax and gradient in torch ops then in the Triton kernel
 #         (ce_kernel off,on; CE_ATTN: attn_backend, default auto)
 #   ceg   the same on the Gemma 3 4B text shape (262k vocabulary)
 #   nf4   benchmarks/nf4_dequant_probe.py: bitsandbytes' NF4 -> bf16 kernel against nf4_kernel's tiles (also writing
 #         rows with a larger stride), equality and timings on the Llama / Qwen weight shapes
-#   lig   Llama-3-8B, the flat setting on cuDNN's attention: nf4_kernel off,on x lora_in_gemm off,on; then Unsloth on the shape
-#   lig2  the same on Llama-2-7B
+#   nk    Llama-3-8B, the flat setting on cuDNN's attention: nf4_kernel off,on; then Unsloth on the shape
+#   nk2   the same on Llama-2-7B
 #   pk    Llama-3-8B on guanaco's length distribution (packed rows), the flat setting: attn_backend varlen then cudnn
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
@@ -54,7 +54,7 @@
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
-# OURS_EXTRA: bench.py options appended to every run of ours (e.g. "--nf4_kernel on --lora_in_gemm on").
+# OURS_EXTRA: bench.py options appended to every run of ours (e.g. "--nf4_kernel off").
 # Unsloth's timed steps and warm-up steps: U_STEPS (default 4) and U_WARM (default 1); its tokens/s moved by 6.6%
 # between two runs of 4 steps on one H100, so a ratio wants more steps or repeated runs.
 # Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
@@ -146,8 +146,8 @@ for part in "$@"; do
              --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 "${CUD2_FP8:-off}"
            unsloth cud2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     prof)  ours prof 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat --cuda_graphs off \
-             --attn_backend "${PROF_ATTN:-auto}" --base_fp8 "${PROF_FP8:-off}" --nf4_kernel "${PROF_NF4:-off}" \
-             --lora_in_gemm "${PROF_NF4:-off}" --profile ${PROF_SITES:+--profile_sites}
+             --attn_backend "${PROF_ATTN:-auto}" --base_fp8 "${PROF_FP8:-off}" --nf4_kernel "${PROF_NF4:-on}" \
+             --profile ${PROF_SITES:+--profile_sites}
            python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]['profile']; t=r.pop('top_kernels'); s=r.pop('op_sites', []); print(json.dumps(r)); [print(k) for k in t]; [print(k) for k in s]" \
              "$OUT/prof/bench.jsonl" | tee "$OUT/prof.txt" ;;
     ce)    ours ce 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
@@ -155,12 +155,12 @@ for part in "$@"; do
     ceg)   ours ceg 150 --model random:gemma3-4b $ROWS --group_projections on --optimizer adamw_8bit_flat --ce_kernel off,on ;;
     nf4)   ( export PYTHONPATH=/tmp/ours/site
              timeout "$(cap 120)" python3 benchmarks/nf4_dequant_probe.py 2>&1 | grep -v Warn | tail -8 ) | tee "$OUT/nf4.txt" ;;
-    lig)   ours lig 200 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
-             --attn_backend "${LIG_ATTN:-cudnn}" --nf4_kernel off,on --lora_in_gemm off,on
-           unsloth lig /tmp/l3 2,1,2048 true "${L3[@]}" ;;
-    lig2)  ours lig2 200 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
-             --attn_backend "${LIG_ATTN:-cudnn}" --nf4_kernel off,on --lora_in_gemm off,on
-           unsloth lig2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
+    nk)    ours nk 120 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${NK_ATTN:-cudnn}" --nf4_kernel off,on
+           unsloth nk /tmp/l3 2,1,2048 true "${L3[@]}" ;;
+    nk2)   ours nk2 120 --model random:llama2-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${NK_ATTN:-cudnn}" --nf4_kernel off,on
+           unsloth nk2 /tmp/l2 2,1,2048 true "${L2[@]}" ;;
     pk)    ours pk 150 --model random:llama3-8b --data guanaco $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${PK_ATTN:-varlen,cudnn}" ;;
     mis)   ours mis 150 --model random:mistral-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \

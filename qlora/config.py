@@ -43,10 +43,8 @@ class Config:
     # more memory: on a big GPU recompute only what does not fit (benchmarks/NOTES.md)
     fused_lora: bool = True  # NF4 linear + LoRA as one autograd node (qlora/speed/lora_fused.py); off = peft's forward
     absmax_cache: bool = True  # fused path: keep double-quant scales dequantised (+0.5 bit/param: 0.4 GiB at 7B)
-    nf4_kernel: bool = False  # fused path: 4-bit weights dequantised by a tiled Triton kernel (qlora/speed/nf4_kernel.py),
-    # the same values as bitsandbytes' kernel; CUDA with Triton
-    lora_in_gemm: bool = False  # fused path: each LoRA B product inside its base GEMM, [x | xA^T] [W | sB]^T, instead
-    # of a read and a write of the output after it (qlora/speed/lora_fused.py); the sum rounded once; not with base_fp8
+    nf4_kernel: bool = True  # fused path: 4-bit weights dequantised by a tiled Triton kernel on CUDA
+    # (qlora/speed/nf4_kernel.py), the same values as bitsandbytes' kernel, which runs elsewhere (named at start-up)
     kernels: str = "auto"  # fused RMSNorm/RoPE/SwiGLU: "auto" (liger-kernel on CUDA if installed), "liger", "none"
     ce_kernel: bool = True  # the loss head's softmax, loss and logits gradient in one Triton kernel per chunk of
     # positions on CUDA (qlora/speed/ce_rows.py; same fp32 arithmetic, ~9x less memory traffic); false or no Triton: torch ops

@@ -14,7 +14,7 @@ from ..distributed.fsdp import fuse_on_gathered_weights
 from ..speed.kernels import LIGER_ATTR, NO_PATCH_ATTR, use_kernels
 from .layerwise import decoder_layers
 from ..speed import nf4_kernel
-from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, IN_GEMM_ATTR, KERNEL_ATTR, dropout_seed, fuse_lora
+from ..speed.lora_fused import FP8_ATTR, FUSED_ATTR, KERNEL_ATTR, dropout_seed, fuse_lora
 from ..speed.keep_attention import keep_attention_contexts
 from ..speed.offload import offloaded_checkpoint
 from ..speed.grouped import count as grouped_count, group_projections
@@ -121,9 +121,7 @@ def describe_speedups(model) -> str:
     norms, mlps = rebuilt_count(model)
     extras = (", seeded LoRA dropout" if dropout_seed(model) is not None else "") + \
         (f", FP8 base GEMMs in {fp8}" if fp8 else "") + \
-        (f", 4-bit weights dequantised by the Triton kernel in {nk}" if (nk := nf4_kernel_count(model)) else "") + \
-        (f", LoRA B products inside the base GEMM in {ig}" if (ig := sum(
-            bool(getattr(m, IN_GEMM_ATTR, False) and not getattr(m, FP8_ATTR, False)) for m in model.modules())) else "") + \
+        nf4_kernel_note(model) + \
         (f", inputs rebuilt in backward from {norms} norms and {mlps} MLPs" if norms or mlps else "") + \
         (f", {grouped} projections grouped by shared input" if (grouped := grouped_count(model)) else "") + \
         (f", MLPs in tiles of {tiled[0]} tokens" if (tiled := [m._qlora_tile for m in model.modules()
@@ -138,16 +136,19 @@ def describe_speedups(model) -> str:
             f"liger kernels {f'on ({liger} modules)' if liger else off}")
 
 
-def nf4_kernel_count(model) -> int:
-    """How many fused linears dequantise by qlora/speed/nf4_kernel.py's kernel (it covers their weight here; under
-    FSDP2 the quant_state waits on the module)."""
-    n = 0
+def nf4_kernel_note(model) -> str:
+    """Where `nf4_kernel` is on: how many fused linears with bf16 base GEMMs dequantise by qlora/speed/nf4_kernel.py's
+    kernel, or that bitsandbytes' kernel does it on this device (under FSDP2 the quant_state waits on the module)."""
+    asked = covered = 0
     for m in model.modules():
-        if getattr(m, KERNEL_ATTR, False):
+        if getattr(m, KERNEL_ATTR, False) and not getattr(m, FP8_ATTR, False):
             base = m.get_base_layer()
             qs = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
-            n += qs is not None and nf4_kernel.covers(base.weight, qs.dtype, qs)
-    return n
+            asked += 1
+            covered += qs is not None and nf4_kernel.covers(base.weight, qs.dtype, qs)
+    if covered:
+        return f", 4-bit weights dequantised by the Triton kernel in {covered}"
+    return ", 4-bit weights dequantised by bitsandbytes' kernel (nf4_kernel: no Triton on this device)" if asked else ""
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -184,7 +185,7 @@ def prepare_for_training(base, cfg: Config, device: torch.device, fsdp: bool = F
                              offload=cfg.offload_recompute, keep_attention=not cfg.recompute_attention)
     if fused:
         fuse_lora(model, cfg.absmax_cache, new_seed(cfg.seed, device) if seeded else None, cfg.base_fp8,
-                  cfg.fp8_exclude, cfg.nf4_kernel, cfg.lora_in_gemm)
+                  cfg.fp8_exclude, cfg.nf4_kernel)
         if fsdp:  # FSDP2 hands each layer its gathered 4-bit bytes without their quant_state
             fuse_on_gathered_weights(model)
         elif cfg.group_projections and not group_projections(model):

@@ -31,8 +31,8 @@ from . import fp8 as fp8_gemm
 from . import rebuild as rebuilt
 from . import seeded_dropout
 from . import lora_fused
-from .lora_fused import (ABSMAX_ATTR, FP8_ATTR, FUSED_ATTR, IN_GEMM_ATTR, KERNEL_ATTR, SALT_ATTR, SEED_ATTR,
-                         _fused_adapter, _fused_forward, base_with_lora, block_absmax, dequantize, undrop)
+from .lora_fused import (ABSMAX_ATTR, FP8_ATTR, FUSED_ATTR, KERNEL_ATTR, SALT_ATTR, SEED_ATTR, _fused_adapter,
+                         _fused_forward, block_absmax, dequantize, undrop)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GROUP_ATTR = "_qlora_group"  # on a member: its group's modules, in call order
@@ -42,20 +42,27 @@ PER = 5  # tensors per member passed to the node: weight, lora_a, lora_b, bias, 
 
 class GroupedNF4LoRAFunction(torch.autograd.Function):
     """The outputs of several NF4+LoRA projections of one input x. `members` holds, per projection,
-    (scale, p, cache_absmax, salt, fp8, kernel); `tensors` holds, per projection, (weight, lora_a, lora_b, bias,
-    seed). With `in_gemm` (no member in FP8) every member's rank-r product rides in its base GEMM
-    (`lora_fused.base_with_lora`): the input is copied once, beside all members' h, for the whole group."""
+    (scale, p, cache_absmax, salt, fp8, kernel); `tensors` holds, per projection, (weight, lora_a, lora_b, bias, seed)."""
 
     @staticmethod
-    def forward(ctx, x, members, recipe, in_gemm, *tensors):
+    def forward(ctx, x, members, recipe, *tensors):
         ctx.set_materialize_grads(False)
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         n = len(members)
         shared = all(m[1] == 0 for m in members)  # no dropout: one h for the group
-        ys, hs, masks = [], [], []
-        ab = [(tensors[PER * i + 1].to(dtype), tensors[PER * i + 2].to(dtype)) for i in range(n)]
+        ys, hs, masks, ab = [], [], [], []
         with torch.autocast(x.device.type, enabled=False):
+            for i, (scale, p, cache, salt, fp8, kernel) in enumerate(members):
+                weight, lora_a, lora_b, bias, seed = tensors[PER * i:PER * (i + 1)]
+                if fp8:
+                    y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache), owner=x).to(dtype)
+                else:
+                    y = x2 @ dequantize(weight, cache, kernel).to(dtype).t()
+                if bias is not None:  # frozen: no gradient
+                    y.add_(bias.to(dtype))
+                ys.append(y)
+                ab.append((lora_a.to(dtype), lora_b.to(dtype)))
             if shared:
                 a_cat = torch.cat([a for a, _ in ab])
                 h = x2 @ a_cat.t()
@@ -72,22 +79,8 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
                     hs.append(xd @ ab[i][0].t())
                     masks.append(mask)
                     del xd
-            if in_gemm:
-                ys = base_with_lora(x2, tensors[0::PER], members[0][2], h if shared else torch.cat(hs, dim=1),
-                                    [b for _, b in ab], [m[0] for m in members])
-            for i, (scale, p, cache, salt, fp8, kernel) in enumerate(members):
-                weight, bias = tensors[PER * i], tensors[PER * i + 3]
-                if in_gemm:
-                    y = ys[i]
-                elif fp8:
-                    y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache), owner=x).to(dtype)
-                else:
-                    y = x2 @ dequantize(weight, cache, kernel).to(dtype).t()
-                if bias is not None:  # frozen: no gradient
-                    y.add_(bias.to(dtype))
-                if not in_gemm:
-                    y.addmm_(hs[i], ab[i][1].t(), alpha=scale)
-                    ys.append(y)
+            for i, (scale, *_rest) in enumerate(members):
+                ys[i].addmm_(hs[i], ab[i][1].t(), alpha=scale)
         kept = [h] if shared else hs
         inputs = [x2] if recipe is None else [None, *recipe[1]]
         ctx.save_for_backward(*kept, *masks, *inputs)
@@ -151,7 +144,7 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
         for i, g in enumerate(gs):
             if g is None:
                 d_a[i] = None
-        out = [dx, None, None, None]
+        out = [dx, None, None]
         for i in range(n):
             out += [None, d_a[i], d_b[i], None, None]
         return tuple(out)
@@ -204,8 +197,7 @@ def _grouped_forward(self, x, *args, **kwargs):
         tensors += [base.weight, m.lora_A[name].weight, m.lora_B[name].weight, base.bias, getattr(m, SEED_ATTR, None)]
     xin = x.to(dtype)
     recipe = rebuilt.recipe(x) if xin is x else None
-    in_gemm = all(getattr(m, IN_GEMM_ATTR, False) and not member[4] for m, member in zip(group, members))
-    ys = GroupedNF4LoRAFunction.apply(xin, tuple(members), recipe, in_gemm, *tensors)
+    ys = GroupedNF4LoRAFunction.apply(xin, tuple(members), recipe, *tensors)
     mine = None
     for m, y in zip(group, ys):
         y = y.to(x.dtype)

@@ -8,8 +8,7 @@ backward a dropped copy of the input per projection. Here the same maths is one 
   backward  W = dequant(W4);  g_h = s * g B;  dB = s * g^T h;  dA = g_h^T (x * m)
             dx = g W + (g_h A) * m
 
-With `lora_in_gemm` the rank-r product rides in the base GEMM instead: y = [x | h] [W | s B]^T (`base_with_lora`),
-which saves a read and a write of y per projection. It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
+It saves the input x itself (shared by q, k and v, which read the same tensor), the small h, and a
 one-byte mask only when dropout is on (torch's native dropout: mask and output in one kernel). Fewer nodes means less host time per step, which is what limits
 small micro-batches on a fast GPU. The result equals peft's path up to rounding (tests/test_lora_fused.py);
 A frozen base bias (Qwen2's q/k/v) is added in the same node; modules it does not cover (several adapters,
@@ -33,7 +32,6 @@ FP8_ATTR = "_qlora_base_fp8"
 SEED_ATTR = "_qlora_dropout_seed"
 SALT_ATTR = "_qlora_dropout_salt"
 KERNEL_ATTR = "_qlora_nf4_kernel"
-IN_GEMM_ATTR = "_qlora_lora_in_gemm"
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,45 +61,15 @@ def block_absmax(weight, cache_absmax: bool) -> torch.Tensor:
     return absmax
 
 
-def dequantize(weight, cache_absmax: bool, kernel: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(weight, cache_absmax: bool, kernel: bool = False) -> torch.Tensor:
     """The 4-bit weight in the dtype it was quantised from: bitsandbytes' kernel, or with `kernel` the tiled
-    Triton one (qlora/speed/nf4_kernel.py) where it covers the weight. With `out` ([N, ld], rows ld >= K apart)
-    it fills out's first K columns (in out's dtype) and returns `out`: the Triton kernel writes them directly,
-    elsewhere bitsandbytes' result is copied in."""
+    Triton one (qlora/speed/nf4_kernel.py) where it covers the weight (the same values)."""
     qs = weight.quant_state
     absmax = block_absmax(weight, cache_absmax)
-    if (kernel or out is not None) and nf4_kernel.covers(weight, qs.dtype if out is None else out.dtype):
-        return nf4_kernel.dequantize(weight, absmax, out)
-    w = torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape,
-                                                       qs.dtype)
-    if out is None:
-        return w
-    out[:, :w.shape[1]].copy_(w)
-    return out
-
-
-def base_with_lora(x2: torch.Tensor, weights, cache_absmax: bool, h: torch.Tensor, bs, scales) -> list[torch.Tensor]:
-    """y_i = x W_i^T + s_i h_i B_i^T for projections that read one input x, with each rank-r product inside the
-    base GEMM's sum (`lora_in_gemm`): y_i = [x | h] [W_i | s_i B_i in member i's columns, 0 in the others]^T.
-    `h` holds the members' h_i side by side ([T, sum of ranks]); `bs[i]` is B_i in the compute dtype. The sum
-    is rounded once, where x W^T + s h B^T rounds y and then y + s h B^T: the same maths, one rounding fewer.
-    The input is copied once into [T, K + ranks] (rows padded to 8 elements: 16-byte aligned for cuBLAS); each
-    weight is dequantised into the first K columns of its own [N, K + ranks] buffer."""
-    t, k = x2.shape
-    width = k + h.shape[1]
-    ld = -(-width // 8) * 8
-    xc = x2.new_empty(t, ld)
-    xc[:, :k].copy_(x2)
-    xc[:, k:width].copy_(h)
-    xc[:, width:].zero_()
-    ys, col = [], k
-    for weight, b, s in zip(weights, bs, scales):
-        wc = dequantize(weight, cache_absmax, True, x2.new_empty(b.shape[0], ld))
-        wc[:, k:].zero_()
-        wc[:, col:col + b.shape[1]].copy_(b * s)
-        ys.append(xc @ wc.t())
-        col += b.shape[1]
-    return ys
+    if kernel and nf4_kernel.covers(weight, qs.dtype):
+        return nf4_kernel.dequantize(weight, absmax)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape,
+                                                          qs.dtype)
 
 
 class NF4LoRAFunction(torch.autograd.Function):
@@ -114,12 +82,17 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale: float, p: float, cache_absmax: bool, seed=None,
-                salt: int = 0, fp8: bool = False, bias=None, recipe=None, kernel: bool = False,
-                in_gemm: bool = False):
+                salt: int = 0, fp8: bool = False, bias=None, recipe=None, kernel: bool = False):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         seeded = p > 0 and seed is not None
         with torch.autocast(x.device.type, enabled=False):
+            if fp8:
+                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
+            else:
+                y = x2 @ dequantize(weight, cache_absmax, kernel).to(dtype).t()
+            if bias is not None:  # frozen (Qwen2's q/k/v): no gradient
+                y.add_(bias.to(dtype))
             if seeded:
                 xd, keep = seeded_dropout.apply(x2, seed, salt, p), None
             else:
@@ -127,16 +100,7 @@ class NF4LoRAFunction(torch.autograd.Function):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             h = xd @ a.t()
             del xd
-            if fp8:
-                y = fp8_gemm.linear(x2, weight, block_absmax(weight, cache_absmax), owner=x).to(dtype)
-            elif in_gemm:
-                y = base_with_lora(x2, (weight,), cache_absmax, h, (b,), (scale,))[0]
-            else:
-                y = x2 @ dequantize(weight, cache_absmax, kernel).to(dtype).t()
-            if bias is not None:  # frozen (Qwen2's q/k/v): no gradient
-                y.add_(bias.to(dtype))
-            if fp8 or not in_gemm:
-                y.addmm_(h, b.t(), alpha=scale)
+            y.addmm_(h, b.t(), alpha=scale)
         # the seed is saved (not copied): TokenLoss advances it only at the next micro-batch's forward,
         # after this backward; autograd's version check would catch any other order
         mask = keep if keep is not None else seed
@@ -181,7 +145,7 @@ class NF4LoRAFunction(torch.autograd.Function):
                     dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax, ctx.kernel).to(dtype))
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
-        return dx, None, d_a, d_b, None, None, None, None, None, None, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None, None, None, None, None
 
 
 def _fused_adapter(module, x, args, kwargs):
@@ -214,19 +178,18 @@ def _fused_forward(self, x, *args, **kwargs):
                               float(self.scaling[name]), p, getattr(self, ABSMAX_ATTR, False),
                               getattr(self, SEED_ATTR, None), getattr(self, SALT_ATTR, 0),
                               getattr(self, FP8_ATTR, False) and fp8_gemm.usable(base.weight), base.bias, recipe,
-                              getattr(self, KERNEL_ATTR, False), getattr(self, IN_GEMM_ATTR, False))
+                              getattr(self, KERNEL_ATTR, False))
     return y.to(x.dtype)  # as bitsandbytes' Linear4bit: the output in the input's dtype (a no-op under autocast)
 
 
 def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | None = None,
-              base_fp8: bool = False, fp8_exclude=(), nf4_kernel: bool = False, lora_in_gemm: bool = False) -> int:
+              base_fp8: bool = False, fp8_exclude=(), nf4_kernel: bool = False) -> int:
     """Route every peft `lora.Linear4bit` of `model` through `NF4LoRAFunction` (an instance-level
     forward, so the module tree, state dict and saved adapters are untouched). With `dropout_seed`
     (`qlora.speed.seeded_dropout.new_seed`), LoRA dropout is the seeded kind, each module with its own salt;
     with `base_fp8` the frozen weight's GEMMs run in float8 (qlora/speed/fp8.py), except in modules whose
-    name ends in one of `fp8_exclude`; with `nf4_kernel` the weights are dequantised by
-    qlora/speed/nf4_kernel.py's Triton kernel; with `lora_in_gemm` the LoRA B product rides in the base GEMM
-    (`base_with_lora`) of every module whose base is not FP8. Returns how many."""
+    name ends in one of `fp8_exclude`; with `nf4_kernel` the bf16 GEMMs' weights are dequantised by
+    qlora/speed/nf4_kernel.py's Triton kernel where it runs. Returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes: nothing 4-bit to fuse
@@ -240,7 +203,6 @@ def fuse_lora(model, cache_absmax: bool = False, dropout_seed: torch.Tensor | No
             setattr(module, SEED_ATTR, dropout_seed)
             setattr(module, SALT_ATTR, n + 1)
             setattr(module, KERNEL_ATTR, nf4_kernel)
-            setattr(module, IN_GEMM_ATTR, lora_in_gemm)
             weight = module.get_base_layer().weight  # no quant_state yet under FSDP: checked per call then
             setattr(module, FP8_ATTR, base_fp8 and name.rsplit(".", 1)[-1] not in fp8_exclude
                     and (getattr(weight, "quant_state", None) is None or fp8_gemm.usable(weight)))

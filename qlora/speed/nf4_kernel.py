@@ -1,17 +1,17 @@
-"""The 4-bit weight in the compute dtype by a tiled Triton kernel (config keys `nf4_kernel`, `lora_in_gemm`).
+"""The 4-bit weight in the compute dtype by a tiled Triton kernel (config key `nf4_kernel`, default on).
 
 The exact-bf16 step dequantises every 4-bit weight twice per micro-batch (forward, and backward's input
 gradient). bitsandbytes' kernel does it one scale block at a time; this one (the tile of `base_fp8`'s NF4 ->
 e4m3 kernel, qlora/speed/fp8.py, writing the compute dtype) loads a BN x BK/2 tile of packed bytes at once,
 each block's absmax once, and looks both halves of each byte up in the weight's own codebook
 (`quant_state.code`). It computes what bitsandbytes computes, code * absmax in fp32 rounded once to the
-weight's dtype, so the two agree bit for bit on the GPU (benchmarks/check_fast_path_cuda.py); Triton's CPU
-interpreter casts by truncation, within one bf16 step (tests/test_nf4_kernel.py).
+weight's dtype, so the two agree bit for bit on the GPU (benchmarks/check_fast_path_cuda.py, at every Llama and
+Qwen weight shape); Triton's CPU interpreter casts by truncation, within one bf16 step (tests/test_nf4_kernel.py).
+Measured on an H100 inside the graphed Llama step: +1.2-1.6% per step (benchmarks/RESULTS.md).
 
-It can also write the rows `ld` elements apart, into the first K columns of a wider buffer: the layout in which
-`lora_in_gemm` appends the LoRA B columns to the weight (qlora/speed/lora_fused.py, `base_with_lora`). Weights it
-does not cover (rows that are not whole scale blocks, a weight stored in another dtype than the buffer's) and
-devices where it does not run (no Triton; the CPU outside the interpreter) take bitsandbytes' kernel.
+It can also write rows `ld` elements apart, into the first K columns of a wider buffer. Weights it does not
+cover (rows that are not whole scale blocks) and devices where it does not run (no Triton; the CPU outside
+the interpreter) take bitsandbytes' kernel, which gives the same values.
 """
 
 from __future__ import annotations

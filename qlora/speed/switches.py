@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import attention, fp8, nf4_kernel
+from . import attention, fp8
 from ..config import Config, ConfigError
 from .kernels import liger_available
 
@@ -84,16 +84,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("absmax_cache", lambda c: c.absmax_cache and c.fused_lora, "false",
            "keep the double-quant scales dequantised (+0.4 GiB at 7B, 2 fewer kernels per 4-bit matmul)",
            "qlora/speed/lora_fused.py"),
-    Switch("nf4_kernel", lambda c: c.nf4_kernel, "false",
-           "4-bit weights dequantised by a tiled Triton kernel instead of bitsandbytes' (the same values)",
-           "qlora/speed/nf4_kernel.py",
-           (FUSED, Need("a CUDA device with Triton (pip install -e '.[gpu]'), or Triton's CPU interpreter",
-                        lambda c, w: nf4_kernel.runs_on(torch.empty(0, device=w.device))),
-            Need("base_fp8 false (FP8 GEMMs dequantise with their own kernel)", lambda c, w: not c.base_fp8))),
-    Switch("lora_in_gemm", lambda c: c.lora_in_gemm, "false",
-           "each LoRA B product inside its base GEMM, [x | x A^T] [W | s B]^T: no read and write of the output after "
-           "it (the sum rounded once)", "qlora/speed/lora_fused.py",
-           (FUSED, Need("base_fp8 false (the FP8 GEMM takes no LoRA columns)", lambda c, w: not c.base_fp8))),
+    Switch("nf4_kernel", lambda c: c.nf4_kernel and c.fused_lora, "false",
+           "fused path: 4-bit weights dequantised by a tiled Triton kernel (CUDA with Triton; elsewhere bitsandbytes' "
+           "kernel, the same values, named at start-up)", "qlora/speed/nf4_kernel.py"),
     Switch("kernels", lambda c: c.kernels == "liger", "auto",
            "liger-kernel RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy (`auto`: on CUDA when installed)",
            "qlora/speed/kernels.py", (CUDA, Need("liger-kernel and triton: pip install -e '.[gpu]'",
