@@ -315,7 +315,7 @@ _CHOICES = {
     "quant": ("nf4", "fp4", "none"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
-    "attn_backend": ("auto", "sdpa", "varlen", "cudnn", "flex", "eager"),
+    "attn_backend": ("auto", "sdpa", "varlen", "cudnn", "flex"),
     "kernels": ("auto", "liger", "none"),
     "overlong": ("drop", "truncate"),
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw_8bit_flat", "adamw"),
