@@ -41,6 +41,7 @@ def test_preset_then_cli_override(tmp_path):
     (["--config", "nope.yaml"], "config file nope.yaml not found"),
     (["--recompute_layers", "-2"], "config key 'recompute_layers' from the command line must be >= -1 (-1 = all"),
     (["--kernels", "triton"], "config key 'kernels' from the command line = 'triton' must be one of"),
+    (["--attn_backend", "eager"], "config key 'attn_backend' from the command line = 'eager' must be one of"),
 ])
 def test_bad_cli_is_a_clear_error(argv, needle):
     with pytest.raises(ConfigError) as e:
