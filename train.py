@@ -40,12 +40,13 @@ from qlora.speed.kernels import resolve_kernels
 from qlora.speed.lora_fused import dropout_seed
 from qlora.speed.switches import Where, check_switches
 from qlora.training import determinism
-from qlora.training.checkpoint import (CheckpointError, check_output_dir, list_checkpoints, load_adapter_weights,
-                                       load_checkpoint, resolve_resume, save_adapter, save_training_checkpoint,
-                                       savable_adapter, set_rng_state)
+from qlora.training.checkpoint import (CheckpointError, check_output_dir, drop_log_after, list_checkpoints,
+                                       load_adapter_weights, load_checkpoint, resolve_resume, resume_problem,
+                                       save_adapter, save_training_checkpoint, savable_adapter, saved_world_size,
+                                       set_rng_state)
 from qlora.training.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
 from qlora.training.loss import TokenLoss, mean_token_loss
-from qlora.training.optim import lr_at, make_optimizer, set_lr
+from qlora.training.optim import STATE_KIND, lr_at, make_optimizer, set_lr, state_kind
 from qlora.training.packing import Batches, DataState, eval_batches, model_inputs
 from qlora.training.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
@@ -103,7 +104,11 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.output_dir)
     talk = say if accelerator.is_main_process else (lambda *_: None)
     resume_from = resolve_resume(cfg.resume, out, warn=lambda msg: talk(f"warning: {msg}"))
-    check_output_dir(out, resume_from)
+    if check_output_dir(out, resume_from, cfg):  # --resume auto, no checkpoint, this run's folder: start over
+        talk(f"resume: no checkpoint in {out}, starting from step 0"
+             + (" (its final/ is replaced when this run finishes)" if (out / "final").exists() else ""))
+    if resume_from is not None:  # layout, optimizer, batch shape: before the model is even loaded
+        check_resumable(resume_from, cfg, accelerator)
     talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
     for note in notes:
         talk(note)
@@ -172,27 +177,46 @@ def make_accelerator(cfg: Config, log_with=None) -> tuple[Any, Config]:
     return Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=cfg.output_dir, cpu=not on_cuda), cfg
 
 
+def check_resumable(path: Path, cfg: Config, accelerator) -> None:
+    """Refuse checkpoint `path` if this run cannot continue it exactly: another layout (FSDP or not, number
+    of processes), another optimizer (its state loads without complaint and fails only at the first
+    step) or another micro_batch_size or grad_accum (the saved data position counts in them)."""
+    world = accelerator.num_processes
+    problem = layout_problem(path, accelerator.is_fsdp2, world)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+    was = saved_world_size(path)
+    if not accelerator.is_fsdp2 and was is not None and was != world:  # each rank's data shard and RNG stream
+        raise CheckpointError(f"checkpoint {path} was written by {was} processes, this run has {world}: resume with "
+                              "the same number")
+    problem = resume_problem(path, cfg)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+
+
 def restore(run: Run, path: Path) -> None:
     """Continue the run saved in checkpoint `path`: adapter, optimizer, RNG, step and data position
     (under FSDP2 each rank its own shard of them)."""
     acc = run.accelerator
-    problem = layout_problem(path, acc.is_fsdp2, acc.num_processes)
-    if problem:
-        raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+    check_resumable(path, run.cfg, acc)
     if acc.is_fsdp2:
         state = restore_sharded_checkpoint(path, run.cfg, acc, acc.unwrap_model(run.loss_model).model,
                                            run.optimizer, run.cfg.resume_force)
     else:
         state, optim_state, rng = load_checkpoint(path, run.cfg, run.cfg.resume_force)
-        if state["world_size"] != acc.num_processes:
-            raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, "
-                                  f"this run has {acc.num_processes}: resume with the same number")
+        saved, want = state_kind(optim_state), STATE_KIND.get(run.cfg.optimizer)
+        if None not in (saved, want) and saved != want:  # a checkpoint without config.yaml: its state's keys tell
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: its optimizer.pt does not fit optimizer "
+                                  f"'{run.cfg.optimizer}' (it holds {saved} state): resume with the optimizer it "
+                                  "was saved with")
         load_adapter_weights(run.model, path)
         try:
             run.optimizer.load_state_dict(optim_state)
-        except (ValueError, KeyError) as e:  # saved by another optimizer
+        except (ValueError, KeyError) as e:  # the same optimizer, saved for other trainable tensors
+            why = str(e).partition(": resume with")[0]  # the advice is given once, here
             raise CheckpointError(f"checkpoint {path} cannot be resumed: its optimizer.pt does not fit optimizer "
-                                  f"'{run.cfg.optimizer}' ({e}): resume with the optimizer it was saved with") from None
+                                  f"'{run.cfg.optimizer}' ({why}): resume with the optimizer and LoRA config it was "
+                                  "saved with") from None
         set_rng_state(rng.get(f"rank{acc.process_index}", rng))
     run.step, run.skipped = state["step"], state.get("skipped_steps", 0)
     run.batches.state = DataState(**state["data"])
@@ -208,6 +232,8 @@ def open_output(run: Run) -> None:
     acc = run.accelerator
     if acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
+        if run.resume_from is None or run.resume_from.parent.resolve() == run.out.resolve():
+            drop_log_after(run.out / "log.jsonl", run.step)  # this run's log: nothing after where it continues
         save_config(run.cfg, run.out / "config.yaml")
     acc.wait_for_everyone()
     setup_gib = allocated_per_rank_gib(acc, run.device)  # weights, adapters, optimizer: before any activation

@@ -30,6 +30,11 @@ def prompt_rows(n: int) -> list[dict]:
     return [{"prompt": f"What is {i} + {i}?", "response": f"{2 * i}"} for i in range(n)]
 
 
+def chat_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(n)]
+
+
 # id, extra arguments ({d} = a folder of the case's files), files to write there, the needles the error line
 # must hold, and which output_dir the case runs against: "previous" (a previous run with a checkpoint),
 # "resume" (the same, resumed with --resume auto), "fresh" (none: none may appear)
@@ -75,7 +80,28 @@ CASES = [
     ("missing-file", ["--datasets", "{d}/nope.jsonl"], {}, ["nope.jsonl not found"], "resume"),
     ("micro-batch-larger-than-data", ["--datasets", "{d}/two.csv:prompt_response?prompt=q&response=a",
                                       "--micro_batch_size", "4"], {"two.csv": b"q,a\nWhat is 1+1?,2\nAnd 2+2?,4\n"},
-     ["fills 1 packed row(s) of max_seq_len 256", "micro_batch_size 4", "lower --micro_batch_size to 1"], "resume"),
+     ["fills 1 packed row(s) of max_seq_len 256", "micro_batch_size 4", "lower --micro_batch_size to 1"], "fresh"),
+    ("messages-null-content", ["--datasets", "{d}/chat.jsonl"],
+     {"chat.jsonl": jsonl(*chat_rows(2), {"messages": [{"role": "user", "content": None},
+                                                      {"role": "assistant", "content": "x"}]}, *chat_rows(30))},
+     ["chat.jsonl line 3: messages[0] 'content' is empty (null)"], "resume"),
+    ("messages-image-part", ["--datasets", "{d}/chat.jsonl"],
+     {"chat.jsonl": jsonl(*chat_rows(2), {"messages": [
+         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+         {"role": "assistant", "content": "x"}]}, *chat_rows(30))},
+     ["chat.jsonl line 3: messages[0] 'content' part 0 is a part of type 'image_url', not a text part"], "resume"),
+    ("lone-surrogate-escape", ["--datasets", "{d}/d.jsonl"],
+     {"d.jsonl": jsonl(*prompt_rows(3)) + b'{"prompt": "bad \\ud800 x", "response": "r"}\n'
+      + jsonl(*prompt_rows(30))},
+     ["d.jsonl line 4: field 'prompt' holds the escape \\ud800", "fix or remove that escape"], "resume"),
+    ("json-top-level-object", ["--datasets", "{d}/d.json"],
+     {"d.json": json.dumps({"data": prompt_rows(30)}, indent=2).encode()},
+     ["d.json: the top level is one JSON object (keys: data), not a list of records",
+      "save that list alone as the file"], "resume"),
+    ("truncate-leaves-no-response", ["--datasets", "{d}/long.jsonl", "--overlong", "truncate"],
+     {"long.jsonl": jsonl(*[{"prompt": "word " * 400, "response": "x"}] * 30)},
+     ["with --overlong truncate, every prompt alone takes max_seq_len (256 tokens) or more",
+      "raise --max_seq_len"], "resume"),
     # --- the model
     ("lora-target-not-in-model", ["--lora_targets", "q_proj,qkv_proj"], {}, ["qkv_proj"], "resume"),
     ("random-model-vocab-mismatch", ["--model", "random:llama2-7b"], {}, ["has only 32000 embeddings", "--tokenizer"],

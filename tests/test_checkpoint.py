@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from badinput import assert_one_error, snapshot
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_cfg
-from qlora.training.checkpoint import CheckpointError, load_adapter_weights, load_checkpoint, resolve_resume
+from qlora.training.checkpoint import (CheckpointError, drop_log_after, list_checkpoints, load_adapter_weights,
+                                       load_checkpoint, resolve_resume)
 
 TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2",
         "--max_steps", "6", "--save_every", "1", "--keep_last", "3", "--eval_every", "3", "--eval_batches", "1",
@@ -47,6 +49,11 @@ def losses(out):
     return by_step
 
 
+def train_steps(out):
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
 def kill_after(cmd, out, marker: str, sig=signal.SIGKILL, env=None):
     """Start training, wait until `marker` exists under out, then send `sig`."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -73,6 +80,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
     want, got = losses(ref), losses(cut)
     assert sorted(got) == sorted(want) == list(range(1, 7))
     assert got == want  # bit-identical per-step losses (CPU, same shapes, same order)
+    # what the killed run logged after checkpoint-3 is dropped: each step is in the log once
+    assert train_steps(cut) == list(range(1, 7))
     a = load_file(str(ref / "final" / "adapter_model.safetensors"))
     b = load_file(str(cut / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -88,6 +97,43 @@ def test_sigterm_saves_at_step_boundary_and_resumes(tmp_path):
     step = json.loads((ckpts[0] / "meta.json").read_text())["step"]
     r = run(cmd[:-2] + ["--max_steps", str(step + 1), "--resume", "auto"])
     assert r.returncode == 0 and f"at step {step}" in r.stderr
+
+
+def test_resume_auto_without_a_checkpoint_starts_this_run_over(tmp_path):
+    """A run killed before its first checkpoint (or finished with --save_every 0) leaves config.yaml and
+    log.jsonl but no checkpoint: --resume auto starts it over from step 0, with a log that is the fresh
+    run's alone; another run's folder is refused without being told to pass the flag it already has."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    cmd = train_cmd(out, "fp32", "--save_every", "0", "--max_steps", "50", "--eval_every", "0")
+    kill_after(cmd, out, "log.jsonl")  # the eval baseline at step 0 is logged before any step
+    assert not list_checkpoints(out) and (out / "config.yaml").is_file()
+    before = snapshot(out)
+    line = assert_one_error(run(train_cmd(out, "fp32", "--save_every", "0", "--resume", "auto", "--lora_r", "4")),
+                            f"output_dir {out} has no checkpoint to continue", "lora_r: 8 there vs 4 now")
+    assert "pass --resume auto" not in line
+    assert snapshot(out) == before  # refused: nothing changed
+    r = run(train_cmd(ref, "fp32", "--save_every", "0", "--max_steps", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for again in range(2):  # the killed run, then the finished one (final/, no checkpoint)
+        r = run(train_cmd(out, "fp32", "--save_every", "0", "--max_steps", "2", "--resume", "auto"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"resume: no checkpoint in {out}, starting from step 0" in r.stderr
+        assert ("final/ is replaced" in r.stderr) == bool(again)
+        assert train_steps(out) == [1, 2] and losses(out) == losses(ref)
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == \
+        (ref / "final" / "adapter_model.safetensors").read_bytes()
+
+
+def test_drop_log_after_keeps_what_the_continuation_stands_on(tmp_path):
+    log = tmp_path / "log.jsonl"
+    recs = [{"kind": "eval", "step": 0}, {"kind": "setup"}] + [{"kind": "train", "step": s} for s in range(1, 6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')  # a kill mid-line
+    drop_log_after(log, 3)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == recs[:5]
+    drop_log_after(log, 0)
+    assert log.read_text() == ""
+    drop_log_after(tmp_path / "none.jsonl", 2)  # no log: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 # every checkpoint write pauses 2 s before meta.json (save_checkpoint's before_commit), so a kill can land there
@@ -217,6 +263,46 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_p
         resolve_resume("auto", run_dir, warn=warnings.append)
 
 
+def resume_cli(ck, out, *extra):
+    """train.py resuming `ck` (of the two_checkpoints run: tiny_cfg, fp32, AdamW) into `out`."""
+    return [sys.executable, "train.py", "--model", "random:tiny", "--quant", "none", "--compute_dtype", "float32",
+            "--lora_dropout", "0", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "1",
+            "--recompute", "false", "--optimizer", "adamw", "--warmup_steps", "0", "--tracker", "none",
+            "--sample_prompts", "0", "--max_steps", "3", "--output_dir", str(out), "--resume", str(ck), *extra]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--optimizer", "paged_adamw_8bit"],
+     "its optimizer.pt does not fit optimizer 'paged_adamw_8bit' (it holds torch AdamW state, saved by optimizer "
+     "'adamw'): resume with --optimizer adamw"),
+    (["--micro_batch_size", "4"], "saved with micro_batch_size 2 (this run: 4)"),
+    (["--grad_accum", "2"], "saved with grad_accum 1 (this run: 2)"),
+])
+def test_resume_with_another_optimizer_or_batch_shape_is_refused(two_checkpoints, tmp_path, extra, words):
+    """Another optimizer's state loads without complaint and fails at the first step; another micro-batch
+    size or accumulation would skip or repeat rows: each is one error line before anything is written."""
+    out, _ = two_checkpoints
+    before = snapshot(out)
+    line = assert_one_error(run(resume_cli(out / "checkpoint-2", tmp_path / "new", *extra)),
+                            f"checkpoint {out / 'checkpoint-2'} cannot be resumed", words)
+    assert line.count("resume with") == 1
+    assert not (tmp_path / "new").exists() and snapshot(out) == before
+
+
+def test_optimizer_state_of_another_kind_is_refused_without_a_saved_config(two_checkpoints, tmp_path):
+    """A checkpoint without config.yaml: the optimizer state's own keys tell, before any step runs."""
+    import train
+
+    out, cfg = two_checkpoints
+    ck = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", ck)
+    (ck / "config.yaml").unlink()
+    new = tmp_path / "new"
+    with pytest.raises(CheckpointError, match=r"does not fit optimizer 'adamw_8bit' \(it holds torch AdamW state\)"):
+        train.main(replace(cfg, output_dir=str(new), resume=str(ck), optimizer="adamw_8bit"))
+    assert not new.exists()
+
+
 def test_adapter_of_another_shape_is_refused(two_checkpoints, tmp_path):
     """load_adapter_weights on a model of another LoRA rank (as --resume_force would allow) is a
     CheckpointError naming the file, not a size-mismatch traceback."""
@@ -235,3 +321,18 @@ def test_saved_safetensors_get_the_umask_mode(two_checkpoints):
     os.umask(mask)
     for f in [out / "final" / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, (f, oct(f.stat().st_mode))
+
+
+def test_checkpoint_of_another_world_size_is_refused_before_loading(two_checkpoints, tmp_path):
+    """Each rank's data shard and RNG stream only fit the same number of processes: refused in setup."""
+    import train
+
+    out, cfg = two_checkpoints
+    ck = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", ck)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    (ck / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    new = tmp_path / "new"
+    with pytest.raises(CheckpointError, match="was written by 2 processes, this run has 1: resume with the same"):
+        train.main(replace(cfg, output_dir=str(new), resume=str(ck)))
+    assert not new.exists()

@@ -179,6 +179,32 @@ def test_all_overlong_is_a_clear_error(tok, tmp_path):
         load_datasets([str(p)], tok, 64, "drop", 0.0, seed=0)
 
 
+def test_truncation_that_leaves_no_response_says_the_prompts_are_too_long(tok, tmp_path):
+    """With --overlong truncate already on, the advice is not to turn it on: the prompts alone fill
+    max_seq_len, so it must be raised."""
+    p = tmp_path / "long.jsonl"
+    p.write_text("".join(json.dumps({"prompt": "word " * 400, "response": "x"}) + "\n" for _ in range(3)))
+    with pytest.raises(DataError) as e:
+        load_datasets([str(p)], tok, 64, "truncate", 0.0, seed=0)
+    msg = str(e.value)
+    assert msg.startswith("no training examples left after filtering (3 rows -> 0 examples; dropped 3 over-long")
+    assert "with --overlong truncate, every prompt alone takes max_seq_len (64 tokens) or more" in msg
+    assert "raise --max_seq_len" in msg and "use --overlong truncate" not in msg
+    train, _, _ = load_datasets([str(p)], tok, 1024, "truncate", 0.0, seed=0)  # room for the response
+    assert len(train) == 3
+
+
+def test_every_row_skipped_says_why(tok, tmp_path):
+    """A Spider file without its databases: every row is skipped, and the error says so (not that no row has a
+    supervised token)."""
+    p = tmp_path / "dev.json"
+    p.write_text(json.dumps([{"question": "How many?", "query": "SELECT 1", "db_id": "nowhere"}] * 2))
+    msg = error_of([str(p)], tok, eval_fraction=0.0)
+    assert "skipped 2 (Spider database missing)" in msg
+    assert msg.endswith("every row was skipped (Spider database missing); a Spider file needs its databases "
+                        "beside it, as database/<db_id>/<db_id>.sqlite")
+
+
 @pytest.mark.parametrize("rows, suffix, needle", [
     ([{"prompt": "q", "response": "a"}, {"prompt": "q"}], "",
      "line 2: missing field 'response'; this row has only: prompt (this format needs prompt, response)"),
@@ -295,6 +321,109 @@ def test_json_files_hold_a_list_or_one_object_per_line(tmp_path):
     j.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_rows(parse_source(str(j)), "train")
     assert list(got) == rows and got.where(1) == f"{j} line 2"
+
+
+def chat(user_content, assistant_content="fine") -> dict:
+    return {"messages": [{"role": "user", "content": user_content},
+                         {"role": "assistant", "content": assistant_content}]}
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "messages[0] 'content' is empty (null): give every message its text as a string"),
+    (42, "messages[0] 'content' must be a string (or a list of {\"type\": \"text\", \"text\": ...} parts), "
+         "found a number (42)"),
+    ({"text": "hi"}, "messages[0] 'content' must be a string (or a list of"),
+    ([], "messages[0] 'content' must be a string (or a list of"),
+    ([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x.png"}}],
+     "messages[0] 'content' part 1 is a part of type 'image_url', not a text part"),
+    (["hi"], "messages[0] 'content' part 0 is a string, not a text part"),
+    ([{"type": "text", "text": None}], "messages[0] 'content' part 0 'text' must be a string, found null"),
+], ids=["null", "number", "object", "empty-list", "image-part", "bare-string-part", "null-text"])
+def test_a_message_content_that_is_not_text_names_the_line_and_message(tok, tmp_path, content, needle):
+    """A message content that is not text is an error naming the line, the message and what was found
+    (it used to be trained on as the text 'None' or a Python repr)."""
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [chat("hi"), chat("hello"), chat(content)]))
+    msg = error_of([str(p)], tok, eval_fraction=0.0)
+    assert msg.startswith(f"{p} line 3: ") and needle in msg, msg
+    p.write_text("".join(json.dumps(r) + "\n" for r in [chat("hi"), chat("hello", content)]))
+    assert error_of([str(p)], tok, eval_fraction=0.0).startswith(f"{p} line 2: messages[1] 'content' ")
+    q = tmp_path / "conv.jsonl"  # a mapped column is named as it is in the file
+    q.write_text(json.dumps({"conv": chat(content)["messages"]}) + "\n")
+    assert f"{q} line 1: conv[0] 'content'" in error_of([f"{q}:messages?messages=conv"], tok, eval_fraction=0.0)
+
+
+def test_a_message_role_that_is_not_a_string_is_named(tok, tmp_path):
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": ["user"], "content": "hi"}]}) + "\n")
+    assert error_of([str(p)], tok, eval_fraction=0.0) == (
+        f"{p} line 1: messages[0] 'role' must be a string (system, user or assistant), found a list")
+
+
+def test_text_parts_content_is_joined(tok, tmp_path):
+    """The OpenAI list-of-text-parts content trains as its texts joined by newlines, the same tokens as
+    that string written out."""
+    parts = [{"type": "text", "text": "What is 2+2?"}, {"type": "text", "text": "Answer briefly."}]
+    answer = [{"type": "text", "text": "4"}]
+    assert FORMATTERS["messages"](chat(parts, answer)) == FORMATTERS["messages"](
+        chat("What is 2+2?\nAnswer briefly.", "4"))
+    p, q = tmp_path / "parts.jsonl", tmp_path / "plain.jsonl"
+    p.write_text(json.dumps(chat(parts, answer)) + "\n")
+    q.write_text(json.dumps(chat("What is 2+2?\nAnswer briefly.", "4")) + "\n")
+    assert encoded([str(p)], tok) == encoded([str(q)], tok)
+
+
+def test_a_json_file_holding_one_object_is_named_as_such(tmp_path):
+    """A pretty-printed .json whose top level is an object is not read line by line as JSONL: the error says
+    what the top level is and what is expected; a one-line object is still one record."""
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    j = tmp_path / "wrapped.json"
+    j.write_text(json.dumps({"data": rows}, indent=2))
+    with pytest.raises(DataError) as e:
+        load_rows(parse_source(str(j)), "train")
+    msg = str(e.value)
+    assert msg.startswith(f"data file {j}: the top level is one JSON object (keys: data), not a list of records")
+    assert "write a list [{...}, ...] at the top level, or one record per line (.jsonl)" in msg
+    assert "the list under 'data'" in msg and "not valid JSON" not in msg
+    j.write_text(json.dumps({"meta": {"v": 1}, "rows": rows, "more": rows}, indent=2))  # two candidate lists
+    with pytest.raises(DataError, match=r"\(keys: meta, rows, more\), not a list of records") as e:
+        load_rows(parse_source(str(j)), "train")
+    assert "the list under" not in str(e.value)
+    j.write_text(json.dumps(rows[0]))  # one record on one line: still read
+    assert list(load_rows(parse_source(str(j)), "train")) == rows[:1]
+
+
+@pytest.mark.parametrize("suffix, text, needle", [
+    (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "bad \\ud800 x", "response": "b"}\n',
+     "line 2: field 'prompt' holds the escape \\ud800"),
+    (".jsonl", '{"prompt": "a", "response": "b"}\n\n{"messages": [{"role": "user", "content": "hi"}, '
+     '{"role": "assistant", "content": "\\udc00"}]}\n',
+     "line 3: field 'messages[1].content' holds the escape \\udc00"),
+    (".json", '[{"prompt": "a", "response": "b"},\n {"prompt": "a", "response": "x\\udfff"}]',
+     "item 1 (0-based): field 'response' holds the escape \\udfff"),
+], ids=["jsonl", "jsonl-nested", "json-list"])
+def test_a_lone_surrogate_escape_names_the_line_and_field(tok, tmp_path, suffix, text, needle):
+    """JSON can spell half of a UTF-16 surrogate pair, which is not text and no tokenizer takes: the file,
+    line and field are named (it used to reach the tokenizer and end in a TypeError)."""
+    p = tmp_path / f"s{suffix}"
+    p.write_text(text)
+    msg = error_of([str(p)], tok, eval_fraction=0.0)
+    assert msg.startswith(f"data file {p}") and needle in msg and "fix or remove that escape" in msg
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text(tok, tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text('{"prompt": "smile \\ud83d\\ude00", "response": "a \\\\ud800 b"}\n')
+    (row,) = load_rows(parse_source(str(p)), "train")
+    assert row == {"prompt": "smile \U0001F600", "response": "a \\ud800 b"}
+    train, _, _ = load_datasets([str(p)], tok, 256, "drop", 0.0, seed=0)
+    assert supervised_text(tok, train[0]) == "a \\ud800 b" + tok.eos_token
+
+
+def test_a_system_prompt_that_is_not_text_is_named(tok):
+    with pytest.raises(DataError, match=r"^config key 'system_prompt' holds a lone UTF-16 surrogate"):
+        build_examples([{"prompt": "a", "response": "b"}], Source("x", "prompt_response"), tok, 256, "drop",
+                       DataStats(), system_prompt="bad \udcff")
 
 
 def test_a_formatter_typo_is_not_file_not_found():

@@ -75,3 +75,11 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatc
                    output_dir=str(tmp_path / "skip"))
     result = train.main(cfg)
     assert result["skipped_steps"] == 1 and result["step"] == 5 and torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_a_bad_tokenizer_path_names_tokenizer_not_model(tmp_path):
+    msg = error_of(tmp_path, "--tokenizer", str(tmp_path / "nonexistent"))
+    assert f"tokenizer path {tmp_path / 'nonexistent'} does not exist: point --tokenizer at" in msg
+    assert "--model" not in msg
+    (tmp_path / "file.txt").write_text("x")
+    assert "is not a folder: point --tokenizer" in error_of(tmp_path, "--tokenizer", str(tmp_path / "file.txt"))

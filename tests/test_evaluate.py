@@ -48,6 +48,17 @@ def test_prompt_is_the_training_prompt(tok):
         assert "You write SQLite." in tok.decode(prompt)
 
 
+def test_eval_rows_of_a_spider_file_without_its_databases_are_an_error(tmp_path):
+    """load_eval_rows gives the Spider formatter the file's path, as training does; a row whose database is
+    absent is a DataError naming the row, not a SkipRow traceback."""
+    from qlora.data.examples import DataError
+
+    p = tmp_path / "dev.json"
+    p.write_text(json.dumps([{"question": "How many?", "query": "SELECT 1", "db_id": "nowhere"}]))
+    with pytest.raises(DataError, match=rf"^{p} row 0 \(0-based\): Spider database missing; Spider files are scored"):
+        load_eval_rows(str(p))
+
+
 def test_gold_predictions_score_perfectly(loaded):
     """With the generator replaced by one that answers the gold SQL, every scored row matches."""
     model, tok, cfg = loaded

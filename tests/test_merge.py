@@ -131,3 +131,34 @@ def test_out_folder_of_something_else_is_refused(merged, tmp_path):
     r = run_cli(["-m", "qlora.merge", "--adapter", str(root / "adapter"), "--out", str(other)])
     assert_one_error(r, "already exists and is not a merged model")
     assert snapshot(other) == {"keep.txt": b"mine"}
+
+
+def test_adapter_on_a_tied_lm_head_loads_merges_and_keeps_the_input_embedding(tmp_path, tok):
+    """random:tiny ties lm_head to the input embedding, so lm_head.weight is no tensor of its weights
+    file: an adapter targeting lm_head is still checked against the model's modules and loads, and the
+    merge gives lm_head its own weight (the input embedding stays the base's) and saves it untied."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora.evaluation.inference import base_shapes, load_for_inference
+
+    cfg = tiny_cfg(quant="nf4", lora_targets=["q_proj", "v_proj", "lm_head"])
+    assert "lm_head.weight" not in base_shapes(cfg) and "lm_head.weight" in base_shapes(cfg, tied=True)
+    model = load_model(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(model, tok, cfg, tmp_path / "adapter")
+    loaded, _, _ = load_for_inference(str(tmp_path / "adapter"), compute_dtype="float32", device="cpu")
+    assert any("lm_head.lora_A" in n for n, _ in loaded.named_parameters())
+    assert main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), "--check_rows", "2"]) == 0
+    rep = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert rep["max_abs_logit_error"] < TOL and rep["argmax_agreement"] == 1.0
+    saved = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    embed = load_base_model(cfg, torch.device("cpu")).get_input_embeddings().weight.float()
+    assert torch.equal(saved["model.embed_tokens.weight"], embed)  # the adapter is not in the input embedding
+    assert not torch.equal(saved["lm_head.weight"], embed)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not reloaded.config.tie_word_embeddings
+    assert torch.equal(reloaded.get_output_embeddings().weight, saved["lm_head.weight"])

@@ -229,6 +229,43 @@ def test_evaluate_cli_bad_spider_file(tmp_path):
     assert_one_error(r, str(bad), "row 0", "query")
 
 
+def test_evaluate_cli_detects_a_spider_file_without_the_suffix(tmp_path, capsys):
+    """`--data dev.json` (no `:spider`) is scored on the databases as `--data dev.json:spider` is, as training
+    detects the same file; it used to end in a SkipRow traceback (the formatter had no path to the databases)."""
+    from qlora.evaluation.evaluate import main
+
+    path = subset(tmp_path, json.loads(spider_file("dev.json").read_text())[:2])
+    reports = {}
+    for data in (str(path), f"{path}:spider"):
+        out = tmp_path / f"{len(reports)}.json"
+        assert main(["--model", "random:tiny", "--data", data, "--max_new_tokens", "4", "--progress", "false",
+                     "--out", str(out)]) == 0
+        reports[data] = json.loads(out.read_text())
+    detected, named = reports[str(path)], reports[f"{path}:spider"]
+    assert detected["config"]["prompt"] == named["config"]["prompt"] == "spider"
+    assert detected["n_rows"] == 2 and detected["skipped_missing_database"] == 0
+    assert detected["rows"] == named["rows"]
+    assert capsys.readouterr().out.count("spider: n_rows=2") == 2
+    # the route is chosen by spider_formatter; an adapter trained on the file without the suffix was trained
+    # on spider prompts (the warning about scoring it on spider_linked prompts needs that)
+    from types import SimpleNamespace
+
+    from qlora.evaluation.spider_eval import spider_formatter, trained_spider_prompts
+
+    assert spider_formatter(str(path)) == "spider" and spider_formatter(f"{path}:spider_linked") == "spider_linked"
+    assert spider_formatter("builtin:sql") is None
+    assert trained_spider_prompts(SimpleNamespace(datasets=[str(path), "builtin:sql"])) == {"spider"}
+
+
+def test_evaluate_cli_schema_decoding_accepts_a_detected_spider_file(tmp_path):
+    """--decoding schema needs a Spider source, and a Spider file without the suffix is one: the run gets past
+    that check to the Spider route, where an --out that is a folder stops it before a model is loaded."""
+    path = subset(tmp_path, json.loads(spider_file("dev.json").read_text())[:1])
+    r = run_cli(["-m", "qlora.evaluate", "--model", "random:tiny", "--data", str(path), "--decoding", "schema",
+                 "--out", str(tmp_path)])
+    assert_one_error(r, f"--out {tmp_path} is a folder")
+
+
 # --------------------------------------------------------------------------- hardness and the interval
 
 def test_hardness_matches_the_official_dev_split():

@@ -163,6 +163,15 @@ def encode(messages, tok, max_len: int, overlong: str = "drop") -> tuple[Example
     return Example(ids, labels), status
 
 
+def _is_text(s: str) -> bool:
+    """Whether `s` can be written as UTF-8 (no lone surrogate)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _adds_bos(tok) -> bool:
     """Whether the tokenizer's own encoding starts with BOS (Llama-2 does, SmolLM2's template has none)."""
     probe = tok("a", add_special_tokens=True)["input_ids"]
@@ -180,15 +189,25 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
         fmt = functools.partial(fmt, source=src.path)
     out = []
     for i, row in enumerate(rows):
+        where = rows.where(i) if isinstance(rows, Rows) else f"{src.path} row {i}"
         try:
-            messages = fmt(row, where=rows.where(i) if isinstance(rows, Rows) else f"{src.path} row {i}")
+            messages = fmt(row, where=where)
         except SkipRow as e:
             stats.rows += 1
             stats.skipped[str(e)] = stats.skipped.get(str(e), 0) + 1
             continue
-        if system_prompt and messages[0]["role"] != "system":
+        added = bool(system_prompt) and messages[0]["role"] != "system"
+        if added:
             messages = [{"role": "system", "content": system_prompt}] + messages
-        ex, why = encode(messages, tok, max_len, overlong)
+        try:
+            ex, why = encode(messages, tok, max_len, overlong)
+        except TypeError:  # the tokenizer's answer to a string that is not text (a lone UTF-16 surrogate)
+            bad = next((j for j, m in enumerate(messages) if not _is_text(m["content"])), None)
+            if bad is None:
+                raise
+            what = "config key 'system_prompt'" if added and bad == 0 else f"{where}: its {messages[bad]['role']} turn"
+            raise DataError(f"{what} holds a lone UTF-16 surrogate (half of a pair, such as \\ud800), which is not "
+                            "text and cannot be tokenised: fix or remove it") from None
         stats.rows += 1
         if ex is None:
             if why == "overlong":
@@ -225,10 +244,25 @@ def load_datasets(specs, tok, max_len: int, overlong: str, eval_fraction: float,
         src = parse_source(spec)
         evals += build_examples(load_rows(src, src.split), src, tok, max_len, overlong, DataStats(), system_prompt)
     if not train:
-        reason = ("every example is longer than max_seq_len: raise --max_seq_len or use --overlong truncate"
-                  if stats.dropped_overlong == stats.rows else "no example has a supervised (response) token")
-        raise DataError(f"no training examples left after filtering ({stats.summary()}): {reason}")
+        raise DataError(f"no training examples left after filtering ({stats.summary()}): "
+                        f"{_why_none_left(stats, overlong, max_len)}")
     return train, evals, stats
+
+
+def _why_none_left(stats: DataStats, overlong: str, max_len: int) -> str:
+    """What emptied the training set, and what to do about it, as the counts in `stats` tell it."""
+    skipped = sum(stats.skipped.values())
+    if stats.rows and skipped == stats.rows:
+        where = ("; a Spider file needs its databases beside it, as database/<db_id>/<db_id>.sqlite"
+                 if any("Spider" in why for why in stats.skipped) else "")
+        return f"every row was skipped ({', '.join(sorted(stats.skipped))}){where}"
+    if stats.dropped_overlong and stats.dropped_overlong == stats.rows - skipped:
+        if overlong == "truncate":  # truncation keeps the prompt: these prompts alone fill max_seq_len
+            return (f"with --overlong truncate, every prompt alone takes max_seq_len ({max_len} tokens) or more, "
+                    "so truncation cut off every response: raise --max_seq_len (or shorten the prompts or the "
+                    "system prompt)")
+        return "every example is longer than max_seq_len: raise --max_seq_len or use --overlong truncate"
+    return "no example has a supervised (response) token"
 
 
 def mix(examples: list[Example], weight: float, seed: int) -> list[Example]:

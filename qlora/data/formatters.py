@@ -117,19 +117,47 @@ def input_output(row: dict, where: str = "row") -> list[dict]:
     return _turn(prompt, out)
 
 
+def _message_text(content, where: str, field: str) -> str:
+    """A message's text: a string, or the OpenAI list of text parts `[{"type": "text", "text": "..."}, ...]`
+    joined with newlines. Null, a number, an object or any other part (an image, audio) is an error."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise DataError(f"{where}: {field} is empty (null): give every message its text as a string")
+    if isinstance(content, list) and content:
+        for k, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: {field} part {k} 'text' must be a string, found "
+                                f"{kind_of(part.get('text'))}: write the part's text as a string")
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                shown = part.get("type") if isinstance(part, dict) and isinstance(part.get("type"), str) else None
+                what = f"a part of type {shown!r}" if shown and shown != "text" else kind_of(part)
+                raise DataError(f"{where}: {field} part {k} is {what}, not a text part {{\"type\": \"text\", "
+                                f"\"text\": \"...\"}}: only text can be trained on; write the content as a string")
+        return "\n".join(part["text"] for part in content)
+    raise DataError(f"{where}: {field} must be a string (or a list of {{\"type\": \"text\", \"text\": ...}} "
+                    f"parts), found {kind_of(content)} ({str(content)[:40]}): write the message's text as a string")
+
+
 def messages(row: dict, where: str = "row") -> list[dict]:
-    """Chat `messages`: a list of {role, content} with roles system/user/assistant."""
+    """Chat `messages`: a list of {role, content} with roles system/user/assistant; a content is a string
+    or a list of text parts (`_message_text`)."""
     (msgs,) = _need(row, ["messages"], where, text=False)
+    label, name = _label(row, "messages"), getattr(row, "columns", {}).get("messages", "messages")
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+        found = "an empty list" if msgs == [] else kind_of(msgs)
+        raise DataError(f"{where}: {label} must be a non-empty list of {{role, content}}, found {found}")
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: messages[{j}] needs 'role' and 'content'")
+            raise DataError(f"{where}: {name}[{j}] needs 'role' and 'content'")
+        if not isinstance(m["role"], str):
+            raise DataError(f"{where}: {name}[{j}] 'role' must be a string (system, user or assistant), "
+                            f"found {kind_of(m['role'])}")
         role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(m["role"], m["role"])
         if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{j}] has unknown role {m['role']!r}")
-        out.append({"role": role, "content": str(m["content"])})
+            raise DataError(f"{where}: {name}[{j}] has unknown role {m['role']!r}")
+        out.append({"role": role, "content": _message_text(m["content"], where, f"{name}[{j}] 'content'")})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
     return out

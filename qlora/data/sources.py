@@ -141,6 +141,44 @@ def _decode(data: bytes, name: str) -> str:
                         "save the file as UTF-8") from None
 
 
+# a `\\uD800`-`\\uDFFF` escape: JSON can spell a lone UTF-16 surrogate, which is not text (no tokenizer takes it)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+
+
+def _surrogate(text: str) -> str | None:
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+    return f"\\u{ord(bad):04x}" if bad else None
+
+
+def _lone_surrogate(value, path: str = "") -> tuple[str, str] | None:
+    """(where: "field 'messages[1].content'" or a field name, the escape) of the first string in `value`
+    that holds a lone surrogate; None when there is none."""
+    if isinstance(value, str):
+        bad = _surrogate(value)
+        return (f"field '{path}'", bad) if bad else None
+    if isinstance(value, dict):
+        for k in value:
+            if isinstance(k, str) and (bad := _surrogate(k)):
+                return (f"a field name in '{path}'" if path else "a field name", bad)
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{k}]", v) for k, v in enumerate(value))
+    else:
+        return None
+    return next((found for sub, v in items if (found := _lone_surrogate(v, sub))), None)
+
+
+def _check_text(obj: dict, where: str) -> None:
+    """A record whose JSON spelled a lone surrogate (`"\\ud800"`, half of an emoji's pair) is an error naming
+    the field: such a string is not text (it cannot be written as UTF-8 or tokenised). A surrogate pair is
+    decoded to one character and is fine."""
+    found = _lone_surrogate(obj)
+    if found:
+        field, esc = found
+        raise DataError(f"{where}: {field} holds the escape {esc}, half of a UTF-16 surrogate pair without "
+                        "its other half, which is not text: fix or remove that escape in the file")
+
+
 def _read_jsonl(text: str, name: str) -> Rows:
     rows, lines = [], []
     for n, line in enumerate(text.split("\n"), 1):
@@ -154,6 +192,8 @@ def _read_jsonl(text: str, name: str) -> Rows:
         if not isinstance(obj, dict):
             raise DataError(f"data file {name} line {n} is {kind_of(obj)}, not a JSON object: each line must be "
                             'one record such as {"prompt": "...", "response": "..."}')
+        if _SURROGATE_ESCAPE.search(line):  # only such a line can hold one
+            _check_text(obj, f"data file {name} line {n}")
         rows.append(obj)
         lines.append(n)
     return Rows(rows, name, lines)
@@ -167,12 +207,23 @@ def _read_json(text: str, name: str) -> Rows:
             return _read_jsonl(text, name)
         raise DataError(f"data file {name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
-        return _read_jsonl(text, name)
+        if len([line for line in text.split("\n") if line.strip()]) == 1:
+            return _read_jsonl(text, name)  # one record on one line: JSONL in a .json file
+        keys = ", ".join(map(str, list(data)[:8])) + (", ..." if len(data) > 8 else "")
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        hint = (f"; if the records are the list under '{lists[0]}', save that list alone as the file"
+                if len(lists) == 1 else "")
+        raise DataError(f"data file {name}: the top level is one JSON object (keys: {keys or 'none'}), not a list of "
+                        f"records: write a list [{{...}}, ...] at the top level, or one record per line "
+                        f"(.jsonl){hint}")
     if not isinstance(data, list):
         raise DataError(f"data file {name} holds {kind_of(data)}: use a list of records [{{...}}, ...] or .jsonl")
     for i, obj in enumerate(data):
         if not isinstance(obj, dict):
             raise DataError(f"data file {name} item {i} (0-based) is {kind_of(obj)}, not an object {{...}}")
+    if _SURROGATE_ESCAPE.search(text):
+        for i, obj in enumerate(data):
+            _check_text(obj, f"data file {name} item {i} (0-based)")
     return Rows(data, name)
 
 

@@ -26,6 +26,7 @@ logits in fp32, several times faster generation; --dequantize false keeps bitsan
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -34,6 +35,7 @@ import torch
 
 from ..speed import attention
 from ..config import Config, ConfigError
+from ..data.errors import SkipRow
 from ..data.examples import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
 from ..data.formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
@@ -42,7 +44,7 @@ from .inference import load_for_inference
 from ..model.base import ModelLoadError
 from ..training.loss import TokenLoss, mean_token_loss
 from ..training.packing import eval_batches, model_inputs
-from .spider_eval import main_spider
+from .spider_eval import main_spider, spider_formatter
 from ..data.sqlscore import score_rows
 
 __all__ = ["load_eval_rows", "eval_prompts", "eval_loss", "loss_examples", "evaluate", "main"]
@@ -60,8 +62,15 @@ def load_eval_rows(data: str = "builtin:sql", limit: int | None = None) -> tuple
     if not rows:
         raise DataError(f"dataset {data}: no rows to evaluate")
     name = src.formatter or detect_formatter(rows, src.path)
+    fmt = FORMATTERS[name]
+    if getattr(fmt, "needs_source", False):  # reads files beside the data (spider: its databases)
+        fmt = functools.partial(fmt, source=src.path)
     for i, row in enumerate(rows):  # every row usable, before a model is loaded
-        FORMATTERS[name](row, where=_where(rows, i))
+        try:
+            fmt(row, where=_where(rows, i))
+        except SkipRow as e:
+            raise DataError(f"{_where(rows, i)}: {e}; Spider files are scored on their databases with "
+                            f"--data PATH/dev.json:spider, the databases in PATH/database/") from None
         _gold(row, _where(rows, i))
     return rows, name
 
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
     if not (args.adapter or args.model):
         ap.error("give --adapter FOLDER or --model NAME")
     try:
-        spider = parse_source(args.data).formatter in ("spider", "spider_linked")
+        spider = spider_formatter(args.data)  # named, or detected from the columns as training does
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -217,7 +226,7 @@ def main(argv=None) -> int:
               "it runs each candidate on the row's database; drop the flag for greedy decoding", file=sys.stderr)
         return 2
     if spider:  # real databases, own report (qlora.evaluation.spider_eval)
-        return main_spider(args)
+        return main_spider(args, spider)
     try:
         if args.out:
             check_writable(args.out, "--out")

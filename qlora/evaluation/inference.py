@@ -45,10 +45,10 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     cfg, adapter_cfg = inference_config(adapter, model, quant, compute_dtype)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg)  # also checks that the model source exists and is a causal LM
-    shapes = base_shapes(cfg)
+    shapes = base_shapes(cfg, tied=True)
     source = None if cfg.model.startswith("random:") else resolve_source(cfg.model)
     if source and Path(source).is_dir():
-        check_model_dir(source, shapes)
+        check_model_dir(source, {k: v for k, v in shapes.items() if k not in shapes.tied})
     if adapter:
         check_adapter(adapter, adapter_cfg, shapes, cfg.model)
         if (Path(adapter) / "tokenizer_config.json").is_file():
@@ -104,8 +104,16 @@ def inference_config(adapter: str | None, model: str | None = None, quant: str |
     return cfg, adapter_cfg
 
 
-def base_shapes(cfg: Config) -> dict[str, list[int]]:
-    """State-dict name -> shape of `cfg.model`, from its config alone (built on the meta device)."""
+class Shapes(dict):
+    """State-dict name -> shape, whose `tied` names a tensor shared with an earlier name (a tied
+    `lm_head.weight` is the input embedding: a module an adapter can target, no tensor of the weights file)."""
+    tied: frozenset = frozenset()
+
+
+def base_shapes(cfg: Config, tied: bool = False) -> dict[str, list[int]]:
+    """State-dict name -> shape of `cfg.model`, from its config alone (built on the meta device): the
+    tensors its weights files hold. `tied`: also the names of tied tensors (in `.tied` of the `Shapes`
+    returned), so every module of the model is there, e.g. for an adapter's target_modules."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.model.startswith("random:"):
@@ -117,11 +125,15 @@ def base_shapes(cfg: Config) -> dict[str, list[int]]:
             raise ModelLoadError(f"cannot read the config of model '{cfg.model}': {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    shapes, seen = {}, set()
+    shapes, seen, shared = Shapes(), set(), set()
     for name, tensor in skeleton.state_dict(keep_vars=True).items():
         if id(tensor) not in seen:  # a tied tensor (lm_head to the embeddings) is saved once, first name
             seen.add(id(tensor))
             shapes[name] = list(tensor.shape)
+        elif tied:
+            shared.add(name)
+            shapes[name] = list(tensor.shape)
+    shapes.tied = frozenset(shared)
     return shapes
 
 

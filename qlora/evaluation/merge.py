@@ -98,7 +98,22 @@ def merged_model(adapter: str, dtype: str = EXACT_DTYPE, device=None):
     """(merged model, tokenizer, Config): the same 4-bit base as in training, dequantised into plain linears
     in `dtype`, and the adapter merged into them (a base trained with quant none is merged as it is)."""
     plain, tokenizer, cfg = load_for_inference(adapter, compute_dtype=dtype, dequantize=True, device=device)
+    untie_adapted_output(plain.get_base_model())
     return plain.merge_and_unload().eval(), tokenizer, cfg
+
+
+def untie_adapted_output(model) -> bool:
+    """An adapter on a tied `lm_head` (SmolLM2: the output projection is the input embedding) changes the
+    output projection only: give `lm_head` its own copy of the weight, so the merge leaves the input
+    embedding as it was, and record the model as untied (saved and exported with its own output weight).
+    Returns whether it untied anything."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    layer = getattr(head, "base_layer", None)  # a peft LoRA layer wraps the real lm_head
+    if layer is None or embed is None or layer.weight is not embed.weight:
+        return False
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return True
 
 
 def _warn(msg: str) -> None:

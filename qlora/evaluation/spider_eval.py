@@ -25,8 +25,9 @@ from ..data import spider
 from ..model.base import ModelLoadError
 from ..cli import check_writable, dequantize_choice, publish_report
 from ..config import ConfigError
-from ..data.examples import parse_source
-from ..data.formatters import DataError
+from ..data.examples import BUILTIN, load_rows, parse_source
+from ..data.formatters import DataError, detect_formatter
+from ..data.sources import is_local
 from .generation import prompt_ids
 from .inference import load_for_inference
 from .schema_decode import beam_generator, choose_predictions, needs_beams, plain_rows
@@ -34,7 +35,21 @@ from .shared_prefix import generate_grouped
 from ..data.spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, prompt_schema, spider_prompt
 from ..data.sqlscore import execute_db, score_db_row
 
-__all__ = ["load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
+__all__ = ["spider_formatter", "load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
+
+
+SPIDER_FORMATTERS = ("spider", "spider_linked")
+
+
+def spider_formatter(data) -> str | None:
+    """The Spider formatter a data source is scored with: the one it names (`dev.json:spider_linked`), or
+    `spider` for a local file that names none and whose columns are Spider's (question, query, db_id), as
+    training detects it; None for any other source."""
+    src = parse_source(data)
+    if src.formatter or src.path in BUILTIN or not is_local(src.path):
+        return src.formatter if src.formatter in SPIDER_FORMATTERS else None
+    rows = load_rows(src, src.split)
+    return "spider" if detect_formatter(rows, src.path) == "spider" else None
 
 
 def load_spider(path: str, limit: int = 0) -> list[dict]:
@@ -201,12 +216,14 @@ def _plain_part(report: dict) -> str:
             f"{c['greedy_valid']}, a beam chosen {c['beam']}, none valid {c['none_valid']}")
 
 
-def main_spider(args) -> int:
-    """`python -m qlora.evaluate ... --data PATH.json:spider` (or `:spider_linked`): load, score, print the
-    summary, write --out; a line on stderr when the adapter was trained on the other Spider prompt.
-    `args` is qlora.evaluation.evaluate's parsed command line."""
+def main_spider(args, formatter: str | None = None) -> int:
+    """`python -m qlora.evaluate ... --data PATH.json:spider` (or `:spider_linked`, or a Spider file that names
+    no formatter: `formatter`, from `spider_formatter`): load, score, print the summary, write --out; a line on
+    stderr when the adapter was trained on the other Spider prompt. `args` is qlora.evaluation.evaluate's
+    parsed command line."""
     src, sample_rows = parse_source(args.data), spider.SAMPLE_ROWS
-    source, linked = src.path, src.formatter == "spider_linked"
+    formatter = formatter or src.formatter
+    source, linked = src.path, formatter == "spider_linked"
     try:
         if args.out:
             check_writable(args.out, "--out")
@@ -218,9 +235,9 @@ def main_spider(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trained = trained_spider_prompts(cfg) if args.adapter else set()
-    if trained and src.formatter not in trained:
+    if trained and formatter not in trained:
         print(f"warning: the adapter was trained on {' and '.join(sorted(trained))} prompts and is scored on "
-              f"{src.formatter} prompts; pass --data {source}:{sorted(trained)[0]} to score it as it was trained",
+              f"{formatter} prompts; pass --data {source}:{sorted(trained)[0]} to score it as it was trained",
               file=sys.stderr)
     t0 = time.perf_counter()
     report = evaluate_spider(model, tokenizer, cfg, source, args.limit, args.batch_size, args.max_new_tokens,
@@ -230,7 +247,7 @@ def main_spider(args) -> int:
     report = {"config": {"adapter": args.adapter, "model": cfg.model, "quant": cfg.quant, "dequantize": dequantize,
                          "compute_dtype": str(dtype).replace("torch.", ""), "data": args.data, "limit": args.limit,
                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                         "sample_rows": sample_rows, "prompt": src.formatter, "system_prompt": cfg.system_prompt,
+                         "sample_rows": sample_rows, "prompt": formatter, "system_prompt": cfg.system_prompt,
                          "decoding": args.decoding,
                          **({"num_beams": args.num_beams} if args.decoding == "schema" else {}),
                          "machine": _machine(model)},
@@ -244,10 +261,10 @@ def trained_spider_prompts(cfg) -> set[str]:
     out = set()
     for spec in cfg.datasets:
         try:
-            formatter = parse_source(spec).formatter
-        except DataError:
+            formatter = spider_formatter(spec)
+        except DataError:  # a training file since moved or changed: no warning rather than a failure
             continue
-        if formatter in ("spider", "spider_linked"):
+        if formatter:
             out.add(formatter)
     return out
 

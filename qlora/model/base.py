@@ -258,8 +258,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     return out_dir
 
 
-def resolve_source(name: str) -> str:
-    """Map `cfg.model` to something `from_pretrained` takes (hub id or directory), converting GGUF."""
+def resolve_source(name: str, flag: str = "--model") -> str:
+    """Map `cfg.model` to something `from_pretrained` takes (hub id or directory), converting GGUF.
+    `flag`: the option `name` came from, named by the error of a path that does not hold a model."""
     if name == "smollm2":
         return str(convert_gguf(embedded_gguf_path()))
     if name == "gemma3-270m":
@@ -267,8 +268,12 @@ def resolve_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"GGUF file {name} not found")
+            raise ModelLoadError(f"GGUF file {name} not found: point {flag} at an existing file")
         return str(convert_gguf(path))
+    if flag == "--tokenizer" and (path.exists() or name.startswith((".", "/", "~"))):  # not a folder: load_tokenizer
+        raise ModelLoadError(f"tokenizer path {name} {'is not a folder' if path.exists() else 'does not exist'}: "
+                             "point --tokenizer at a saved tokenizer or model folder, a .gguf file, a hub id or "
+                             "'smollm2'")
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {name} has no config.json: point --model at a Hugging Face model "
@@ -347,6 +352,8 @@ def load_tokenizer(cfg: Config):
             raise ModelLoadError(f"tokenizer folder {src} has no tokenizer.json, tokenizer_config.json or "
                                  "tokenizer.model: point --tokenizer at a saved tokenizer or a model")
         source = str(folder)
+    elif cfg.tokenizer:
+        source = resolve_source(src, flag="--tokenizer")
     else:
         source = resolve_source(src)
     if not cfg.tokenizer and not cfg.model.startswith("random:"):

@@ -39,6 +39,27 @@ def make_optimizer(params, cfg: Config, fsdp: bool = False) -> torch.optim.Optim
         return cls(params, **kw)
 
 
+# the optimizer state each choice saves: a checkpoint resumes only with an optimizer of the same kind of state
+# (paged and unpaged 8-bit AdamW keep the same state, so either continues the other)
+STATE_KIND = {"paged_adamw_8bit": "bitsandbytes 8-bit AdamW", "adamw_8bit": "bitsandbytes 8-bit AdamW",
+              "adamw_8bit_flat": "adamw_8bit_flat", "adamw": "torch AdamW"}
+
+
+def state_kind(state: dict) -> str | None:
+    """Which `STATE_KIND` a saved `optimizer.state_dict()` holds, from its keys (None: no per-tensor state
+    yet, or one this project does not write)."""
+    if not isinstance(state, dict):
+        return None
+    if state.get("format") == "adamw_8bit_flat":
+        return "adamw_8bit_flat"
+    for values in (state.get("state") or {}).values():
+        if isinstance(values, dict) and "state1" in values:
+            return "bitsandbytes 8-bit AdamW"
+        if isinstance(values, dict) and "exp_avg" in values:
+            return "torch AdamW"
+    return None
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
     if step < cfg.warmup_steps:
