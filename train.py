@@ -42,8 +42,8 @@ from qlora.speed.switches import Where, check_switches
 from qlora.training import determinism
 from qlora.training.checkpoint import (CheckpointError, check_output_dir, drop_log_after, list_checkpoints,
                                        load_adapter_weights, load_checkpoint, resolve_resume, resume_problem,
-                                       save_adapter, save_training_checkpoint, savable_adapter, saved_world_size,
-                                       set_rng_state)
+                                       resume_warnings, save_adapter, save_training_checkpoint, savable_adapter,
+                                       saved_world_size, set_rng_state)
 from qlora.training.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
 from qlora.training.loss import TokenLoss, mean_token_loss
 from qlora.training.optim import STATE_KIND, lr_at, make_optimizer, set_lr, state_kind
@@ -109,6 +109,8 @@ def setup(cfg: Config) -> Run:
              + (" (its final/ is replaced when this run finishes)" if (out / "final").exists() else ""))
     if resume_from is not None:  # layout, optimizer, batch shape: before the model is even loaded
         check_resumable(resume_from, cfg, accelerator)
+        for note in resume_warnings(resume_from, cfg):
+            talk(f"warning: {note}")
     talk(f"compute dtype: {cfg.compute_dtype}" + (f" (chosen by 'auto' on this {device.type})" if asked == "auto" else ""))
     for note in notes:
         talk(note)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_cfg
 from qlora.training.checkpoint import (CheckpointError, drop_log_after, list_checkpoints, load_adapter_weights,
-                                       load_checkpoint, resolve_resume)
+                                       load_checkpoint, resolve_resume, resume_warnings)
 
 TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2",
         "--max_steps", "6", "--save_every", "1", "--keep_last", "3", "--eval_every", "3", "--eval_batches", "1",
@@ -301,6 +301,23 @@ def test_optimizer_state_of_another_kind_is_refused_without_a_saved_config(two_c
     with pytest.raises(CheckpointError, match=r"does not fit optimizer 'adamw_8bit' \(it holds torch AdamW state\)"):
         train.main(replace(cfg, output_dir=str(new), resume=str(ck), optimizer="adamw_8bit"))
     assert not new.exists()
+
+
+def test_resume_warns_of_another_compute_dtype_and_of_nothing_left_to_train(two_checkpoints, capsys):
+    """Resuming in another compute dtype runs but is not the exact run; a checkpoint at max_steps has nothing left
+    to train: each says so in a warning line (train.py prints them at start-up); the same run gets none."""
+    import train
+
+    out, cfg = two_checkpoints
+    ck = out / "checkpoint-2"  # step 2, saved in float32
+    assert resume_warnings(ck, replace(cfg, max_steps=4)) == []
+    notes = resume_warnings(ck, replace(cfg, compute_dtype="bfloat16", max_steps=2))
+    assert len(notes) == 2
+    assert "saved computing in float32, this run computes in bfloat16" in notes[0] and "--compute_dtype float32" in notes[0]
+    assert "is at step 2 and max_steps is 2: nothing is left to train" in notes[1]
+    capsys.readouterr()
+    train.main(replace(cfg, output_dir=str(out.parent / "again"), resume=str(ck)))  # max_steps 2: at once
+    assert "warning: checkpoint" in capsys.readouterr().err
 
 
 def test_adapter_of_another_shape_is_refused(two_checkpoints, tmp_path):

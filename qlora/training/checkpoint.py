@@ -345,6 +345,26 @@ def resume_problem(path: Path, cfg: Config) -> str | None:
     return None
 
 
+def resume_warnings(path: Path, cfg: Config) -> list[str]:
+    """What continuing checkpoint `path` with `cfg` does that the user may not expect, though it runs: another
+    compute dtype (the continuation is not the exact run), or a checkpoint already at or past `max_steps`
+    (nothing is left to train)."""
+    notes = []
+    saved = saved_config(path) or {}
+    was = saved.get("compute_dtype")
+    if was not in (None, "auto", cfg.compute_dtype):
+        notes.append(f"checkpoint {path} was saved computing in {was}, this run computes in {cfg.compute_dtype}: it "
+                     f"continues, but not as the exact run (--compute_dtype {was} for that)")
+    try:
+        step = int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return notes  # load_checkpoint names the problem
+    if step >= cfg.max_steps:
+        notes.append(f"checkpoint {path} is at step {step} and max_steps is {cfg.max_steps}: nothing is left to "
+                     f"train (raise --max_steps to continue)")
+    return notes
+
+
 def saved_world_size(path: Path) -> int | None:
     """The number of processes that wrote checkpoint `path` (its trainer_state.json), or None if unreadable
     (`load_checkpoint` then names the problem)."""
