@@ -40,14 +40,14 @@ from qlora.speed.kernels import resolve_kernels
 from qlora.speed.lora_fused import dropout_seed
 from qlora.speed.switches import Where, check_switches
 from qlora.training import determinism
-from qlora.training.checkpoint import (CheckpointError, check_output_dir, drop_log_after, list_checkpoints,
-                                       load_adapter_weights, load_checkpoint, resolve_resume, resume_problem,
-                                       resume_warnings, save_adapter, save_training_checkpoint, savable_adapter,
-                                       saved_world_size, set_rng_state)
+from qlora.training.checkpoint import (CheckpointError, list_checkpoints, load_adapter_weights, load_checkpoint,
+                                       resolve_resume, save_adapter, save_training_checkpoint, savable_adapter,
+                                       set_rng_state)
 from qlora.training.fsdp_checkpoint import layout_problem, restore_sharded_checkpoint, save_sharded_checkpoint
 from qlora.training.loss import TokenLoss, mean_token_loss
 from qlora.training.optim import STATE_KIND, lr_at, make_optimizer, set_lr, state_kind
 from qlora.training.packing import Batches, DataState, eval_batches, model_inputs
+from qlora.training.resume import check_output_dir, drop_log_after, resume_problem, resume_warnings, saved_world_size
 from qlora.training.telemetry import RunLog, Throughput, allocated_per_rank_gib, format_step, peak_memory_gib, say, sync
 
 

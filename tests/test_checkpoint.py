@@ -16,8 +16,9 @@ from badinput import assert_one_error, snapshot
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_cfg
-from qlora.training.checkpoint import (CheckpointError, drop_log_after, list_checkpoints, load_adapter_weights,
-                                       load_checkpoint, resolve_resume, resume_warnings)
+from qlora.training.checkpoint import (CheckpointError, list_checkpoints, load_adapter_weights, load_checkpoint,
+                                       resolve_resume)
+from qlora.training.resume import drop_log_after, resume_warnings
 
 TINY = ["--model", "random:tiny", "--max_seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2",
         "--max_steps", "6", "--save_every", "1", "--keep_last", "3", "--eval_every", "3", "--eval_batches", "1",
