@@ -118,7 +118,8 @@ def setup(cfg: Config) -> Run:
     # --- data
     tokenizer = load_tokenizer(cfg)
     train_set, eval_set, stats = load_datasets(cfg.datasets, tokenizer, cfg.max_seq_len, cfg.overlong,
-                                               cfg.eval_fraction, cfg.seed, cfg.eval_datasets, cfg.system_prompt)
+                                               cfg.eval_fraction, cfg.seed, cfg.eval_datasets, cfg.system_prompt,
+                                               warn=lambda msg: talk(f"warning: {msg}"))
     batches = Batches(train_set, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed,
                       cfg.packing, rank=accelerator.process_index, world=accelerator.num_processes)
     evals = eval_batches(eval_set, cfg.max_seq_len, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.packing)

@@ -456,6 +456,53 @@ def test_a_multimodal_checkpoint_is_one_clear_line(tmp_path):
     assert "random:gemma3-4b" in str(e.value)
 
 
+# --------------------------------------------------------------------------- system turns
+
+def family_tokenizer(family: str | None):
+    """The SmolLM2 tokenizer with `family`'s chat template and special tokens (None: SmolLM2's own template)."""
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2"))
+    if family:
+        _, template, specials, bos, eos, _ = FAMILIES[family]
+        tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.chat_template, tok.eos_token = template, eos
+        if bos:
+            tok.bos_token = bos
+    return tok
+
+
+def test_a_template_that_drops_system_turns_is_warned_about_once(tmp_path, capsys):
+    from qlora.data.examples import load_datasets
+
+    plain, own = tmp_path / "plain.jsonl", tmp_path / "own.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    own.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}", "system": "Be brief."}) + "\n"
+                           for i in range(4)))
+
+    def warnings_of(tok, specs, system_prompt=""):
+        said = []
+        load_datasets(specs, tok, 256, "drop", 0.25, seed=0, system_prompt=system_prompt, warn=said.append)
+        return said
+
+    head = "the tokenizer's chat template drops system turns: "
+    mistral = family_tokenizer("mistral")
+    assert "Be terse." not in mistral.apply_chat_template(
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}], tokenize=False)
+    assert warnings_of(mistral, [str(plain)], "Be terse.") == [
+        head + "--system_prompt is not in the training text"]
+    assert warnings_of(mistral, [str(own)]) == [head + "the rows' system text is not in the training text"]
+    assert warnings_of(mistral, [str(plain), str(own)], "Be terse.") == [  # one line for all sources
+        head + "--system_prompt and the rows' system text are not in the training text"]
+    assert warnings_of(mistral, [str(plain)]) == []  # no system text: nothing lost
+
+    for keeps in (family_tokenizer(None), family_tokenizer("llama3")):  # SmolLM2's template renders system turns
+        assert warnings_of(keeps, [str(plain), str(own)], "Be terse.") == []
+
+    capsys.readouterr()
+    load_datasets([str(plain)], mistral, 256, "drop", 0.0, seed=0, system_prompt="Be terse.")
+    err = capsys.readouterr().err  # without a callback: one warning line on stderr
+    assert err == "warning: " + head + "--system_prompt is not in the training text\n"
+
+
 # --------------------------------------------------------------------------- random:<shape>
 
 # parameters of the real models (model cards; Gemma 3: the text model, its ~0.4B vision tower apart)

@@ -49,6 +49,34 @@ def test_extract_sql_unlabelled_reasoning_and_trailing_explanation():
     assert extract_sql(text) == "SELECT name FROM emp"
 
 
+@pytest.mark.parametrize("text, want", [
+    # a stray closing fence after a bare query, then a tagged block: the tagged block, not "Output:"
+    ("SELECT a FROM t;\n```\nOutput:\n```sql\nSELECT b FROM u;\n```", "SELECT b FROM u;"),
+    # a bare query, then a stray fence pair around the result: the query, not the result label
+    ("SELECT a FROM t\n```\nOutput:\n```\n3\n```", "SELECT a FROM t"),
+    ("SELECT a FROM t;\n```\nOutput:\n```", "SELECT a FROM t;"),
+    ("SELECT a FROM t;\n```\nOutput:\n```\nSELECT b FROM u;\n```", "SELECT a FROM t;"),
+    # the first fence (a sample result) is never closed, so strict pairing swallows the ```sql opener
+    ("Result:\n```\n| a |\n\n```sql\nSELECT a FROM t;\n```", "SELECT a FROM t;"),
+    ("```\nOutput:\n```sql\nSELECT b FROM u\n```\nDone.", "SELECT b FROM u"),
+])
+def test_extract_sql_stray_fences(text, want):
+    assert extract_sql(text) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("```\nSELECT a FROM t\n```\nOutput:\n```\n3", "SELECT a FROM t"),
+    ("Query:\n```sql\nSELECT a FROM t;\nOutput:\n```\n| a |\n```", "SELECT a FROM t;"),
+    ("```\nOutput:\n```\nThe query:\n```\nSELECT a FROM t\n```", "SELECT a FROM t"),
+    ("```sql\nSELECT a FROM t\n```\nSelect statements read rows.\n```sql\nSELECT b FROM u\n```", "SELECT a FROM t"),
+    ("```sql\n-- names\nSELECT name FROM emp;\n```", "SELECT name FROM emp;"),
+    ("```\nOutput:\n```", "Output:"),  # nothing SQL-like anywhere: the first block, as before
+    ("```text\nno query here\n```\nsorry", "no query here"),
+])
+def test_extract_sql_well_paired_fences(text, want):
+    assert extract_sql(text) == want
+
+
 def test_extract_sql_empty():
     assert extract_sql("") == ""
     assert extract_sql("```sql\n```") == ""

@@ -12,7 +12,9 @@ end-of-turn token that closes it.
 from __future__ import annotations
 
 import functools
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 from .errors import DataError, SkipRow
@@ -42,6 +44,7 @@ class DataStats:
     truncated: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> rows the formatter could not use (SkipRow)
     per_source: dict = field(default_factory=dict)
+    system_from: set = field(default_factory=set)  # where kept examples' system text came from: "config", "rows"
 
     def summary(self) -> str:
         skipped = "".join(f"; skipped {n} ({why})" for why, n in sorted(self.skipped.items()))
@@ -70,6 +73,46 @@ def render_llama2(messages, tok, add_generation_prompt=False) -> str:
         else:
             out.append(f" {m['content'].strip()} {tok.eos_token}")
     return "".join(out)  # a generation prompt already ends with [/INST]
+
+
+_SYSTEM_PROBE = "qlora-system-probe-3f9c1d"
+_DROPS_SYSTEM: dict[str, bool] = {}  # chat template -> whether it renders conversations without their system turn
+
+
+def drops_system_turns(tok) -> bool:
+    """Whether rendering a conversation for training loses its system turn: the tokenizer's chat template
+    renders only user and assistant turns (Mistral's does). Found by rendering a probe conversation with a
+    marker in the system turn and looking for the marker; once per template. The Llama-2 format used when
+    there is no template keeps it."""
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        return False
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _DROPS_SYSTEM:
+        probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello"}]
+        try:
+            _DROPS_SYSTEM[key] = _SYSTEM_PROBE not in _render(tok, probe)
+        except Exception:  # noqa: BLE001 -- a template that rejects system turns outright: encoding the rows
+            _DROPS_SYSTEM[key] = False  # says so itself, with the template's own message
+    return _DROPS_SYSTEM[key]
+
+
+def system_dropped_message(tok, system_from) -> str | None:
+    """The warning for system text that the chat template leaves out of the training text, None when there is
+    none to give. `system_from` holds "config" (the `system_prompt` key was added to rows) and/or "rows" (rows
+    had system turns of their own)."""
+    if not system_from or not drops_system_turns(tok):
+        return None
+    what = [w for key, w in (("config", "--system_prompt"), ("rows", "the rows' system text")) if key in system_from]
+    return (f"the tokenizer's chat template drops system turns: {' and '.join(what)} "
+            f"{'are' if len(what) > 1 else 'is'} not in the training text")
+
+
+def _warn(msg: str) -> None:
+    """A `warning:` line on stderr, from the first process only (every rank loads the same data)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def supervised_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -196,6 +239,7 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
             stats.rows += 1
             stats.skipped[str(e)] = stats.skipped.get(str(e), 0) + 1
             continue
+        own_system = any(m["role"] == "system" and m["content"].strip() for m in messages)
         added = bool(system_prompt) and messages[0]["role"] != "system"
         if added:
             messages = [{"role": "system", "content": system_prompt}] + messages
@@ -216,6 +260,10 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
                 stats.dropped_no_supervised += 1
             continue
         stats.truncated += why == "truncated"
+        if added and system_prompt.strip():
+            stats.system_from.add("config")
+        if own_system:
+            stats.system_from.add("rows")
         ex.source = src.path
         out.append(ex)
     stats.kept += len(out)
@@ -224,8 +272,12 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
 
 
 def load_datasets(specs, tok, max_len: int, overlong: str, eval_fraction: float, seed: int,
-                  eval_specs=(), system_prompt: str = "") -> tuple[list[Example], list[Example], DataStats]:
-    """Train and eval examples from all sources, mixed by weight, each split deterministic for `seed`."""
+                  eval_specs=(), system_prompt: str = "", warn=None) -> tuple[list[Example], list[Example], DataStats]:
+    """Train and eval examples from all sources, mixed by weight, each split deterministic for `seed`.
+
+    System text that the tokenizer's chat template leaves out of the rendered examples (the `system_prompt`
+    key, rows' own system turns) is reported once, with `warn(message)` (default: a `warning:` line on
+    stderr)."""
     stats, train, evals = DataStats(), [], []
     for spec in specs:
         src = parse_source(spec)
@@ -246,6 +298,9 @@ def load_datasets(specs, tok, max_len: int, overlong: str, eval_fraction: float,
     if not train:
         raise DataError(f"no training examples left after filtering ({stats.summary()}): "
                         f"{_why_none_left(stats, overlong, max_len)}")
+    dropped = system_dropped_message(tok, stats.system_from)
+    if dropped:
+        (warn or _warn)(dropped)
     return train, evals, stats
 
 

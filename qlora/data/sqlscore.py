@@ -55,8 +55,66 @@ def sql_instruction(context: str, question: str, evidence: str = "") -> str:
 _SQL_START = r"(?:SELECT|WITH|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b"
 _STARTS_SQL = re.compile(r"\s*(?:" + _SQL_START + r"|\()", re.I)
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n?(.*?)(?:```|\Z)", re.S)
+_UPPER_SQL_START = re.compile(r"\s*" + _SQL_START)  # case-sensitive: prose says "Select ..." too
+_UPPER_SQL_ANY = re.compile(r"\b" + _SQL_START)
 # "SQL:", "SQL query:", "Answer:", "Final answer:" -- the labels models put in front of the query.
 _LABEL_RE = re.compile(r"\b(?:final\s+)?(?:sql(?:\s*query)?|answer|query)\s*:[ \t]*", re.I)
+
+
+def _starts_sql(body: str) -> bool:
+    """Whether `body`'s first token (comments skipped) opens a statement: a SQL keyword or '('."""
+    toks = sql_tokens(body)
+    return bool(toks) and (toks[0][1] == "(" or bool(re.fullmatch(_SQL_START, toks[0][1], re.I)))
+
+
+def _fence_segments(text: str) -> list[tuple[str, str, bool]]:
+    """(lang, body, paired) for every stretch of `text` between two consecutive ``` markers (the last one
+    running to the end), plus the text before the first marker.
+
+    ``paired`` is True for the blocks that strict left-to-right pairing of the markers opens (the 1st, 3rd,
+    ... marker); the others sit between a closing and an opening marker, or before the first one. A stray
+    closing fence shifts that pairing by one, so the real query may be in either kind of stretch; looking
+    at all of them lets the caller pick by content. ``lang`` is the info word after the marker that opens
+    the stretch ("" for the text before the first marker). A marker's body starts on the next line.
+    """
+    marks = [m.start() for m in re.finditer("```", text)]
+    out = [("", text[:marks[0]], False)] if marks and text[:marks[0]].strip() else []
+    for i, at in enumerate(marks):
+        end = marks[i + 1] if i + 1 < len(marks) else len(text)
+        nl = text.find("\n", at + 3)
+        start = min(nl + 1 if nl >= 0 else len(text), end)
+        lang = re.match(r"[ \t]*([\w+-]*)", text[at + 3:start]).group(1).lower()
+        out.append((lang, text[start:end], i % 2 == 0))
+    return out
+
+
+def _pick_fenced(text: str) -> str | None:
+    """The stretch of a fenced answer that holds the query, None if every fenced block is empty.
+
+    Best first: a block tagged sql that starts like SQL; a properly paired block that starts like SQL; any
+    other stretch starting with an uppercase SQL keyword; a block tagged sql; a paired block mentioning a
+    SQL keyword; any other stretch that starts like SQL or names an uppercase keyword; the first paired
+    block. So a stray fence (a bare query, then ``` Output: ```) never makes a non-SQL stretch win over one
+    that looks like SQL. Ties go to paired blocks, then to the earlier stretch.
+    """
+    segs = [(lang, body, paired) for lang, body, paired in _fence_segments(text) if body.strip()]
+    if not any(paired for _, _, paired in segs):
+        return None
+    tagged = lambda lang: lang in ("sql", "sqlite")  # noqa: E731
+    tiers = (
+        lambda lang, b, paired: tagged(lang) and _starts_sql(b),
+        lambda lang, b, paired: paired and _starts_sql(b),
+        lambda lang, b, paired: not paired and bool(_UPPER_SQL_START.match(b)),
+        lambda lang, b, paired: tagged(lang),
+        lambda lang, b, paired: paired and bool(re.search(_SQL_START, b, re.I)),
+        lambda lang, b, paired: not paired and (_starts_sql(b) or bool(_UPPER_SQL_ANY.search(b))),
+        lambda lang, b, paired: paired,
+    )
+    for keep in tiers:
+        hits = [seg for seg in segs if keep(*seg)]
+        if hits:
+            return min(hits, key=lambda seg: not seg[2])[1]  # stable: paired first, then position
+    return None
 
 
 def extract_sql(text: str) -> str:
@@ -67,13 +125,9 @@ def extract_sql(text: str) -> str:
     so an explanation written after the query is not glued onto it.
     """
     text = text or ""
-    fences = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(text) if body.strip()]
-    if fences:  # prefer a block tagged sql, then one that looks like SQL, then the first one
-        tagged = [b for lang, b in fences if lang in ("sql", "sqlite")]
-        looks = [b for _, b in fences if re.search(_SQL_START, b, re.I)]
-        text = (tagged or looks or [fences[0][1]])[0]
-    elif "```" in text:  # only empty fences: what is left outside them (usually nothing)
-        text = _FENCE_RE.sub("", text)
+    if "```" in text:
+        block = _pick_fenced(text)
+        text = block if block is not None else _FENCE_RE.sub("", text)  # only empty fences: what is outside
     # Already SQL: leave labels alone, they could sit in a literal (WHERE note = 'Answer: yes').
     labels = [] if _STARTS_SQL.match(text) else list(_LABEL_RE.finditer(text))
     if labels:  # first label followed by something SQL-like; else the last label (reasoning comes first)
