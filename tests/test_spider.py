@@ -370,3 +370,26 @@ def test_grouped_generation_under_the_older_cache_argument_name():
     groups = {"a": [shared + [5, 6, 7], shared + [8], shared + [9, 10, 11]], "b": [[7, 8, 9, 10]]}
     want = generate_grouped(model, Tokenizer(), groups, max_new_tokens=10, batch_size=2)
     assert generate_grouped(old, Tokenizer(), groups, max_new_tokens=10, batch_size=2) == want
+
+
+@pytest.mark.parametrize("text, why", [('"How many\\ud800 singers?"', "holds the escape \\ud800"),
+                                       ("42", "must be a string, found int")])
+def test_a_spider_question_that_is_not_text_names_the_row_and_field(tmp_path, text, why):
+    """A Spider row whose question is not text (a lone surrogate escape, a number) is one error naming the row
+    and field, both where evaluation reads the file and where training formats it (before any database is
+    looked up, so no database is needed)."""
+    import re
+
+    from qlora.data.errors import DataError
+    from qlora.data.spider import spider_messages
+    from qlora.evaluation.spider_eval import load_spider
+
+    good = '{"question": "How many singers?", "query": "SELECT count(*) FROM singer", "db_id": "concert_singer"}'
+    bad = good.replace('"How many singers?"', text)
+    f = tmp_path / "dev.json"
+    f.write_text(f"[{good}, {bad}]")
+    with pytest.raises(DataError, match=re.escape(f"dev.json row 1: field 'question' {why}")):
+        load_spider(str(f))
+    row = json.loads(bad)
+    with pytest.raises(DataError, match=re.escape(f"dev.json row 2: field 'question' {why}")):
+        spider_messages(row, "dev.json row 2", str(f))

@@ -132,6 +132,20 @@ def prompt_schema(path: str, question: str, sample_rows: int = 0, linked: bool =
     return schema_text(path, sample_rows)
 
 
+def text_problem(row: dict) -> str | None:
+    """Why a Spider row's question or query is not text a tokenizer takes (not a string, or a lone UTF-16
+    surrogate that the JSON spelled as an escape such as "\\ud800"), or None."""
+    for key in ("question", "query", "db_id"):
+        value = row.get(key)
+        if not isinstance(value, str):
+            return f"field '{key}' must be a string, found {type(value).__name__}"
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        if bad:
+            return (f"field '{key}' holds the escape \\u{ord(bad):04x}, half of a UTF-16 surrogate pair without its "
+                    "other half, which is not text: fix or remove that escape in the file")
+    return None
+
+
 def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows: int | None = None,
                     linked: bool = False) -> list[dict]:
     """One Spider row (`question`, `query`, `db_id`) -> [user: schema + question, assistant: gold SQL].
@@ -143,6 +157,9 @@ def spider_messages(row: dict, where: str = "row", source: str = "", sample_rows
     for key in ("question", "query", "db_id"):
         if row.get(key) is None:
             raise DataError(f"{where}: missing required field '{key}' (row has {', '.join(sorted(row))})")
+    problem = text_problem(row)
+    if problem:
+        raise DataError(f"{where}: {problem}")
     path = database_path(source, row["db_id"])
     if not path.is_file():
         raise SkipRow("Spider database missing")

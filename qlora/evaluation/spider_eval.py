@@ -32,7 +32,8 @@ from .generation import prompt_ids
 from .inference import load_for_inference
 from .schema_decode import beam_generator, choose_predictions, needs_beams, plain_rows
 from .shared_prefix import generate_grouped
-from ..data.spider import HARDNESS_LEVELS, answer_sql, database_path, hardness, prompt_schema, spider_prompt
+from ..data.spider import (HARDNESS_LEVELS, answer_sql, database_path, hardness, prompt_schema, spider_prompt,
+                           text_problem)
 from ..data.sqlscore import execute_db, score_db_row
 
 __all__ = ["spider_formatter", "load_spider", "bootstrap_ci", "summarise", "answer_sql", "score_predictions", "generate_all", "evaluate_spider"]
@@ -68,6 +69,9 @@ def load_spider(path: str, limit: int = 0) -> list[dict]:
         if missing:
             raise DataError(f"{path} row {i}: missing required field '{missing[0]}' (a Spider row needs "
                             "question, query and db_id)")
+        problem = text_problem(row)
+        if problem:
+            raise DataError(f"{path} row {i}: {problem}")
     return rows[:limit] if limit else rows
 
 
