@@ -17,7 +17,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 
-from .errors import DataError, SkipRow
+from .errors import DataError, SkipRow, lone_surrogate
 from .formatters import FORMATTERS, detect_formatter
 from .sources import BUILTIN, LOCAL_EXT, Rows, Source, load_rows, parse_source  # noqa: F401 (re-exported)
 
@@ -206,15 +206,6 @@ def encode(messages, tok, max_len: int, overlong: str = "drop") -> tuple[Example
     return Example(ids, labels), status
 
 
-def _is_text(s: str) -> bool:
-    """Whether `s` can be written as UTF-8 (no lone surrogate)."""
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _adds_bos(tok) -> bool:
     """Whether the tokenizer's own encoding starts with BOS (Llama-2 does, SmolLM2's template has none)."""
     probe = tok("a", add_special_tokens=True)["input_ids"]
@@ -246,7 +237,7 @@ def build_examples(rows: list[dict], src: Source, tok, max_len: int, overlong: s
         try:
             ex, why = encode(messages, tok, max_len, overlong)
         except TypeError:  # the tokenizer's answer to a string that is not text (a lone UTF-16 surrogate)
-            bad = next((j for j, m in enumerate(messages) if not _is_text(m["content"])), None)
+            bad = next((j for j, m in enumerate(messages) if lone_surrogate(m["content"])), None)
             if bad is None:
                 raise
             what = "config key 'system_prompt'" if added and bad == 0 else f"{where}: its {messages[bad]['role']} turn"

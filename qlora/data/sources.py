@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from .errors import lone_surrogate
 from .formatters import FIELDS, FORMATTERS, DataError, MappedRow, kind_of
 
 BUILTIN = {"builtin:sql": Path(__file__).resolve().parent.parent.parent / "data" / "sql"}
@@ -145,20 +146,15 @@ def _decode(data: bytes, name: str) -> str:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
 
-def _surrogate(text: str) -> str | None:
-    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
-    return f"\\u{ord(bad):04x}" if bad else None
-
-
 def _lone_surrogate(value, path: str = "") -> tuple[str, str] | None:
     """(where: "field 'messages[1].content'" or a field name, the escape) of the first string in `value`
     that holds a lone surrogate; None when there is none."""
     if isinstance(value, str):
-        bad = _surrogate(value)
+        bad = lone_surrogate(value)
         return (f"field '{path}'", bad) if bad else None
     if isinstance(value, dict):
         for k in value:
-            if isinstance(k, str) and (bad := _surrogate(k)):
+            if isinstance(k, str) and (bad := lone_surrogate(k)):
                 return (f"a field name in '{path}'" if path else "a field name", bad)
         items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
     elif isinstance(value, list):

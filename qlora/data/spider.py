@@ -21,7 +21,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from .errors import DataError, SkipRow
+from .errors import DataError, SkipRow, lone_surrogate
 from .sqlscore import collapse_whitespace, extract_sql, sql_instruction, sql_tokens
 
 __all__ = ["database_path", "connect_ro", "schema_text", "prompt_schema", "spider_messages", "answer_sql", "hardness", "HARDNESS_LEVELS"]
@@ -139,10 +139,10 @@ def text_problem(row: dict) -> str | None:
         value = row.get(key)
         if not isinstance(value, str):
             return f"field '{key}' must be a string, found {type(value).__name__}"
-        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        bad = lone_surrogate(value)
         if bad:
-            return (f"field '{key}' holds the escape \\u{ord(bad):04x}, half of a UTF-16 surrogate pair without its "
-                    "other half, which is not text: fix or remove that escape in the file")
+            return (f"field '{key}' holds the escape {bad}, half of a UTF-16 surrogate pair without its other half, "
+                    "which is not text: fix or remove that escape in the file")
     return None
 
 
