@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import nf4_weight  # noqa: E402  (tests/helpers.py)
-from qlora.speed import fp8  # noqa: E402
+from qlora.speed import fp8, fp8_kernels  # noqa: E402
 from qlora.speed.lora_fused import block_absmax, dequantize  # noqa: E402
 
 
@@ -74,9 +74,9 @@ def main():
         t["mm bf16 fwd"] = timed(lambda: x @ w16.t())
         t["mm bf16 bwd"] = timed(lambda: g @ w16)
         for tile in ((64, 128, 4), (32, 128, 4), (64, 64, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8), (128, 64, 4)):
-            t[f"weight->fp8 {tile}"] = timed(lambda: fp8._weight_triton(weight, absmax, sw, False, tile))
-            t[f"weight->fp8 T {tile}"] = timed(lambda: fp8._weight_triton(weight, absmax, sv, True, tile))
-        t["weight->fp8 then .t().contiguous()"] = timed(lambda: fp8._weight_triton(weight, absmax, sw, False).t().contiguous())
+            t[f"weight->fp8 {tile}"] = timed(lambda: fp8_kernels.weight(weight, absmax, sw, False, tile=tile))
+            t[f"weight->fp8 T {tile}"] = timed(lambda: fp8_kernels.weight(weight, absmax, sv, True, tile=tile))
+        t["weight->fp8 then .t().contiguous()"] = timed(lambda: fp8_kernels.weight(weight, absmax, sw, False).t().contiguous())
         t["rows->fp8 x"] = timed(lambda: fp8.quantize_rows(x))
         t["rows->fp8 g"] = timed(lambda: fp8.quantize_rows(g))
         t["scaled_mm rowwise fwd"] = timed(lambda: fp8.scaled_mm(x8, sx, w8, sw))

@@ -40,6 +40,7 @@
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
 #         then Unsloth on each shape
+#   q3    Qwen3-8B (RMSNorm on each head's q and k), the fam setting in bf16 and base_fp8, then Unsloth on the shape
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
 #   chk   benchmarks/check_fast_path_cuda.py on the grouped and kept-attention variants (loss and gradients vs the plain path;
@@ -94,6 +95,8 @@ MIS=(mistral hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_a
      vocab_size=32768 rope_theta=1000000.0 max_position_embeddings=8192)
 QWN=(qwen2 hidden_size=3584 intermediate_size=18944 num_hidden_layers=28 num_attention_heads=28 num_key_value_heads=4
      vocab_size=152064 rope_theta=1000000.0 rms_norm_eps=1e-06 max_position_embeddings=8192)
+Q3=(qwen3 hidden_size=4096 intermediate_size=12288 num_hidden_layers=36 num_attention_heads=32 num_key_value_heads=8
+    head_dim=128 vocab_size=151936 rope_theta=1000000.0 rms_norm_eps=1e-06 max_position_embeddings=8192)
 L2=(llama hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
     vocab_size=32000 max_position_embeddings=4096)
 ROWS="--max_seq_len 2048 --micro_batch_size 2 --grad_accum 4 --lora_dropout 0 --cuda_graphs on --rebuild_inputs on --recompute_layers=0"
@@ -169,6 +172,9 @@ for part in "$@"; do
     qwn)   ours qwn 150 --model random:qwen2.5-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
            unsloth qwn /tmp/qwn 2,1,2048 true "${QWN[@]}" ;;
+    q3)    ours q3 150 --model random:qwen3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
+             --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
+           unsloth q3 /tmp/q3 2,1,2048 true "${Q3[@]}" ;;
     fe)    ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cfe .whl/nvidia_cudnn_frontend-*.whl
              export PYTHONPATH=/tmp/cfe:/tmp/ours/site
              timeout "$(cap 240)" python3 benchmarks/cudnn_fe_probe.py --out "$OUT/fe_probe.jsonl" ${FE_ARGS:-} 2>&1 | grep -v Warn | tail -12 ) \

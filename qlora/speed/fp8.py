@@ -18,8 +18,12 @@ amax, divide, cast). The LoRA path and everything outside the node stay in the c
 The cost is precision: e4m3 keeps 3 mantissa bits (<= 6.25% relative rounding per operand element, ~2%
 RMS), added to the NF4 weight's own quantisation error. RESULTS.md reports the loss deviation next to
 the speed. On CPU the same arithmetic runs as torch ops (torch's CPU `_scaled_mm`), which the tests
-check; on CUDA Triton kernels quantise, and benchmarks/check_fast_path_cuda.py compares them with the
-torch ops bit for bit.
+check; on CUDA Triton kernels quantise (qlora/speed/fp8_kernels.py), and benchmarks/check_fast_path_cuda.py
+compares them with the torch ops bit for bit.
+
+A grouped node's members (q/k/v, gate/up: qlora/speed/grouped.py) read one input, so their input gradients
+sum: `grad_input_group` makes that sum one GEMM over the members side by side, with one scale per token
+across their gradients and one per input feature across their weights.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import weakref
 
 import torch
 
-from . import nf4_kernel
+from . import fp8_kernels, nf4_kernel
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 INV_MAX = 1.0 / E4M3_MAX  # scales are amax * this, in torch and in Triton alike (bit-identical)
 TINY = 1e-12  # an all-zero row gets this amax, so its scale is not 0 (its values stay 0)
 SCALES_ATTR = "_qlora_fp8_scales"
+JOINT_ATTR = "_qlora_fp8_joint_scales"  # on a group's first weight: (the group's weights' ids, their joint column scales)
 
 
 def unsupported_reason(device: torch.device) -> str | None:
@@ -87,8 +92,8 @@ def quantize_weight(weight, absmax: torch.Tensor, transpose: bool) -> tuple[torc
     `transpose` (W^T / sv, sv) of shape (in, out), each contiguous."""
     rows, cols = weight_scales(weight, absmax)
     scale = cols if transpose else rows
-    if weight.is_cuda and _kernels_ok():
-        return _weight_triton(weight, absmax, scale, transpose), scale
+    if fp8_kernels.available(weight.data):
+        return fp8_kernels.weight(weight, absmax, scale, transpose), scale
     return quantize_weight_torch(weight, absmax, scale, transpose), scale
 
 
@@ -100,8 +105,8 @@ def quantize_weight_torch(weight, absmax: torch.Tensor, scale: torch.Tensor, tra
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / s, s) for a 2-D tensor, s = max |row| / 448 per row (fp32), the quotient in e4m3."""
-    if t.is_cuda and _kernels_ok() and t.stride(-1) == 1:
-        return _rows_triton(t)
+    if fp8_kernels.available(t) and t.stride(-1) == 1:
+        return fp8_kernels.rows([t], INV_MAX)
     return quantize_rows_torch(t)
 
 
@@ -158,109 +163,40 @@ def grad_input(g: torch.Tensor, weight, absmax: torch.Tensor) -> torch.Tensor:
     return scaled_mm(g8, sg, wt8, sv)
 
 
-# --------------------------------------------------------------------------- the CUDA kernels
-
-try:  # Triton resolves a kernel's helpers from module globals, so the kernels sit at module level
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or Triton without a usable GPU driver
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _rows_kernel(x_ptr, out_ptr, scale_ptr, K: tl.constexpr, stride, INV: tl.constexpr, BLOCK: tl.constexpr):
-        # one row per program, in chunks: the max first, then the quotients (the second read hits L2)
-        row = tl.program_id(0).to(tl.int64)
-        amax = tl.zeros((BLOCK,), tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * INV
-        rcp = tl.div_rn(1.0, scale)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride + offs, mask=offs < K, other=0.0).to(tl.float32)
-            # a NaN stays NaN (the loop's non-finite check must see it), as in the torch path
-            y = tl.minimum(tl.maximum(x * rcp, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
-                           propagate_nan=tl.PropagateNan.ALL)
-            tl.store(out_ptr + row * K + offs, y.to(tl.float8e4nv), mask=offs < K)
-        tl.store(scale_ptr + row, scale)
-
-    @triton.jit
-    def _weight_kernel(q_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, N, K, BS: tl.constexpr,
-                       TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKED: tl.constexpr,
-                       WIDE: tl.constexpr):
-        # a BN x BK tile of W from BN x BK/2 packed bytes (two codes per byte, the first in the high half).
-        # BLOCKED: the tile spans whole scale blocks, so their absmax is loaded once per block, not per byte;
-        # WIDE: offsets need 64 bits (N * K >= 2**31)
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)  # byte column within a row
-        if WIDE:
-            n = n.to(tl.int64)
-        inside = (n[:, None] < N) & (kb[None, :] < K // 2)
-        row = n[:, None] * (K // 2)
-        byte = tl.load(q_ptr + row + kb[None, :], mask=inside, other=0).to(tl.int32)
-        hi = tl.load(code_ptr + (byte >> 4))
-        lo = tl.load(code_ptr + (byte & 15))
-        if BLOCKED:
-            blk = tl.program_id(1) * (BK // BS) + tl.arange(0, BK // BS)
-            am = tl.load(absmax_ptr + n[:, None] * (K // BS) + blk[None, :],
-                         mask=(n[:, None] < N) & (blk[None, :] < K // BS), other=0.0)[:, :, None]
-            hi = tl.reshape(tl.reshape(hi, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
-            lo = tl.reshape(tl.reshape(lo, (BN, BK // BS, BS // 2)) * am, (BN, BK // 2))
+def grad_input_group(gs: list[torch.Tensor], weights: list, absmaxes: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i g_i W_i over the members of a grouped node (qlora/speed/grouped.py) that read one input, as one FP8
+    GEMM: [g_1 | .. | g_n] [W_1; ..; W_n] with one scale per token over all the g_i and one per input feature
+    (the largest of the members' column scales), so the sum is in the GEMM's accumulator: no product per member
+    written and added. One member: `grad_input`."""
+    if len(gs) == 1:
+        return grad_input(gs[0], weights[0], absmaxes[0])
+    sv = joint_column_scales(weights, absmaxes)
+    if all(fp8_kernels.available(g) and g.stride(-1) == 1 for g in gs) and len(gs) <= fp8_kernels.MAX_PARTS:
+        g8, sg = fp8_kernels.rows(gs, INV_MAX)
+    else:
+        g8, sg = quantize_rows_torch(torch.cat(gs, dim=1))
+    k = weights[0].quant_state.shape[1]
+    wt8 = torch.empty((k, g8.shape[1]), dtype=E4M3, device=g8.device)
+    col = 0
+    for weight, absmax in zip(weights, absmaxes):
+        n = weight.quant_state.shape[0]
+        if fp8_kernels.available(weight.data):
+            fp8_kernels.weight(weight, absmax, sv, True, out=wt8[:, col:col + n])
         else:
-            absmax = tl.load(absmax_ptr + (row * 2 + kb[None, :] * 2) // BS, mask=inside, other=0.0)
-            hi, lo = hi * absmax, lo * absmax
-        if TRANSPOSE:  # W^T: one scale per input feature (column of W), stored (K, N)
-            r_hi = tl.div_rn(1.0, tl.load(scale_ptr + kb * 2, mask=kb < K // 2, other=1.0))
-            r_lo = tl.div_rn(1.0, tl.load(scale_ptr + kb * 2 + 1, mask=kb < K // 2, other=1.0))
-            hi, lo = hi * r_hi[None, :], lo * r_lo[None, :]
-        else:  # W: one scale per output feature (row), stored (N, K)
-            r = tl.div_rn(1.0, tl.load(scale_ptr + n, mask=n < N, other=1.0))
-            hi, lo = hi * r[:, None], lo * r[:, None]
-        hi = tl.minimum(tl.maximum(hi, -448.0), 448.0).to(tl.float8e4nv)
-        lo = tl.minimum(tl.maximum(lo, -448.0), 448.0).to(tl.float8e4nv)
-        w = tl.reshape(tl.join(hi, lo), (BN, BK))  # codes back in element order
-        k = tl.program_id(1) * BK + tl.arange(0, BK)
-        ok = (n[:, None] < N) & (k[None, :] < K)
-        if WIDE:
-            k = k.to(tl.int64)
-        if TRANSPOSE:
-            tl.store(out_ptr + k[:, None] * N + n[None, :], tl.trans(w), mask=tl.trans(ok))
-        else:
-            tl.store(out_ptr + n[:, None] * K + k[None, :], w, mask=ok)
+            wt8[:, col:col + n] = quantize_weight_torch(weight, absmax, sv, True)
+        col += n
+    return scaled_mm(g8, sg, wt8, sv)
 
 
-def _kernels_ok() -> bool:
-    return triton is not None
-
-
-def _rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = t.shape
-    out = torch.empty((m, k), dtype=E4M3, device=t.device)
-    scale = torch.empty(m, dtype=torch.float32, device=t.device)
-    block = min(4096, triton.next_power_of_2(k))
-    _rows_kernel[(m,)](t, out, scale, k, t.stride(0), INV=INV_MAX, BLOCK=block, num_warps=8 if block >= 4096 else 4)
-    return out, scale
-
-
-# rows, columns, warps of the weight kernel's tile, as W and as W^T: of seven tiles timed on an H200
-# (benchmarks/fp8_probe.py, results/2026-11-28-fp8/blocked/fp8_probe.json), (32, 256) is the fastest
-# transposed tile on all three Llama shapes; for W most tiles are within 10% of each other
-TILE, TILE_T = (64, 64, 4), (32, 256, 4)
-
-
-def _weight_triton(weight, absmax: torch.Tensor, scale: torch.Tensor, transpose: bool, tile=None) -> torch.Tensor:
-    qs = weight.quant_state
-    n, k = qs.shape
-    code = nf4_kernel.code_f32(weight)
-    q = weight.data.view(torch.uint8).reshape(-1)  # FSDP keeps the packed bytes in a float dtype
-    out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=weight.device)
-    bn, bk, warps = tile or (TILE_T if transpose else TILE)
-    bs = qs.blocksize
-    _weight_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, absmax, code, scale, out, n, k, BS=bs,
-                                                            TRANSPOSE=transpose, BN=bn, BK=bk,
-                                                            BLOCKED=k % bs == 0 and bk % bs == 0,
-                                                            WIDE=n * k >= 2 ** 31, num_warps=warps)
-    return out
+def joint_column_scales(weights: list, absmaxes: list[torch.Tensor]) -> torch.Tensor:
+    """The per-input-feature scale shared by weights that read one input: the largest of their own (kept on the
+    first weight for this set after the first call)."""
+    key = tuple(id(w) for w in weights)
+    cached = getattr(weights[0], JOINT_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cols = weight_scales(weights[0], absmaxes[0])[1]
+    for weight, absmax in zip(weights[1:], absmaxes[1:]):
+        cols = torch.maximum(cols, weight_scales(weight, absmax)[1])
+    setattr(weights[0], JOINT_ATTR, (key, cols))
+    return cols

@@ -111,12 +111,12 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
                     continue
                 ghs.append((g @ b).mul_(scale))
                 d_b[i] = (g.t() @ hs[i]).mul_(scale)
-            dx = None
+            dx = _base_grad_input(ctx, gs, dtype) if ctx.needs_input_grad[0] else None
             if shared:
                 gh = torch.cat(ghs, dim=1)
                 d_a = list((gh.t() @ x2).split([a.shape[0] for a, _ in ctx.ab], dim=0))
                 if ctx.needs_input_grad[0]:
-                    dx = gh @ ctx.a_cat
+                    dx = gh @ ctx.a_cat if dx is None else dx.addmm_(gh, ctx.a_cat)
             else:
                 for i, gh in enumerate(ghs):
                     p, salt = ctx.members[i][1], ctx.members[i][3]
@@ -128,18 +128,13 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
                         redrop = None
                     d_a[i] = gh.t() @ (redrop(x2) if redrop else x2)
                     if ctx.needs_input_grad[0]:
+                        if redrop is None and dx is not None:
+                            dx.addmm_(gh, ctx.ab[i][0])
+                            continue
                         lora_dx = gh @ ctx.ab[i][0]
                         lora_dx = redrop(lora_dx) if redrop else lora_dx
                         dx = lora_dx if dx is None else dx.add_(lora_dx)
             if dx is not None:
-                for i, g in enumerate(gs):
-                    if g is None:
-                        continue
-                    (_, _, cache, _, fp8, kernel), weight = ctx.members[i], ctx.weights[i]
-                    if fp8:
-                        dx.add_(fp8_gemm.grad_input(g, weight, block_absmax(weight, cache)).to(dtype))
-                    else:
-                        dx.addmm_(g, dequantize(weight, cache, kernel).to(dtype))
                 dx = dx.view(grads[next(i for i, g in enumerate(grads) if g is not None)].shape[:-1] + (dx.shape[-1],))
         for i, g in enumerate(gs):
             if g is None:
@@ -148,6 +143,23 @@ class GroupedNF4LoRAFunction(torch.autograd.Function):
         for i in range(n):
             out += [None, d_a[i], d_b[i], None, None]
         return tuple(out)
+
+
+def _base_grad_input(ctx, gs, dtype):
+    """sum_i g_i W_i over the members with an output gradient (None if none has one): the FP8 members' as one
+    GEMM (qlora/speed/fp8.py `grad_input_group`), the others' added into it in their GEMMs' accumulators."""
+    fp8 = [i for i, g in enumerate(gs) if g is not None and ctx.members[i][4]]
+    dx = None
+    if fp8:
+        dx = fp8_gemm.grad_input_group([gs[i] for i in fp8], [ctx.weights[i] for i in fp8],
+                                       [block_absmax(ctx.weights[i], ctx.members[i][2]) for i in fp8]).to(dtype)
+    for i, g in enumerate(gs):
+        if g is None or i in fp8:
+            continue
+        (_, _, cache, _, _, kernel), weight = ctx.members[i], ctx.weights[i]
+        w = dequantize(weight, cache, kernel).to(dtype)
+        dx = g @ w if dx is None else dx.addmm_(g, w)
+    return dx
 
 
 def _alone(group, first, x):

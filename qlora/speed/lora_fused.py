@@ -134,15 +134,15 @@ class NF4LoRAFunction(torch.autograd.Function):
             d_b = (g.t() @ h).mul_(scale)  # (out, r)
             d_a = gh.t() @ (redrop(x2) if redrop else x2)  # (r, in)
             dx = None
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and ctx.fp8:  # the LoRA term added in its GEMM's accumulator
+                dx = fp8_gemm.grad_input(g, ctx.weight, block_absmax(ctx.weight, ctx.cache_absmax)).to(dtype)
+                dx = dx.add_(redrop(gh @ a)) if redrop else dx.addmm_(gh, a)
+            elif ctx.needs_input_grad[0]:
                 lora_dx = gh @ a
                 if redrop:
                     lora_dx = redrop(lora_dx)
-                if ctx.fp8:
-                    dx = fp8_gemm.grad_input(g, ctx.weight, block_absmax(ctx.weight, ctx.cache_absmax))
-                    dx = dx.to(dtype).add_(lora_dx)
-                else:
-                    dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax, ctx.kernel).to(dtype))
+                dx = torch.addmm(lora_dx, g, dequantize(ctx.weight, ctx.cache_absmax, ctx.kernel).to(dtype))
+            if dx is not None:
                 dx = dx.view(grad.shape[:-1] + (dx.shape[-1],))
         # autograd casts d_a, d_b to the (fp32) adapter weights' dtype
         return dx, None, d_a, d_b, None, None, None, None, None, None, None, None, None
