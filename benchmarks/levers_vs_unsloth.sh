@@ -40,6 +40,9 @@
 #         (PK_ATTN: the list)
 #   fam   Mistral-7B then Qwen2.5-7B (mis, qwn: one of them): the flat setting (FAM_ATTN: attn_backend, default cudnn) in bf16 and base_fp8,
 #         then Unsloth on each shape
+#   f8    Llama-3-8B, the flat setting on cuDNN's attention with base_fp8 (down_proj in bf16, the default); with F8_ALL=1
+#         also every projection in FP8 (--fp8_exclude "")
+#   f82   the same on Llama-2-7B
 #   q3    Qwen3-8B (RMSNorm on each head's q and k), the fam setting in bf16 and base_fp8, then Unsloth on the shape
 #   fe    benchmarks/cudnn_fe_probe.py: cuDNN frontend's attention op against flash, and in a CUDA graph
 #         (its wheel, nvidia-cudnn-frontend, in .whl/)
@@ -52,10 +55,12 @@
 #   longu the same row with untiled MLPs (the comparison for `long`)
 #         (R32_LAYERS, R32_ATTN: comma lists for --recompute_layers (32 = all; rebuilt inputs need >= 0, so not -1),
 #         --recompute_attention; R32_FP8: --base_fp8, default on; R32_S: time limit)
+#         (R32_OFFLOAD=off: the recomputed layers' inputs stay on the GPU)
 #   r32o  r32 without Unsloth (its offloaded recompute took 121 GiB on this row: it does not fit an 80 GB card)
 #   r32   one 32,768-token Llama-2-7B row, base_fp8, 22 of 32 recomputed, rebuilt inputs, offload, cuDNN;
 #         then Unsloth's own offloaded recompute on the same row (CKPT=unsloth)
-# OURS_EXTRA: bench.py options appended to every run of ours (e.g. "--nf4_kernel off").
+# OURS_EXTRA: bench.py options appended to every run of ours (e.g. "--nf4_kernel off"); OURS_DIR: run ours from another
+# copy of the repository (e.g. an earlier commit unpacked by `git archive`), for a before/after pair in one call.
 # Unsloth's timed steps and warm-up steps: U_STEPS (default 4) and U_WARM (default 1); its tokens/s moved by 6.6%
 # between two runs of 4 steps on one H100, so a ratio wants more steps or repeated runs.
 # Each bench.py line goes to $OUT/<part>.log and $OUT/<part>/bench.jsonl; Unsloth's lines to $OUT/unsloth_<part>.txt.
@@ -77,6 +82,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.
 ours() {  # ours PART TIMEOUT bench-args...
   local part=$1 t=$2; shift 2
   ( export PYTHONPATH=/tmp/ours/site HF_HUB_OFFLINE=1
+    cd "${OURS_DIR:-.}"
     timeout "$(cap "$t")" python3 benchmarks/bench.py --no_plot --warmup 2 --steps 4 --out "$OUT/$part" "$@" ${OURS_EXTRA:-} 2>&1 \
       | tee -a "$OUT/$part.log" | grep "\[bench\] ours\|rror" )
 }
@@ -140,7 +146,7 @@ for part in "$@"; do
     longu) ours long "${LONG_S:-330}" $LONG --mlp_tile_tokens 0 ;;
     r32|r32o) ours r32 "${R32_S:-150}" --model random:llama2-7b --max_seq_len 32768 --micro_batch_size 1 --grad_accum 1 \
              --warmup 1 --steps 3 --lora_dropout 0 --base_fp8 "${R32_FP8:-on}" --recompute_layers="${R32_LAYERS:-22}" \
-             --recompute_attention "${R32_ATTN:-on}" --rebuild_inputs on --offload_recompute on --attn_backend cudnn
+             --recompute_attention "${R32_ATTN:-on}" --rebuild_inputs on --offload_recompute "${R32_OFFLOAD:-on}" --attn_backend cudnn
            [ "$part" = r32o ] || unsloth r32 /tmp/l2 1,1,32768 unsloth "${L2[@]}" ;;
     cud)   ours cud 150 --model random:llama3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${CUD_ATTN:-varlen,cudnn}" --base_fp8 off,on
@@ -172,6 +178,11 @@ for part in "$@"; do
     qwn)   ours qwn 150 --model random:qwen2.5-7b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
            unsloth qwn /tmp/qwn 2,1,2048 true "${QWN[@]}" ;;
+    f8|f82) m=$([ "$part" = f8 ] && echo llama3-8b || echo llama2-7b)
+           ours "$part" 110 --model "random:$m" $ROWS --group_projections on --optimizer adamw_8bit_flat --attn_backend cudnn \
+             --base_fp8 on
+           [ -z "${F8_ALL:-}" ] || ours "$part" 110 --model "random:$m" $ROWS --group_projections on \
+             --optimizer adamw_8bit_flat --attn_backend cudnn --base_fp8 on --fp8_exclude "" ;;
     q3)    ours q3 150 --model random:qwen3-8b $ROWS --group_projections on --optimizer adamw_8bit_flat \
              --attn_backend "${FAM_ATTN:-cudnn}" --base_fp8 off,on
            unsloth q3 /tmp/q3 2,1,2048 true "${Q3[@]}" ;;
