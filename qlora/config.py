@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -264,6 +265,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # unhashable key: SafeLoader reports it
                 pass
         return super().construct_mapping(node, deep)
+
+
+# integers as YAML 1.2 reads them: `010` is ten (YAML 1.1, PyYAML's default, reads it as octal 8) and `1:30` is
+# text, not 90; hex and octal need their 0x / 0o prefix
+_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    base = 16 if text.startswith("0x") else 8 if text.startswith("0o") else 10
+    return int(text[2:] if base != 10 else text, base)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
 def read_yaml(path: Path, what: str = "config file"):

@@ -123,6 +123,22 @@ def test_nan_from_yaml_is_rejected(tmp_path):
         load_config(["--config", str(p)])
 
 
+
+def test_yaml_integers_are_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path):
+    """PyYAML's YAML 1.1 reads `seed: 010` as 8 and `save_every: 1:30` as 90; a researcher means 10, and a
+    time-like value is a mistake to report. Integers follow YAML 1.2 (what `seed: 10` means on the command line)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 010\nmax_steps: 1_000\nlog_every: 0x10\nsave_every: 0o17\nlr: 1.0e-4\n")
+    cfg = load_config(["--config", str(p)])
+    assert (cfg.seed, cfg.max_steps, cfg.log_every, cfg.save_every, cfg.lr) == (10, 1000, 16, 15, 1e-4)
+    assert cfg.seed == load_config(["--seed", "010"]).seed
+    p.write_text("save_every: 1:30\n")
+    with pytest.raises(ConfigError, match=r"config key 'save_every' from config file .*: expected an integer "
+                                          r"\(got '1:30'\)"):
+        load_config(["--config", str(p)])
+    assert yaml.safe_load("seed: 010")["seed"] == 8  # what the plain loader would have given
+
+
 def test_duplicate_yaml_keys_name_the_key_and_the_file(tmp_path):
     p = tmp_path / "dup.yaml"
     p.write_text("lr: 1.0e-4\nmax_steps: 5\nlr: 3.0e-4\n")

@@ -502,6 +502,16 @@ def test_a_template_that_drops_system_turns_is_warned_about_once(tmp_path, capsy
     err = capsys.readouterr().err  # without a callback: one warning line on stderr
     assert err == "warning: " + head + "--system_prompt is not in the training text\n"
 
+    from conftest import tiny_cfg
+    from qlora.evaluation.evaluate import loss_examples
+
+    rows = [{"prompt": "q", "response": "a"}]
+    for _ in range(2):  # qlora.evaluate's eval loss: the same line, once per process
+        loss_examples(rows, "prompt_response", mistral, tiny_cfg(system_prompt="Be terse."))
+    assert capsys.readouterr().err == "warning: " + head + "--system_prompt is not in the text the eval loss scores\n"
+    loss_examples(rows, "prompt_response", family_tokenizer(None), tiny_cfg(system_prompt="Be terse."))
+    assert capsys.readouterr().err == ""
+
 
 # --------------------------------------------------------------------------- random:<shape>
 

@@ -98,15 +98,25 @@ def drops_system_turns(tok) -> bool:
     return _DROPS_SYSTEM[key]
 
 
-def system_dropped_message(tok, system_from) -> str | None:
-    """The warning for system text that the chat template leaves out of the training text, None when there is
-    none to give. `system_from` holds "config" (the `system_prompt` key was added to rows) and/or "rows" (rows
-    had system turns of their own)."""
+def system_dropped_message(tok, system_from, text: str = "the training text") -> str | None:
+    """The warning for system text that the chat template leaves out of `text`, None when there is none to
+    give. `system_from` holds "config" (the `system_prompt` key was added to rows) and/or "rows" (rows had
+    system turns of their own)."""
     if not system_from or not drops_system_turns(tok):
         return None
     what = [w for key, w in (("config", "--system_prompt"), ("rows", "the rows' system text")) if key in system_from]
     return (f"the tokenizer's chat template drops system turns: {' and '.join(what)} "
-            f"{'are' if len(what) > 1 else 'is'} not in the training text")
+            f"{'are' if len(what) > 1 else 'is'} not in {text}")
+
+
+def warn_once(msg: str) -> None:
+    """`msg` as a `warning:` line on stderr, once per process (the first rank's only)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        _warn(msg)
+
+
+_WARNED: set = set()
 
 
 def _warn(msg: str) -> None:

@@ -36,7 +36,8 @@ import torch
 from ..speed import attention
 from ..config import Config, ConfigError
 from ..data.errors import SkipRow
-from ..data.examples import BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source
+from ..data.examples import (BUILTIN, DataError, DataStats, Example, build_examples, load_rows, parse_source,
+                             system_dropped_message, warn_once)
 from ..data.formatters import FORMATTERS, detect_formatter
 from .generation import generate_ids, prompt_ids
 from ..cli import ArgParser, add_model_args, check_writable, count, dequantize_choice, flag, publish_report
@@ -125,9 +126,15 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, 
 
 def loss_examples(rows: list[dict], formatter: str, tokenizer, cfg: Config) -> list[Example]:
     """The rows encoded exactly as training encodes them (response-only labels); nothing is dropped
-    for length (the capacity is raised instead)."""
+    for length (the capacity is raised instead). System text that the chat template leaves out is said once,
+    as train.py says it."""
     src = parse_source(f"eval:{formatter}")
-    return build_examples(rows, src, tokenizer, 10 ** 9, "drop", DataStats(), cfg.system_prompt)
+    stats = DataStats()
+    out = build_examples(rows, src, tokenizer, 10 ** 9, "drop", stats, cfg.system_prompt)
+    dropped = system_dropped_message(tokenizer, stats.system_from, "the text the eval loss scores")
+    if dropped:
+        warn_once(dropped)
+    return out
 
 
 def evaluate(model, tokenizer, cfg: Config, rows: list[dict], formatter: str = "gretel_sql",
