@@ -8,6 +8,7 @@ import json
 import math
 import sqlite3
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from badinput import assert_one_error, run_cli
@@ -221,6 +222,49 @@ def test_committed_reports_rescore_on_the_real_databases():
             checked += 1
     assert checked >= 20 * len(reports)
 
+
+
+def test_committed_greedy_reports_hold_what_todays_extraction_takes_from_their_raw_answers():
+    """The SQL taken from each stored raw answer by today's `answer_sql` is the stored prediction, for every row of
+    every committed greedy report: a change to the extraction that would move a published figure fails here (then
+    score the reports again with benchmarks/spider_rescore.py)."""
+    reports = [p for p in committed_reports() if "plain" not in read_report(p)]
+    if not reports:
+        pytest.skip("no greedy Spider reports committed")
+    checked = 0
+    for path in reports:
+        for r in read_report(path)["rows"]:
+            if r.get("raw") is not None:
+                assert answer_sql(r["raw"]) == r["pred"], (path.name, r["index"])
+                checked += 1
+    assert checked >= 900 * len(reports)
+
+
+def test_rescore_takes_the_sql_again_from_raw_answers_and_summarises(tmp_path):
+    """benchmarks/spider_rescore.py on a report of the first 6 dev rows whose stored predictions are stale: the SQL
+    is taken again from the raw answers and scored on the databases, the summary follows the rows."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import spider_rescore
+
+    source = str(spider_file("dev.json"))
+    rows = json.loads(Path(source).read_text())[:6]
+    raws = [f"```sql\n{rows[0]['query']}\n```", rows[1]["query"], "SELECT nothing FROM nowhere", "", rows[4]["query"],
+            "Answer: " + rows[5]["query"]]
+    stale = [{"index": i, "db_id": r["db_id"], "gold": r["query"], "raw": raw, "pred": "SELECT 1", "correct": False,
+              "exact": False, "error": None} for i, (r, raw) in enumerate(zip(rows, raws))]
+    report = {"config": {"data": f"{source}:spider", "limit": 6}, "rows": stale, **summarise(stale)}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    new, changed = spider_rescore.rescore(report, source)
+    assert changed == 6 - (answer_sql("") == "SELECT 1")
+    assert [r["correct"] for r in new["rows"]] == [True, True, False, False, True, True]
+    assert new["execution_accuracy"] == pytest.approx(4 / 6) and new["rescored_from_raw"]
+    out = tmp_path / "new.json"
+    assert spider_rescore.main([str(path), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["execution_accuracy"] == pytest.approx(4 / 6)
 
 def test_evaluate_cli_bad_spider_file(tmp_path):
     bad = tmp_path / "dev.json"
