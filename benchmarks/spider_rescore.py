@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.cli import read_report  # noqa: E402
+from qlora.cli import check_writable, read_report  # noqa: E402
+from qlora.config import ConfigError  # noqa: E402
 from qlora.data.errors import DataError  # noqa: E402
 from qlora.evaluation.spider_eval import load_spider, prepare_rows, score_predictions, summarise  # noqa: E402
 
@@ -47,17 +48,32 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="the Spider json it was scored on (default: the report's config.data)")
     p.add_argument("--out", default=None, help="where to write the rescored report (.json)")
     args = p.parse_args(argv)
-    report = read_report(Path(args.report))
+    if args.out:
+        try:
+            check_writable(args.out, "--out")
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        report = read_report(Path(args.report))
+    except (OSError, ValueError) as e:  # missing, unreadable, not gzip, not JSON
+        raise SystemExit(f"error: {args.report} cannot be read as a qlora.evaluate report: {e}") from None
+    rows = report.get("rows") if isinstance(report, dict) else None
+    if not rows or not all(isinstance(r, dict) and "raw" in r for r in rows if r.get("correct") is not None):
+        raise SystemExit(f"error: {args.report} has no report rows with raw answers: pass a Spider report that "
+                         "qlora.evaluate wrote")
     if "plain" in report:
         raise SystemExit("error: a --decoding schema report: its rows are the chosen candidates, not one greedy answer; "
                          "rescore the greedy run instead")
     source = args.data or str(report.get("config", {}).get("data", "")).split(":")[0]
+    if not source:
+        raise SystemExit(f"error: {args.report} does not name the Spider json it was scored on: pass it with --data")
     try:
         new, changed = rescore(report, source)
     except DataError as e:
         raise SystemExit(f"error: {e} (pass the Spider json the report was scored on with --data)") from None
     print(f"before: {line(report)}\nafter:  {line(new)}\npredictions changed: {changed}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(new, indent=1))
     return 0
 

@@ -2,7 +2,7 @@
 scale per row, and a frozen 4-bit weight straight from its codes to e4m3 (as W or as W^T).
 
 Both compute exactly what fp8.py's torch ops compute (benchmarks/check_fast_path_cuda.py checks them bit for
-bit on the card; Triton's CPU interpreter rounds by truncation, within one e4m3 step: tests/test_fp8.py):
+bit on the card; Triton's CPU interpreter casts by truncation, at times a binade low: tests/test_fp8.py):
 scales are amax * (1 / 448) in fp32, each value is multiplied by the fp32 reciprocal of its scale, clamped to
 +-448 (a NaN stays NaN) and cast once. The row kernel can read a row from up to three tensors side by side (the
 output gradients of a grouped node's members), with one scale over all of them; the weight kernel can write

@@ -2,7 +2,7 @@
 
 The exact-bf16 step dequantises every 4-bit weight twice per micro-batch (forward, and backward's input
 gradient). bitsandbytes' kernel does it one scale block at a time; this one (the tile of `base_fp8`'s NF4 ->
-e4m3 kernel, qlora/speed/fp8.py, writing the compute dtype) loads a BN x BK/2 tile of packed bytes at once,
+e4m3 kernel, qlora/speed/fp8_kernels.py, writing the compute dtype) loads a BN x BK/2 tile of packed bytes at once,
 each block's absmax once, and looks both halves of each byte up in the weight's own codebook
 (`quant_state.code`). It computes what bitsandbytes computes, code * absmax in fp32 rounded once to the
 weight's dtype, so the two agree bit for bit on the GPU (benchmarks/check_fast_path_cuda.py, at every Llama and
